@@ -6,6 +6,7 @@ only runs it. A run lives in one directory::
     RUN_DIR/config.yaml         the resolved config
     RUN_DIR/train.log           the log
     RUN_DIR/tb/                 TensorBoard events
+    RUN_DIR/scalars.jsonl       the logged scalars (losses, LR, diagnostics), one line per log step
     RUN_DIR/checkpoints/last.pt the latest checkpoint (written atomically)
     RUN_DIR/checkpoints/best.pt the best one by validation mIoU
     RUN_DIR/eval_history.jsonl  one line per validation
@@ -57,6 +58,7 @@ class RunResult:
     run_dir: Path
     step: int
     metrics: dict | None
+    model: nn.Module | None = None  # the trained model (unwrapped from DDP)
 
 
 def default_run_name(config: Config) -> str:
@@ -314,6 +316,9 @@ def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, 
                 scalars["lr"] = optimizer.param_groups[0]["lr"]
                 scalars["skipped_steps"] = skipped_steps
                 board.scalars(scalars, step)
+                if info.is_main:
+                    with open(run_dir / "scalars.jsonl", "a") as handle:
+                        handle.write(json.dumps({"step": step, **scalars}) + "\n")
                 bar.set_postfix(loss=f"{scalars.get('loss/total', math.nan):.3f}")
                 logger.debug("step %d %s", step, scalars)
             stopping = stop.received is not None or (max_steps is not None and steps_this_call >= max_steps)
@@ -329,11 +334,11 @@ def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, 
                 )
             if max_steps is not None and steps_this_call >= max_steps and step < train_cfg.iters:
                 bar.close()
-                return RunResult(run_dir=run_dir, step=step, metrics=None)
+                return RunResult(run_dir=run_dir, step=step, metrics=None, model=model)
     bar.close()
 
     metrics = validate(step)
     if metrics is not None and info.is_main:
         metrics.update(method=config.method, skipped_steps=skipped_steps)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return RunResult(run_dir=run_dir, step=step, metrics=metrics)
+    return RunResult(run_dir=run_dir, step=step, metrics=metrics, model=model)

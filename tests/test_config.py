@@ -1,0 +1,112 @@
+"""Config: YAML + overrides, type checking, clear errors naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from plca.config import ConfigError, build_config, load_config, parse_override, save_config, to_dict
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+MINIMAL = {
+    "data": {
+        "classes": ["road", "car"],
+        "source": {"format": "folder", "root": "/src", "split": "train"},
+        "val": {"format": "folder", "root": "/tgt", "split": "val"},
+    }
+}
+
+
+def test_overrides_documented_in_the_issue():
+    config = build_config(MINIMAL, [
+        "train.iters=200", "model.backbone=resnet18", "data.target.root=/x", "data.target.format=folder",
+        "data.classes=[sky,road,car]", "train.crop_size=[160,160]", "data.classes=[sky, traffic light]",
+    ])
+    assert config.train.iters == 200
+    assert config.model.backbone == "resnet18"
+    assert config.data.target.root == "/x"
+    assert config.data.target.split == "train"  # default filled in
+    assert config.data.classes == ["sky", "traffic light"]
+    assert config.train.crop_size == [160, 160]
+
+
+def test_int_is_accepted_for_float_and_null_for_optional():
+    config = build_config(MINIMAL, ["train.lr=1", "model.pretrained=null", "train.shorter_side=[10,20]"])
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.model.pretrained is None
+    assert config.train.shorter_side == [10, 20]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.itres=5", "train.itres"),
+    ("model.colour=red", "model.colour"),
+    ("bogus=1", "bogus"),
+])
+def test_unknown_key_is_named(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_config(MINIMAL, [override])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.iters=many", "train.iters"),
+    ("train.crop_size=5", "train.crop_size"),
+    ("train.flip=3", "train.flip"),
+    ("data.source.format=kitti", "data.source.format"),
+    ("method=dacs", "method"),
+    ("train.iters=0", "train.iters"),
+    ("model.style=tf", "model.style"),
+])
+def test_bad_values_are_named(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        build_config(MINIMAL, [override])
+
+
+def test_plca_requires_a_target():
+    with pytest.raises(ConfigError, match="data.target"):
+        build_config(MINIMAL, ["method=plca"])
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_override("train.iters")
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_override("train..iters=3")
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    config = build_config(MINIMAL, ["train.iters=7"])
+    save_config(config, tmp_path / "c.yaml")
+    assert to_dict(load_config(tmp_path / "c.yaml")) == to_dict(config)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    config = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    assert config.method == raw["method"]
+
+
+def test_reference_hyperparameters_in_shipped_configs():
+    from plca.data.labels import CITYSCAPES_CLASSES, SYNTHIA16_CLASSES
+
+    gta = load_config(Path(CONFIGS[0]).parent / "gta2cityscapes_plca.yaml")
+    assert tuple(gta.data.classes) == CITYSCAPES_CLASSES
+    assert (gta.train.lr, gta.train.momentum, gta.train.weight_decay, gta.train.poly_power) == (2.5e-4, 0.9, 5e-4, 0.9)
+    assert gta.train.crop_size == [730, 730] and gta.train.shorter_side == [760, 988]
+    assert gta.train.iters == 28 * 372 and gta.train.poly_iters == 30 * 372
+    assert gta.loss.lovasz_weight == 3.0 and gta.loss.lsr_weight == 0.01
+    assert gta.loss.association.feature_weight == gta.loss.association.classifier_weight == 0.1
+    assert gta.eval.size == [730, 1460] and gta.model.style == "caffe"
+    synthia = load_config(Path(CONFIGS[0]).parent / "synthia2cityscapes_plca.yaml")
+    assert tuple(synthia.data.classes) == SYNTHIA16_CLASSES
+    assert synthia.train.iters == 8 * 372 and synthia.train.poly_iters == 10 * 372
