@@ -322,7 +322,8 @@ def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, 
                 bar.set_postfix(loss=f"{scalars.get('loss/total', math.nan):.3f}")
                 logger.debug("step %d %s", step, scalars)
             stopping = stop.received is not None or (max_steps is not None and steps_this_call >= max_steps)
-            if step % train_cfg.checkpoint_every == 0 or step == train_cfg.iters or stopping:
+            periodic = step % train_cfg.checkpoint_every == 0 or step == train_cfg.iters
+            if (periodic and nonfinite_in_row == 0) or stopping:
                 save(step)
             if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < train_cfg.iters:
                 validate(step)

@@ -1,0 +1,113 @@
+"""Throughput and peak memory of one full PLCA training step (DeepLab-v2, source + target forward,
+CE + Lovasz + LSR + association at both levels, backward, SGD update).
+
+    python bench/train_step.py --size 730x730 --batch 2 --backbone resnet101 --device cuda --amp --impl efficient
+    python bench/train_step.py --size 129x129 --batch 1 --backbone resnet18            # CPU smoke run
+
+Random images and labels; no data loading. Prints images/s (source + target images per second)
+and the peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: the process's max RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import time
+
+import torch
+
+from plca.config import AssociationConfig, LossConfig
+from plca.engine.optim import build_optimizer
+from plca.methods.plca import PLCA
+from plca.models.deeplab import build_deeplab_v2
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    h, w = text.lower().split("x")
+    return int(h), int(w)
+
+
+def run(size, batch, backbone, device, amp, impl, steps, warmup, channels_last, num_classes=19) -> dict:
+    torch.manual_seed(0)
+    device = torch.device(device)
+    model = build_deeplab_v2(num_classes=num_classes, backbone=backbone, style="caffe").to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = build_optimizer(model, lr=1e-4, momentum=0.9, weight_decay=5e-4)
+    method = PLCA(LossConfig(lovasz_weight=3.0, lsr_weight=0.01, association=AssociationConfig(impl=impl)))
+
+    def batch_of(seed):
+        g = torch.Generator().manual_seed(seed)
+        images = torch.randint(0, 256, (batch, 3, *size), generator=g).float().to(device)
+        labels = torch.randint(0, num_classes, (batch, *size), generator=g).to(device)
+        labels[:, : size[0] // 10] = 255
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return {"image": images, "label": labels}
+
+    source, target = batch_of(1), batch_of(2)
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp and device.type == "cuda"
+                else contextlib.nullcontext())
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            out = method.training_step(model, source, target)
+        out.loss.backward()
+        optimizer.step()
+        return out
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        peak_kind = "torch.cuda.max_memory_allocated"
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_kind = "process max RSS"
+    return {
+        "size": list(size), "batch": batch, "backbone": backbone, "device": str(device), "amp": amp, "impl": impl,
+        "channels_last": channels_last, "seconds_per_step": seconds,
+        "images_per_second": 2 * batch / seconds, "peak_mb": peak_mb, "peak_measured_as": peak_kind,
+        "loss": float(out.loss),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="730x730", type=parse_size)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--backbone", default="resnet101")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--impl", default="efficient", choices=["efficient", "dense"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", help="also write the result to this file")
+    args = parser.parse_args()
+    result = run(args.size, args.batch, args.backbone, args.device, args.amp, args.impl, args.steps, args.warmup,
+                 args.channels_last)
+    print(f"{result['backbone']} {args.size[0]}x{args.size[1]} batch {args.batch} (+{args.batch} target) "
+          f"on {result['device']}, amp={args.amp}, association={args.impl}, channels_last={args.channels_last}")
+    print(f"  {result['seconds_per_step']:.3f} s/step  {result['images_per_second']:.2f} images/s  "
+          f"peak {result['peak_mb']:.0f} MB ({result['peak_measured_as']})")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
