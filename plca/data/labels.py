@@ -1,0 +1,91 @@
+"""Label spaces: Cityscapes train ids, SYNTHIA ids, class subsets and the colour palette.
+
+Every dataset reader maps its raw ids to the 19 Cityscapes *train ids* first
+(255 = ignore) and then, with :func:`class_remap`, to the run's own class list
+(``data.classes`` in the config), so a model can be trained on any subset of
+the Cityscapes classes, e.g. the 16 SYNTHIA classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
+
+IGNORE_INDEX = 255
+
+#: The 19 Cityscapes evaluation classes, in train-id order.
+CITYSCAPES_CLASSES: tuple[str, ...] = tuple(
+    label.name for label in sorted(
+        (lb for lb in _CITYSCAPES_LABELS if 0 <= lb.trainId < IGNORE_INDEX), key=lambda lb: lb.trainId
+    )
+)
+
+#: The 16 classes shared by SYNTHIA and Cityscapes (no terrain, truck, train).
+SYNTHIA16_CLASSES: tuple[str, ...] = tuple(
+    name for name in CITYSCAPES_CLASSES if name not in ("terrain", "truck", "train")
+)
+
+#: The 13 classes of the mIoU13 protocol (SYNTHIA16 without wall, fence, pole).
+SYNTHIA13_CLASSES: tuple[str, ...] = tuple(
+    name for name in SYNTHIA16_CLASSES if name not in ("wall", "fence", "pole")
+)
+
+#: SYNTHIA-RAND-CITYSCAPES class id -> Cityscapes class name (ids not listed are ignored).
+SYNTHIA_ID_TO_NAME: dict[int, str] = {
+    1: "sky", 2: "building", 3: "road", 4: "sidewalk", 5: "fence", 6: "vegetation", 7: "pole",
+    8: "car", 9: "traffic sign", 10: "person", 11: "bicycle", 12: "motorcycle",
+    15: "traffic light", 16: "terrain", 17: "rider", 18: "truck", 19: "bus", 20: "train", 21: "wall",
+}
+
+#: Cityscapes colour of each train class, by name (RGB).
+CLASS_COLORS: dict[str, tuple[int, int, int]] = {
+    label.name: tuple(label.color) for label in _CITYSCAPES_LABELS if 0 <= label.trainId < IGNORE_INDEX
+}
+
+
+def cityscapes_id_to_train_id() -> np.ndarray:
+    """Lookup table ``(256,) uint8``: Cityscapes label id -> train id (255 for ignored ids)."""
+    table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for label in _CITYSCAPES_LABELS:
+        if 0 <= label.id < 256 and 0 <= label.trainId < IGNORE_INDEX:
+            table[label.id] = label.trainId
+    return table
+
+
+def synthia_id_to_train_id() -> np.ndarray:
+    """Lookup table ``(65536,) uint8``: SYNTHIA class id (16-bit) -> Cityscapes train id."""
+    table = np.full(65536, IGNORE_INDEX, dtype=np.uint8)
+    for synthia_id, name in SYNTHIA_ID_TO_NAME.items():
+        table[synthia_id] = CITYSCAPES_CLASSES.index(name)
+    return table
+
+
+def class_remap(classes: Sequence[str], source_classes: Sequence[str] = CITYSCAPES_CLASSES) -> np.ndarray:
+    """Lookup table ``(256,) uint8``: index in ``source_classes`` -> index in ``classes``.
+
+    Classes of ``source_classes`` missing from ``classes`` map to 255 (ignore).
+    Raises ``ValueError`` naming any class of ``classes`` that ``source_classes`` lacks.
+    """
+    unknown = [name for name in classes if name not in source_classes]
+    if unknown:
+        raise ValueError(
+            f"unknown class name(s) {unknown}; this dataset knows: {', '.join(source_classes)}"
+        )
+    table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for new_index, name in enumerate(classes):
+        table[source_classes.index(name)] = new_index
+    return table
+
+
+def palette(classes: Sequence[str]) -> np.ndarray:
+    """Colours ``(256, 3) uint8`` for class indices of ``classes``; ignore (255) is black.
+
+    Cityscapes classes get their official colours; other names get distinct fixed colours.
+    """
+    colors = np.zeros((256, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(classes):
+        colors[index] = CLASS_COLORS.get(name, tuple(rng.integers(0, 256, size=3)))
+    return colors
