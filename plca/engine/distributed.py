@@ -76,3 +76,17 @@ def all_true(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item() > 0.5)
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over processes, in place.
+
+    Plain BatchNorm under DDP updates each process's running statistics from its own
+    batches only; averaging them before evaluating or saving gives every process the same model.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= dist.get_world_size()

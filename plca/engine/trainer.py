@@ -35,7 +35,7 @@ from plca.config import Config, save_config, to_dict
 from plca.data.datasets import build_dataset
 from plca.data.transforms import EvalTransform, TrainTransform
 from plca.engine.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
-from plca.engine.distributed import DistInfo, all_true, barrier, init_distributed
+from plca.engine.distributed import DistInfo, all_true, average_buffers, barrier, init_distributed
 from plca.engine.loader import batch_stream
 from plca.engine.logger import ScalarWindow, TensorBoard, setup_logger
 from plca.engine.optim import build_optimizer, poly_lr, set_lr
@@ -239,6 +239,7 @@ def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, 
     tta = test_time_aggregation_enabled(config)
 
     def save(step: int, name: str = "last.pt") -> None:
+        average_buffers(model)
         rngs = [rng_state()]
         if info.enabled:
             rngs = [None] * info.world_size
@@ -253,6 +254,7 @@ def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, 
         nonlocal best_miou
         if val_set is None:
             return None
+        average_buffers(model)
         confusion = evaluate(model, val_set, len(config.data.classes), info.device, test_time_aggregation=tta,
                              alpha=config.eval.alpha, amp=use_amp, rank=info.rank, world_size=info.world_size,
                              progress=progress)

@@ -24,7 +24,9 @@ def main() -> None:
     result = train(config, progress=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     # each process's own, live weights (parameters and BN buffers), not the shared checkpoint file
-    params = torch.cat([v.detach().float().flatten() for v in result.model.state_dict().values()])
+    params = torch.cat([v.detach().float().flatten() for v in result.model.parameters()])
+    buffers = torch.cat([v.detach().float().flatten() for v in result.model.buffers() if v.is_floating_point()])
+    params = torch.cat([params, buffers])
     gathered = [torch.zeros_like(params) for _ in range(world)]
     dist.all_gather(gathered, params)
     (out_dir / f"rank{rank}.json").write_text(json.dumps({

@@ -22,7 +22,7 @@ def folder_data(tmp_path_factory):
     return root
 
 
-def tiny_config(root, out, method="plca", **train):
+def tiny_config(root, out, method="plca", run_name=None, **train):
     overrides = {"iters": 4, "batch_size": 2, "crop_size": [32, 32], "shorter_side": None, "lr": 0.01,
                  "eval_every": 0, "checkpoint_every": 2, "log_every": 1, "seed": 3, **train}
     return build_config({
@@ -38,6 +38,7 @@ def tiny_config(root, out, method="plca", **train):
         "train": overrides,
         "loss": {"lovasz_weight": 3.0, "lsr_weight": 0.01},
         "output_dir": str(out),
+        "run_name": run_name,
         "device": "cpu",
     })
 
