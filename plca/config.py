@@ -89,6 +89,7 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 2000  # 0 = only at the end
     checkpoint_every: int = 1000
+    image_every: int = 1000  # TensorBoard grids of inputs, predictions and labels; 0 = never
     max_nonfinite_steps: int = 5  # consecutive non-finite losses / gradients before the run stops
 
 
@@ -282,8 +283,8 @@ def validate(config: Config) -> None:
     check(train.lr > 0, "train.lr must be > 0")
     check(train.poly_iters is None or train.poly_iters >= train.iters,
           "train.poly_iters must be >= train.iters (the poly schedule may not end before training)")
-    check(train.checkpoint_every > 0 and train.log_every > 0 and train.eval_every >= 0,
-          "train.checkpoint_every and train.log_every must be > 0, train.eval_every >= 0")
+    check(train.checkpoint_every > 0 and train.log_every > 0 and train.eval_every >= 0 and train.image_every >= 0,
+          "train.checkpoint_every and train.log_every must be > 0, train.eval_every and train.image_every >= 0")
     check(config.eval.size is None or (len(config.eval.size) == 2 and min(config.eval.size) > 0),
           "eval.size must be null or [h, w] > 0")
     check(0.0 <= config.loss.association.alpha <= 1.0, "loss.association.alpha must be in [0, 1]")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -133,6 +134,22 @@ def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
 def _grads_finite(model: nn.Module) -> bool:
     norms = [p.grad.detach().abs().sum() for p in model.parameters() if p.grad is not None]
     return bool(torch.isfinite(torch.stack(norms).sum()).item()) if norms else True
+
+
+@torch.no_grad()
+def _log_images(board: TensorBoard, model: nn.Module, source: dict, target: dict | None, classes, step: int) -> None:
+    """TensorBoard grids (input, prediction, label) of the current source and target batches."""
+    from plca.tools.report import log_image_grid
+
+    model.eval()
+    for domain, batch in (("source", source), ("target", target)):
+        if batch is None:
+            continue
+        logits = model(batch["image"])["logits"]
+        logits = F.interpolate(logits.float(), size=batch["label"].shape[-2:], mode="bilinear", align_corners=False)
+        log_image_grid(board, f"images/{domain}", batch["image"].cpu(), logits.argmax(1).cpu(),
+                       batch["label"].cpu(), classes, step)
+    model.train()
 
 
 class _StopSignal:
@@ -323,6 +340,8 @@ def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, 
                         handle.write(json.dumps({"step": step, **scalars}) + "\n")
                 bar.set_postfix(loss=f"{scalars.get('loss/total', math.nan):.3f}")
                 logger.debug("step %d %s", step, scalars)
+            if train_cfg.image_every and step % train_cfg.image_every == 0 and info.is_main:
+                _log_images(board, model, source, target, config.data.classes, step)
             stopping = stop.received is not None or (max_steps is not None and steps_this_call >= max_steps)
             periodic = step % train_cfg.checkpoint_every == 0 or step == train_cfg.iters
             if (periodic and nonfinite_in_row == 0) or stopping:

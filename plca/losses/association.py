@@ -69,8 +69,13 @@ def associate(source: Tensor, target: Tensor, source_labels: Tensor, metric: str
         losses.append(term[positive].mean() if positive.any() else source.sum() * 0.0)
         pos.append(positive.sum() / valid.sum().clamp(min=1))
         cover.append(torch.unique(j[valid]).numel() / t.shape[0])
+        if target_labels is not None:
+            reached = target_labels[b].reshape(-1)[j]
+            known = valid & (reached != ignore_index)
+            acc.append((reached[known] == labels[known]).float().mean() if known.any() else torch.tensor(0.0))
     loss = torch.stack(losses).mean()
-    return AssociationOutput(loss, torch.stack(pos).mean().detach(), torch.tensor(cover).mean(), None)
+    accuracy = torch.stack(acc).mean().detach() if acc else None
+    return AssociationOutput(loss, torch.stack(pos).mean().detach(), torch.tensor(cover).mean(), accuracy)
 
 
 def association_loss(source: Tensor, target: Tensor, source_labels: Tensor, metric: str = "cos",

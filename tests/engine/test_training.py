@@ -24,7 +24,7 @@ def folder_data(tmp_path_factory):
 
 def tiny_config(root, out, method="plca", run_name=None, **train):
     overrides = {"iters": 4, "batch_size": 2, "crop_size": [32, 32], "shorter_side": None, "lr": 0.01,
-                 "eval_every": 0, "checkpoint_every": 2, "log_every": 1, "seed": 3, **train}
+                 "eval_every": 0, "checkpoint_every": 2, "log_every": 1, "image_every": 2, "seed": 3, **train}
     return build_config({
         "method": method,
         "data": {
@@ -63,7 +63,12 @@ def test_plca_steps_log_finite_terms_and_write_metrics(folder_data, tmp_path):
     assert 0 <= metrics["mIoU"] <= 100 and set(metrics["per_class_IoU"]) == set(CLASSES)
     assert metrics["protocol"] and metrics["test_time_aggregation"] is True
     assert (result.run_dir / "config.yaml").is_file() and (result.run_dir / "train.log").is_file()
-    assert any((result.run_dir / "tb").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(result.run_dir / "tb"))
+    events.Reload()
+    assert {"images/source", "images/target"} <= set(events.Tags()["images"])
+    assert "loss/assoc_feature" in events.Tags()["scalars"]
 
 
 @pytest.mark.slow
