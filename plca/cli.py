@@ -1,4 +1,4 @@
-"""Command line: ``plca train | evaluate | demo``.
+"""Command line: ``plca train | evaluate | demo | predict | prepare | report | export``.
 
 Errors a user can fix (bad config, missing files, bad weights) are printed as
 one clear line and exit with status 2; they never end in a stack trace.
@@ -60,6 +60,76 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from plca.engine.distributed import resolve_device
+    from plca.tools.predict import (dataset_inputs, list_inputs, load_model_for_inference, options_from_config,
+                                    run_predict)
+
+    config_path, overrides = _split_config_and_overrides(args.args)
+    if (args.input is None) == (args.split is None):
+        raise ConfigError("plca predict needs exactly one of --input IMAGE_OR_FOLDER or --split SPLIT")
+    model, config = load_model_for_inference(args.checkpoint, config_path, overrides)
+    window = args.window or (tuple(config.train.crop_size) if args.sliding_window else None)
+    options = options_from_config(
+        config, size=tuple(args.size) if args.size else None, scales=tuple(args.scales), flip=args.flip,
+        window=tuple(window) if window else None, stride=tuple(args.stride) if args.stride else None,
+        test_time_aggregation=args.tta, batch_size=args.batch_size,
+    )
+    if args.original_size:
+        options = replace(options, size=None)
+    inputs = list_inputs(args.input, exclude=Path(args.output)) if args.input else dataset_inputs(config, args.split)
+    try:
+        device = resolve_device(args.device or config.device)
+    except RuntimeError as error:
+        raise ConfigError(str(error)) from None
+    print(f"predicting {len(inputs)} image(s) on {device}: size {list(options.size) if options.size else 'original'}, "
+          f"scales {list(options.scales)}, flip {'on' if options.flip else 'off'}, "
+          f"{'sliding window ' + str(list(options.window)) if options.window else 'whole image'}, "
+          f"test-time aggregation {'on' if options.test_time_aggregation else 'off'}", flush=True)
+    summary = run_predict(model, config, inputs, args.output, options, device, num_workers=args.num_workers,
+                          progress=not args.no_progress)
+    print(f"wrote {len(summary.written)} prediction(s) to {summary.output}/labels, /color and /overlay")
+    if summary.failed:
+        print(f"plca predict: {len(summary.failed)} image(s) could not be read and were skipped:", file=sys.stderr)
+        for _, why in summary.failed:
+            print(f"  {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from plca.tools.prepare import check_dataset, format_findings
+
+    report = check_dataset(args.format, args.root, classes=args.classes, split=args.split,
+                           write_cache=args.write_cache, stats_path=args.stats, workers=args.workers,
+                           progress=not args.no_progress)
+    print(format_findings(report))
+    return 2 if report.errors else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from plca.tools.report import ReportError, write_report
+
+    try:
+        path = write_report(args.run_dirs, args.output, names=args.names)
+    except ReportError as error:
+        print(f"plca report: error: {error}", file=sys.stderr)
+        return 2
+    print(f"report written to {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from plca.tools.export import export_model
+
+    config = load_config(args.config, args.overrides) if args.config else None
+    path = export_model(args.source, args.output, config=config, which=args.which)
+    print(f"exported to {path} (use it with plca predict --checkpoint {path} or plca evaluate)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plca", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,11 +161,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-oracle", action="store_true", help="skip the model trained on target labels")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("predict", help="segment images with a trained model; write label, colour and overlay images")
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                   help="config then overrides; CONFIG may be left out for a .safetensors export or a plca "
+                        "checkpoint, which carry theirs")
+    p.add_argument("--checkpoint", required=True,
+                   help="a plca checkpoint (.pt), an exported .safetensors, or the PLCA authors' released .pth")
+    p.add_argument("--input", help="an image file or a folder of images (searched recursively)")
+    p.add_argument("--split", help="instead of --input: this split of the config's data.val dataset, e.g. val")
+    p.add_argument("--output", required=True, help="folder for labels/, color/ and overlay/")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="resize inputs to H x W before inference (default: eval.size of the config)")
+    p.add_argument("--original-size", action="store_true", help="run at each input's own resolution")
+    p.add_argument("--sliding-window", action="store_true",
+                   help="average overlapping windows (default window: train.crop_size)")
+    p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), help="sliding-window size (implies it)")
+    p.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="sliding-window stride (default 2/3 window)")
+    p.add_argument("--flip", action="store_true", help="also average the horizontally flipped image")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="average over these scales, e.g. 0.75 1 1.25")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time aggregation (default: eval.test_time_aggregation)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: the config's device)")
+    p.add_argument("--batch-size", type=int, default=1, help="images (or windows) per forward pass")
+    p.add_argument("--num-workers", type=int, default=2, help="image-reading processes")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("prepare", help="check a dataset folder before training (every file); optional label "
+                                       "cache and class statistics")
+    p.add_argument("format", choices=["gta5", "synthia", "cityscapes", "folder"])
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("--classes", nargs="+", metavar="NAME",
+                   help="class names in index order (required for folder; default: the 19 Cityscapes classes, "
+                        "16 for synthia)")
+    p.add_argument("--split", help="check only this split (default: every file)")
+    p.add_argument("--write-cache", metavar="DIR", help="write each label as a class-index PNG under DIR")
+    p.add_argument("--stats", metavar="FILE.json", help="write per-class pixel and image counts")
+    p.add_argument("--workers", type=int, default=4, help="reading threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("report", help="plots and a Markdown comparison table of one or more runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--output", required=True, help="folder for the PNGs and report.md")
+    p.add_argument("--names", nargs="+", help="labels for the runs in the plots (default: the folder names)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="save a trained model as one .safetensors file that carries its config")
+    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--output", required=True, metavar="MODEL.safetensors")
+    p.add_argument("--which", choices=["last", "best"], default="last",
+                   help="which checkpoint of a run directory (default: last)")
+    p.add_argument("--config", help="config for a checkpoint that carries none (e.g. the authors' release)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for --config")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (plca train C.yaml --no-progress train.iters=5)
+    target = "args" if hasattr(args, "args") else "overrides" if hasattr(args, "overrides") else None
+    if extra and (target is None or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        setattr(args, target, list(getattr(args, target) or []) + extra)
     from plca.data.io import DatasetError
     from plca.engine.checkpoint import CheckpointError
     from plca.engine.trainer import TrainingError, TrainingInterrupted

@@ -1,0 +1,1 @@
+"""User-facing tools: predict, prepare, report, export."""

@@ -1,0 +1,124 @@
+"""plca export: a run's model as .safetensors with its config; rebuilt without a config file."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from plca.cli import main
+from plca.config import ConfigError, build_config, to_dict
+from plca.evaluation.run import load_trained_weights
+from plca.models.weights import WeightsError
+from plca.tools.export import EXPORT_FORMAT, build_inference_model, export_model, load_exported, read_export_metadata
+
+CLASSES = ["road", "car", "sky"]
+
+
+def tiny_config(root="data/none"):
+    return build_config({
+        "method": "plca",
+        "data": {"classes": CLASSES,
+                 "source": {"format": "folder", "root": str(root), "split": "train"},
+                 "target": {"format": "folder", "root": str(root), "split": "train"},
+                 "val": {"format": "folder", "root": str(root), "split": "val"}},
+        "model": {"backbone": "resnet18", "style": "pytorch"},
+        "device": "cpu",
+    })
+
+
+def trained_like_model(config):
+    """A model whose weights and BatchNorm statistics are far from their initial values."""
+    torch.manual_seed(0)
+    model = build_inference_model(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+        model.train()
+        for _ in range(2):  # move the BN running statistics
+            model(torch.rand(2, 3, 32, 64) * 255)
+    return model.eval()
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    config = tiny_config()
+    model = trained_like_model(config)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "config": to_dict(config), "step": 7, "optimizer": {}},
+               run / "checkpoints" / "last.pt")
+    return run, model, config
+
+
+def logits(model, images):
+    with torch.no_grad():
+        return model.eval()(images)["logits"]
+
+
+def test_round_trip_gives_identical_logits(run_dir, tmp_path):
+    run, model, config = run_dir
+    path = export_model(run, tmp_path / "out" / "model.safetensors")
+    loaded, loaded_config = load_exported(path)
+    images = torch.rand(2, 3, 32, 64) * 255
+    assert torch.equal(logits(loaded, images), logits(model, images))
+    assert to_dict(loaded_config) == to_dict(config)
+    assert not loaded.training
+
+
+def test_metadata_holds_format_classes_and_config(run_dir, tmp_path):
+    run, _, config = run_dir
+    metadata = read_export_metadata(export_model(run, tmp_path / "model.safetensors"))
+    assert metadata["format"] == EXPORT_FORMAT == "plca-deeplabv2"
+    assert json.loads(metadata["classes"]) == CLASSES
+    assert yaml.safe_load(metadata["config"]) == to_dict(config)
+    assert metadata["step"] == "7"
+
+
+def test_evaluate_path_loads_the_export_with_a_config(run_dir, tmp_path):
+    run, model, config = run_dir
+    path = export_model(run / "checkpoints" / "last.pt", tmp_path / "model.safetensors")
+    fresh = build_inference_model(config)
+    assert load_trained_weights(fresh, path, CLASSES) == "safetensors"
+    images = torch.rand(1, 3, 32, 32) * 255
+    assert torch.equal(logits(fresh, images), logits(model, images))
+
+
+def test_cli_export(run_dir, tmp_path, capsys):
+    run, model, _ = run_dir
+    out = tmp_path / "cli.safetensors"
+    assert main(["export", str(run), "--output", str(out)]) == 0
+    assert "exported" in capsys.readouterr().out
+    images = torch.rand(1, 3, 32, 32) * 255
+    assert torch.equal(logits(load_exported(out)[0], images), logits(model, images))
+
+
+def test_checkpoint_without_config_needs_one(tmp_path):
+    config = tiny_config()
+    bare = tmp_path / "weights.pt"
+    torch.save({"model": build_inference_model(config).state_dict()}, bare)
+    with pytest.raises(ConfigError, match="--config"):
+        export_model(bare, tmp_path / "model.safetensors")
+    assert export_model(bare, tmp_path / "model.safetensors", config=config).is_file()
+
+
+def test_clear_errors(tmp_path, run_dir):
+    run, _, config = run_dir
+    with pytest.raises(WeightsError, match="best.pt"):
+        export_model(run, tmp_path / "m.safetensors", which="best")
+    with pytest.raises(ConfigError, match=".safetensors"):
+        export_model(run, tmp_path / "m.pt")
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(1)}, str(plain))
+    with pytest.raises(WeightsError, match="not a plca export"):
+        load_exported(plain)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 10)
+    with pytest.raises(WeightsError, match="broken.safetensors"):
+        load_exported(broken)
+    wrong = tmp_path / "wrong.pt"  # a checkpoint of a 5-class model under a 3-class config
+    other = build_config({**to_dict(config), "data": {**to_dict(config)["data"], "classes": CLASSES + ["a", "b"]}})
+    torch.save({"model": build_inference_model(other).state_dict(), "config": to_dict(config)}, wrong)
+    with pytest.raises(WeightsError, match="does not match"):
+        export_model(wrong, tmp_path / "w.safetensors")
