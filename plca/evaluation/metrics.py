@@ -1,8 +1,19 @@
 """Confusion matrix, per-class IoU and the evaluation protocols (mIoU19 / mIoU16 / mIoU13).
 
-Conventions: rows of the confusion matrix are ground truth, columns predictions.
-A class with neither ground-truth nor predicted pixels has an undefined IoU (NaN):
-it is left out of the protocol means and written as ``null`` in JSON.
+Conventions
+-----------
+- Rows of the confusion matrix are ground truth, columns predictions; pixels whose
+  label is the ignore index (255) are not counted, whatever their prediction.
+- IoU of class ``c`` = TP / (TP + FP + FN) over the counted pixels, as the official
+  Cityscapes evaluator computes it (``cityscapesscripts``; checked in the tests).
+- A class with neither ground-truth nor predicted pixels has an undefined IoU (NaN).
+  It is left out of the protocol means (as ``cityscapesscripts`` does), listed under
+  ``"undefined"`` in the protocol's results, written as ``null`` in JSON and marked in
+  the printed tables. On Cityscapes val every class occurs, so this only matters for
+  small or custom evaluation sets.
+- Protocols: a 19-class model reports ``mIoU19``; a model with the 16 SYNTHIA classes
+  reports ``mIoU16`` (main) and ``mIoU13`` (without wall, fence, pole); any other class
+  list reports ``mIoU{K}`` over all its ``K`` classes.
 """
 
 from __future__ import annotations
@@ -19,36 +30,63 @@ from plca.data.labels import CITYSCAPES_CLASSES, IGNORE_INDEX, SYNTHIA13_CLASSES
 
 
 def confusion_matrix(pred: Tensor, label: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """``(K, K)`` int64 counts of (ground truth, prediction) pairs over pixels whose label is not ignored."""
+    """``(K, K)`` int64 counts of (ground truth, prediction) pairs, on the inputs' device.
+
+    pred and label: integer class indices of the same shape ``(...)``, e.g. ``(B, H, W)``.
+    Pixels labelled ``ignore_index`` are skipped; any other label outside ``[0, K)``, or a
+    prediction outside ``[0, K)`` on a counted pixel, raises ``ValueError``.
+    """
+    if num_classes < 1:
+        raise ValueError(f"confusion_matrix: num_classes must be >= 1, got {num_classes}")
     if pred.shape != label.shape:
-        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from label shape {tuple(label.shape)}")
+        raise ValueError(f"confusion_matrix: prediction shape {tuple(pred.shape)} differs from "
+                         f"label shape {tuple(label.shape)}")
+    if pred.is_floating_point() or label.is_floating_point():
+        raise ValueError("confusion_matrix: pred and label must hold integer class indices "
+                         f"(got {pred.dtype} and {label.dtype}); take the argmax of the scores first")
     label = label.reshape(-1).long()
-    pred = pred.reshape(-1).long()
+    pred = pred.reshape(-1).long().to(label.device)
     valid = label != ignore_index
     label, pred = label[valid], pred[valid]
-    if label.numel() and (label.min() < 0 or label.max() >= num_classes):
-        bad = torch.unique(label[(label < 0) | (label >= num_classes)])[:10].tolist()
-        raise ValueError(f"label values {bad} are outside [0, {num_classes}) and are not the ignore index")
-    if pred.numel() and (pred.min() < 0 or pred.max() >= num_classes):
-        raise ValueError(f"predictions must lie in [0, {num_classes})")
+    bad_label = (label < 0) | (label >= num_classes)
+    if bool(bad_label.any()):
+        bad = torch.unique(label[bad_label])[:10].tolist()
+        raise ValueError(f"confusion_matrix: label values {bad} are outside [0, {num_classes}) "
+                         f"and are not the ignore index {ignore_index}")
+    bad_pred = (pred < 0) | (pred >= num_classes)
+    if bool(bad_pred.any()):
+        bad = torch.unique(pred[bad_pred])[:10].tolist()
+        raise ValueError(f"confusion_matrix: predicted values {bad} are outside [0, {num_classes})")
     counts = torch.bincount(label * num_classes + pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
 
 
 class ConfusionMatrix:
-    """Accumulates a ``(K, K)`` confusion matrix over batches (on ``device``)."""
+    """Accumulates a ``(K, K)`` int64 confusion matrix (rows: ground truth) over batches.
 
-    def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
+    Under DDP each process updates its own matrix on its shard of the data, then
+    :meth:`reduce_` sums the matrices of all processes.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu",
+                 ignore_index: int = IGNORE_INDEX) -> None:
         self.num_classes = num_classes
+        self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
     def update(self, pred: Tensor, label: Tensor) -> None:
-        self.matrix += confusion_matrix(pred.to(self.matrix.device), label.to(self.matrix.device), self.num_classes)
+        """Add the pixels of ``pred`` and ``label`` (integer indices, same shape ``(...)``)."""
+        device = self.matrix.device
+        self.matrix += confusion_matrix(pred.to(device), label.to(device), self.num_classes, self.ignore_index)
 
-    def reduce_(self) -> "ConfusionMatrix":
-        """Sum the matrices of all processes (no-op without torch.distributed)."""
+    def reduce_(self) -> ConfusionMatrix:
+        """Sum the matrices of all processes in place (a no-op unless torch.distributed is initialised).
+
+        Every process must call it (it is a collective); with the NCCL backend the
+        matrix must be on the process's GPU.
+        """
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(self.matrix)
+            dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
         return self
 
     def reset(self) -> None:
@@ -56,28 +94,29 @@ class ConfusionMatrix:
 
 
 def iou_per_class(matrix: Tensor) -> Tensor:
-    """``(K,)`` float64 IoU = TP / (TP + FP + FN); NaN where the union is empty."""
+    """``(K,)`` float64 IoU = TP / (TP + FP + FN) of a ``(K, K)`` matrix; NaN where the union is empty."""
     matrix = matrix.double()
-    tp = matrix.diag()
-    union = matrix.sum(0) + matrix.sum(1) - tp
-    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
+    true_positive = matrix.diag()
+    union = matrix.sum(dim=0) + matrix.sum(dim=1) - true_positive
+    return torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(true_positive, math.nan))
 
 
 def pixel_accuracy(matrix: Tensor) -> float:
-    total = matrix.sum().item()
-    return float(matrix.diag().sum().item() / total) if total else math.nan
+    """Fraction of counted pixels predicted correctly (0-1); NaN for an empty matrix."""
+    total = int(matrix.sum().item())
+    return int(matrix.diag().sum().item()) / total if total else math.nan
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """A named mean over a subset of the model's classes."""
+    """A named mean IoU over a subset of the model's classes."""
 
     name: str
     classes: tuple[str, ...]
 
 
 def protocols_for(classes: Sequence[str]) -> list[Protocol]:
-    """The protocols reported for a model with these classes; the first is the main one."""
+    """The protocols reported for a model with these classes (in this order); the first is the main one."""
     classes = tuple(classes)
     if classes == CITYSCAPES_CLASSES:
         return [Protocol("mIoU19", CITYSCAPES_CLASSES)]
@@ -91,60 +130,105 @@ def _percent(value: float) -> float | None:
 
 
 def summarize(matrix: Tensor, classes: Sequence[str]) -> dict:
-    """JSON-ready metrics: main protocol's ``mIoU`` (0-100), ``per_class_IoU``, ``pixel_accuracy``, every protocol."""
+    """JSON-ready metrics of a ``(K, K)`` confusion matrix for a model with ``classes`` (K names).
+
+    Returns ``{"mIoU", "protocol", "per_class_IoU", "pixel_accuracy", "protocols"}``: the main
+    protocol's mean and name, IoU per class name (0-100, ``None`` when undefined), pixel
+    accuracy (0-100) and, per protocol name, ``{"mIoU", "classes", "undefined"}``. A mean over
+    no defined class, and the pixel accuracy of an empty matrix, are reported as 0.0.
+    """
     classes = list(classes)
-    if matrix.shape != (len(classes), len(classes)):
-        raise ValueError(f"confusion matrix {tuple(matrix.shape)} does not match {len(classes)} classes")
-    ious = iou_per_class(matrix.cpu())
-    per_class = {name: _percent(float(iou)) for name, iou in zip(classes, ious)}
+    if tuple(matrix.shape) != (len(classes), len(classes)):
+        raise ValueError(f"summarize: confusion matrix of shape {tuple(matrix.shape)} does not match "
+                         f"the {len(classes)} classes {classes}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"summarize: class names must be unique, got {classes}")
+    matrix = matrix.cpu()
+    per_class = {name: _percent(float(iou)) for name, iou in zip(classes, iou_per_class(matrix).tolist())}
     protocols = {}
     for protocol in protocols_for(classes):
-        values = [per_class[name] for name in protocol.classes if per_class[name] is not None]
+        defined = [per_class[name] for name in protocol.classes if per_class[name] is not None]
         protocols[protocol.name] = {
-            "mIoU": sum(values) / len(values) if values else 0.0,
+            "mIoU": sum(defined) / len(defined) if defined else 0.0,
             "classes": list(protocol.classes),
             "undefined": [name for name in protocol.classes if per_class[name] is None],
         }
     main = protocols_for(classes)[0].name
+    accuracy = _percent(pixel_accuracy(matrix))
     return {
         "mIoU": protocols[main]["mIoU"],
         "protocol": main,
         "per_class_IoU": per_class,
-        "pixel_accuracy": _percent(pixel_accuracy(matrix.cpu())) or 0.0,
+        "pixel_accuracy": 0.0 if accuracy is None else accuracy,
         "protocols": protocols,
     }
 
 
-def _fmt(value: float | None) -> str:
+def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _protocol_names(results: dict[str, dict]) -> list[str]:
+    return list(dict.fromkeys(name for result in results.values() for name in result.get("protocols", {})))
+
+
+def _protocol_cell(result: dict, protocol: str) -> tuple[str, bool]:
+    """The protocol's mean as text, and whether it left out undefined classes (marked ``*``)."""
+    entry = result.get("protocols", {}).get(protocol)
+    if entry is None:
+        return "-", False
+    partial = bool(entry.get("undefined"))
+    return _cell(entry.get("mIoU")) + ("*" if partial else ""), partial
+
+
 def format_table(results: dict[str, dict], classes: Sequence[str]) -> str:
-    """Plain-text table: one row per class, then one per protocol; one column per run."""
+    """Plain-text table for a terminal: one column per run (``{label: summarize() dict}``).
+
+    Rows: the IoU (%) of each class (``-`` when undefined), then each protocol's mean
+    (``*``: undefined classes were left out of that mean, named in a footnote).
+    """
     labels = list(results)
-    name_width = max([len(c) for c in classes] + [len(p) for r in results.values() for p in r["protocols"]] + [5])
-    widths = [max(len(label), 6) for label in labels]
-    lines = ["  ".join([f"{'class':<{name_width}}"] + [f"{label:>{w}}" for label, w in zip(labels, widths)])]
-    lines.append("-" * len(lines[0]))
+    protocols = _protocol_names(results)
+    protocol_cells = {protocol: [_protocol_cell(results[label], protocol) for label in labels]
+                      for protocol in protocols}
+    # With any starred mean, every cell gets a one-character marker slot so the decimals stay aligned.
+    starred = any(partial for cells in protocol_cells.values() for _, partial in cells)
+    name_width = max([len(name) for name in [*classes, *protocols]] + [5])
+    widths = [max(len(label), 6 + starred) for label in labels]
+
+    def row(name: str, cells: list[str], marker_slot: bool = True) -> str:
+        padded = [cell if cell.endswith("*") or not (starred and marker_slot) else cell + " " for cell in cells]
+        return "  ".join([f"{name:<{name_width}}"] + [f"{cell:>{width}}" for cell, width in zip(padded, widths)])
+
+    header = row("class", labels, marker_slot=False)
+    lines = [header, "-" * len(header)]
     for name in classes:
-        cells = [f"{_fmt(results[label]['per_class_IoU'].get(name)):>{w}}" for label, w in zip(labels, widths)]
-        lines.append("  ".join([f"{name:<{name_width}}"] + cells))
-    lines.append("-" * len(lines[0]))
-    protocol_names = list(dict.fromkeys(p for r in results.values() for p in r["protocols"]))
-    for protocol in protocol_names:
-        cells = [f"{_fmt(results[label]['protocols'].get(protocol, {}).get('mIoU')):>{w}}"
-                 for label, w in zip(labels, widths)]
-        lines.append("  ".join([f"{protocol:<{name_width}}"] + cells))
+        lines.append(row(name, [_cell(results[label].get("per_class_IoU", {}).get(name)) for label in labels]))
+    lines.append("-" * len(header))
+    for protocol, cells in protocol_cells.items():
+        lines.append(row(protocol, [text for text, _ in cells]))
+    for label in labels:
+        left_out: dict[tuple[str, ...], list[str]] = {}
+        for protocol in protocols:
+            undefined = results[label].get("protocols", {}).get(protocol, {}).get("undefined")
+            if undefined:
+                left_out.setdefault(tuple(undefined), []).append(protocol)
+        for undefined, names in left_out.items():
+            lines.append(f"* {label}: {', '.join(undefined)} left out of {', '.join(names)} "
+                         "(no ground-truth and no predicted pixel)")
     return "\n".join(lines)
 
 
 def format_markdown_table(results: dict[str, dict], classes: Sequence[str]) -> str:
-    """Paper-style Markdown table: one row per run, one column per class, then the protocol means."""
-    protocol_names = list(dict.fromkeys(p for r in results.values() for p in r["protocols"]))
-    header = ["run", *classes, *protocol_names]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    """Paper-style Markdown table: one row per run, one column per class (IoU %), then the protocol means.
+
+    ``-`` marks an undefined IoU; ``*`` a protocol mean that left out undefined classes.
+    """
+    protocols = _protocol_names(results)
+    header = ["run", *classes, *protocols]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for label, result in results.items():
-        cells = [_fmt(result["per_class_IoU"].get(name)) for name in classes]
-        cells += [_fmt(result["protocols"].get(p, {}).get("mIoU")) for p in protocol_names]
-        lines.append("| " + " | ".join([label, *cells]) + " |")
+        cells = [_cell(result.get("per_class_IoU", {}).get(name)) for name in classes]
+        cells += [_protocol_cell(result, protocol)[0] for protocol in protocols]
+        lines.append("| " + " | ".join([label.replace("|", "\\|"), *cells]) + " |")
     return "\n".join(lines)
