@@ -1,0 +1,180 @@
+"""The association loss and spatial aggregation against the nested-loop reference of METHOD.md,
+and the blockwise implementation against the dense one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import association_reference as reference
+from plca import association_loss, associate, spatial_aggregate
+
+METRICS = ("cos", "kl")
+IMPLS = ("dense", "efficient")
+
+
+def make_maps(metric: str, batch: int, channels: int, source_size: tuple[int, int], target_size: tuple[int, int],
+              seed: int = 0, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random source / target maps: features for cos, softmax probabilities for kl."""
+    g = torch.Generator().manual_seed(seed)
+    source = torch.randn(batch, channels, *source_size, generator=g, dtype=dtype)
+    target = torch.randn(batch, channels, *target_size, generator=g, dtype=dtype)
+    if metric == "kl":
+        source, target = (2 * source).softmax(dim=1), (2 * target).softmax(dim=1)
+    return source, target
+
+
+def make_labels(batch: int, size: tuple[int, int], classes: int, ignore_fraction: float, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (batch, *size), generator=g)
+    labels[torch.rand(batch, *size, generator=g) < ignore_fraction] = 255
+    return labels
+
+
+def loss_and_grads(fn, source: torch.Tensor, target: torch.Tensor):
+    source = source.detach().clone().requires_grad_(True)
+    target = target.detach().clone().requires_grad_(True)
+    loss = fn(source, target)
+    grad_source, grad_target = torch.autograd.grad(loss, (source, target), allow_unused=True)
+    grad_source = torch.zeros_like(source) if grad_source is None else grad_source
+    grad_target = torch.zeros_like(target) if grad_target is None else grad_target
+    return loss.detach(), grad_source, grad_target
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
+    return (a - b).abs().max().item() / scale
+
+
+CASES = [
+    # (batch, channels, source size, target size, aggregate, ignore fraction)
+    (1, 3, (3, 4), (3, 4), False, 0.0),
+    (2, 4, (3, 3), (2, 5), True, 0.2),
+    (1, 5, (4, 3), (3, 3), True, 0.0),
+    (2, 3, (2, 4), (4, 4), False, 0.3),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}c{c[1]}s{c[2]}t{c[3]}agg{int(c[4])}ign{c[5]}")
+def test_loss_and_gradients_match_nested_reference(metric, impl, case):
+    batch, channels, source_size, target_size, aggregate, ignore = case
+    source, target = make_maps(metric, batch, channels, source_size, target_size, seed=hash(case) % 1000)
+    # few classes so that cycles are often positive
+    labels = make_labels(batch, source_size, classes=2, ignore_fraction=ignore)
+
+    ref_loss, ref_gs, ref_gt = loss_and_grads(
+        lambda s, t: reference.associate(s, t, labels, metric, aggregate)[0], source, target)
+    loss, gs, gt = loss_and_grads(
+        lambda s, t: association_loss(s, t, labels, metric=metric, aggregate=aggregate, impl=impl),
+        source, target)
+    assert ref_loss.item() > 0, "the case should have positive cycles"
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-9)
+    assert rel_diff(gs, ref_gs) < 1e-8 and rel_diff(gt, ref_gt) < 1e-8
+    assert ref_gs.abs().sum() > 0 and ref_gt.abs().sum() > 0
+
+    _, ref_positive, ref_cover = reference.associate(source, target, labels, metric, aggregate)
+    out = associate(source, target, labels, metric=metric, aggregate=aggregate, impl=impl)
+    assert out.positive_ratio.item() == pytest.approx(ref_positive, abs=1e-6)
+    assert out.cover_ratio.item() == pytest.approx(ref_cover, abs=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_spatial_aggregation_matches_nested_reference(metric, impl):
+    x, _ = make_maps(metric, 2, 3, (3, 4), (1, 1), seed=5)
+    alpha = 0.3
+    ref, ref_grad, _ = loss_and_grads(lambda a, _: (reference.aggregate_map(a, metric, alpha) ** 2).sum(), x, x)
+    out, grad, _ = loss_and_grads(lambda a, _: (spatial_aggregate(a, metric, alpha, impl=impl) ** 2).sum(), x, x)
+    assert out.item() == pytest.approx(ref.item(), rel=1e-10)
+    assert rel_diff(grad, ref_grad) < 1e-9
+    aggregated = spatial_aggregate(x, metric, alpha, impl=impl)
+    assert rel_diff(aggregated, reference.aggregate_map(x, metric, alpha)) < 1e-10
+    assert not torch.allclose(aggregated, x)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_ties_go_to_the_first_pixel(metric, impl):
+    """Duplicated target pixels: j(i) is the first copy (cover ratio shows it); duplicated source
+    pixels with different labels: i'(j) is the first copy (positives show it)."""
+    base_source, base_target = make_maps(metric, 1, 3, (1, 3), (1, 3), seed=11)
+    target = torch.cat([base_target, base_target], dim=3)  # pixel k and k + 3 are equal
+    source = torch.cat([base_source, base_source], dim=3)
+    labels = torch.tensor([[[0, 1, 0, 1, 0, 1]]])
+    _, ref_positive, ref_cover = reference.associate(source, target, labels, metric, aggregate_target=False)
+    out = associate(source, target, labels, metric=metric, aggregate=False, impl=impl)
+    assert ref_cover <= 0.5  # only first copies are ever reached
+    assert out.cover_ratio.item() == pytest.approx(ref_cover)
+    assert out.positive_ratio.item() == pytest.approx(ref_positive)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_no_positive_gives_zero_loss_and_zero_finite_gradients(metric, impl):
+    # all ignored
+    source, target = make_maps(metric, 2, 4, (3, 3), (2, 2))
+    labels = torch.full((2, 3, 3), 255)
+    loss, gs, gt = loss_and_grads(lambda s, t: association_loss(s, t, labels, metric=metric, impl=impl),
+                                  source, target)
+    assert loss.item() == 0.0 and torch.isfinite(gs).all() and torch.isfinite(gt).all()
+    assert gs.abs().max() == 0 and gt.abs().max() == 0
+
+    # valid pixels but every cycle comes back to a pixel of the other class
+    source = torch.tensor([[[[4.0, 0.0]], [[0.0, 4.0]]]], dtype=torch.float64)  # pixel 0 ~ e1, pixel 1 ~ e2
+    target = torch.tensor([[[[4.0]], [[0.5]]]], dtype=torch.float64)  # one target pixel, close to e1
+    if metric == "kl":
+        source, target = source.softmax(dim=1), target.softmax(dim=1)
+    labels = torch.tensor([[[255, 1]]])  # the only valid pixel (1) comes back to pixel 0
+    out = associate(source, target, labels, metric=metric, aggregate=False, impl=impl)
+    assert out.loss.item() == 0.0 and out.positive_ratio.item() == 0.0
+    assert reference.associate(source, target, labels, metric, aggregate_target=False)[1] == 0.0
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("aggregate", [False, True])
+@pytest.mark.parametrize("shape", [((6, 7), (5, 9), 16), ((9, 9), (9, 9), 5), ((4, 12), (10, 3), 33)])
+def test_efficient_equals_dense_float32(metric, aggregate, shape):
+    source_size, target_size, channels = shape
+    source, target = make_maps(metric, 2, channels, source_size, target_size, seed=3, dtype=torch.float32)
+    labels = make_labels(2, source_size, classes=3, ignore_fraction=0.25)
+    dense = loss_and_grads(lambda s, t: association_loss(s, t, labels, metric, aggregate, impl="dense"),
+                           source, target)
+    for block_size in (None, 7):  # one block and several blocks of rows
+        efficient = loss_and_grads(
+            lambda s, t: association_loss(s, t, labels, metric, aggregate, impl="efficient",
+                                          block_size=block_size), source, target)
+        for want, got in zip(dense, efficient):
+            assert rel_diff(got, want) < 1e-4
+    assert dense[0].item() > 0
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_target_accuracy_counts_cycles_landing_on_the_right_class(metric):
+    source, target = make_maps(metric, 1, 3, (3, 3), (3, 3), seed=7)
+    labels = make_labels(1, (3, 3), classes=2, ignore_fraction=0.0)
+    same = associate(source, source.clone(), labels, metric=metric, aggregate=False, target_labels=labels)
+    assert same.target_accuracy.item() == 1.0  # source == target: every j(i) is i itself
+    flipped = associate(source, source.clone(), labels, metric=metric, aggregate=False, target_labels=1 - labels)
+    assert flipped.target_accuracy.item() == 0.0
+    # the diagnostic never changes the loss
+    plain = associate(source, source.clone(), labels, metric=metric, aggregate=False)
+    assert plain.loss.item() == same.loss.item() and plain.target_accuracy is None
+
+
+def test_bad_arguments_are_named():
+    source, target = make_maps("cos", 2, 3, (3, 3), (3, 3))
+    labels = make_labels(2, (3, 3), 2, 0.0)
+    with pytest.raises(ValueError, match="metric"):
+        association_loss(source, target, labels, metric="l2")
+    with pytest.raises(ValueError, match="impl"):
+        association_loss(source, target, labels, impl="fast")
+    with pytest.raises(ValueError, match="source_labels"):
+        association_loss(source, target, labels[:, :2])
+    with pytest.raises(ValueError, match="batch size"):
+        association_loss(source, target[:1], labels)
+    with pytest.raises(ValueError, match="channel"):
+        association_loss(source, target[:, :2], labels)
+    with pytest.raises(ValueError, match="alpha"):
+        association_loss(source, target, labels, alpha=1.5)
