@@ -59,10 +59,10 @@ class AssociationConfig:
 
 @dataclass
 class LossConfig:
-    # Effective weight of Lovasz-softmax against the mean cross-entropy. The reference PLCA
-    # code uses 0.75 multiplied by world_size x ITER_SIZE = 4, i.e. 3.0.
-    lovasz_weight: float = 0.0
-    lsr_weight: float = 0.0  # PLCA reference: 0.01
+    # Defaults are the PLCA reference's values. Effective weight of Lovasz-softmax against the
+    # mean cross-entropy: the reference uses 0.75 multiplied by world_size x ITER_SIZE = 4, i.e. 3.0.
+    lovasz_weight: float = 3.0
+    lsr_weight: float = 0.01  # LSR on source and target log-softmax (plca only)
     lsr_threshold: float = 10.0
     association: AssociationConfig = field(default_factory=AssociationConfig)
 
