@@ -4,6 +4,9 @@ Generates the procedural two-domain street scenes (a "synthetic" source and a
 "real-like" target, see :mod:`plca.data.synthetic`), trains a small DeepLab-v2
 (ResNet-18, from scratch) source-only and with PLCA, optionally an oracle on
 target labels, and prints their per-class IoU on the target's validation split.
+
+Budget: 200 updates of batch 4 (+ 4 target images for PLCA) on 128 x 128 crops, which takes
+about 8 minutes on 2 CPU cores for source-only and PLCA together (``--oracle`` adds ~3).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 from plca.config import Config, build_config
 
 #: Updates per model at the demo's budget.
-DEMO_ITERS = 400
+DEMO_ITERS = 200
 
 
 def demo_config(method: str, data_root: Path, output_dir: Path, seed: int, iters: int,
@@ -50,7 +53,7 @@ def demo_config(method: str, data_root: Path, output_dir: Path, seed: int, iters
 
 
 def run_demo(output_dir: Path = Path("runs/demo"), data_root: Path = Path("data/synthetic"),
-             seeds: list[int] = (0,), iters: int | None = None, with_oracle: bool = True,
+             seeds: list[int] = (0,), iters: int | None = None, with_oracle: bool = False,
              progress: bool = True) -> dict:
     """Train and compare the demo's models; print the table and return ``{label: [metrics per seed]}``."""
     import torch
