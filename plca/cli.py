@@ -29,7 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("plca train needs a CONFIG.yaml (or --resume RUN_DIR)")
         config_path = str(Path(args.resume) / "config.yaml")
     config = load_config(config_path, overrides)
-    result = train(config, resume=args.resume, progress=not args.no_progress)
+    result = train(config, resume=args.resume, progress=not args.no_progress, data_check=args.data_check)
     if result.metrics is not None:
         from plca.evaluation.metrics import format_table
 
@@ -56,7 +56,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from plca.demo import run_demo
 
     run_demo(output_dir=Path(args.output_dir), data_root=Path(args.data_root), seeds=args.seeds,
-             iters=args.iters, with_oracle=not args.no_oracle, progress=not args.no_progress)
+             iters=args.iters, with_oracle=args.oracle, progress=not args.no_progress)
     return 0
 
 
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", metavar="CONFIG.yaml [key=value ...]",
                    help="config file then dotted overrides, e.g. train.iters=200 data.classes=[sky,road]")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--data-check", choices=["labels", "headers", "none"], default="labels",
+                   help="before training, check every dataset file: open image and label headers and compare "
+                        "sizes (headers), and also decode every label and check its ids (labels, the default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -158,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="data/synthetic")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--iters", type=int, default=None, help="updates per model (default: the demo's budget)")
-    p.add_argument("--no-oracle", action="store_true", help="skip the model trained on target labels")
+    p.add_argument("--oracle", action="store_true",
+                   help="also train on the target's labels (the upper bound the domain gap is measured against)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 

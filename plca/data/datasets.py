@@ -37,7 +37,9 @@ from plca.data.labels import (
     IGNORE_INDEX,
     class_remap,
     cityscapes_id_to_train_id,
+    cityscapes_known_ids,
     synthia_id_to_train_id,
+    synthia_known_ids,
 )
 from plca.data.transforms import resize_label, to_tensors
 
@@ -110,21 +112,31 @@ class SegmentationDataset(Dataset):
         self.epoch = int(epoch)
 
     def __getitem__(self, index: int) -> dict:
+        return self.fetch(index, warn=True)[0]
+
+    def fetch(self, index: int, warn: bool = False) -> tuple[dict, list[str]]:
+        """Item ``index`` and, under ``on_error="skip"``, one message per sample skipped to produce it
+        (naming the file and the problem); they are counted in ``num_skipped`` and, with ``warn``,
+        also issued as ``RuntimeWarning``. A DataLoader worker uses this to report skips to the
+        training process, which counts and logs them."""
         count = len(self.samples)
         if not -count <= index < count:
             raise IndexError(f"index {index} out of range for {self.description} of {count} samples")
         index %= count
         if self.on_error == "raise":
-            return self._load(index)
+            return self._load(index), []
+        skipped: list[str] = []
         for offset in range(count):
             current = (index + offset) % count
             try:
-                return self._load(current)
+                return self._load(current), skipped
             except DatasetError as error:
                 self.num_skipped += 1
-                warnings.warn(f"skipping sample '{self.samples[current].name}' of {self.description}: {error}",
-                              RuntimeWarning, stacklevel=2)
-        raise DatasetError(f"{self.description}: none of its {count} samples could be loaded (see the warnings)")
+                skipped.append(f"skipping sample '{self.samples[current].name}' of {self.description}: {error}")
+                if warn:
+                    warnings.warn(skipped[-1], RuntimeWarning, stacklevel=3)
+        raise DatasetError(f"{self.description}: none of its {count} samples could be loaded (first problem: "
+                           f"{skipped[0]}); check the dataset with plca prepare")
 
     def _load(self, index: int) -> dict:
         sample = self.samples[index]
@@ -163,23 +175,45 @@ class SegmentationDataset(Dataset):
 
 
 class _LookupLabels:
-    """8-bit label ids mapped through a ``(256,)`` lookup table."""
+    """8-bit label ids mapped through a ``(256,)`` lookup table; ``known`` ``(256,) bool`` marks the ids of
+    the format's table (an id outside it is mapped to ignore when loading, and reported by :func:`check_files`)."""
 
-    def __init__(self, table: np.ndarray) -> None:
+    def __init__(self, table: np.ndarray, known: np.ndarray | None = None) -> None:
         self.table = table
+        self.known = np.ones(256, dtype=bool) if known is None else known
 
     def __call__(self, path: Path) -> np.ndarray:
         return self.table[read_label(path)]
+
+    read_raw = staticmethod(read_label)
+
+    def unknown_ids(self, ids: np.ndarray) -> np.ndarray:
+        """The raw ids among ``ids`` (distinct values) that are not in the format's table."""
+        return ids[~self.known[ids]]
+
+    def describe_known(self) -> str:
+        return "Cityscapes label ids 0..33 (are these *_labelIds.png files, not train ids, colours or instances?)"
 
 
 class _SynthiaLabels:
     """SYNTHIA's 16-bit class ids mapped through a ``(65536,)`` lookup table."""
 
-    def __init__(self, table: np.ndarray) -> None:
+    multichannel = True  # the labels are multi-channel PNGs; the class id is the first channel
+
+    def __init__(self, table: np.ndarray, known: np.ndarray | None = None) -> None:
         self.table = table
+        self.known = np.ones(65536, dtype=bool) if known is None else known
 
     def __call__(self, path: Path) -> np.ndarray:
         return self.table[read_synthia_label(path)]
+
+    read_raw = staticmethod(read_synthia_label)
+
+    def unknown_ids(self, ids: np.ndarray) -> np.ndarray:
+        return ids[~self.known[ids]]
+
+    def describe_known(self) -> str:
+        return "SYNTHIA class ids 0..22 (are these the GT/LABELS files of SYNTHIA-RAND-CITYSCAPES?)"
 
 
 class _IndexLabels:
@@ -192,7 +226,7 @@ class _IndexLabels:
         label = read_label(path)
         if label.size and int(label.max()) >= self.num_classes:
             counts = np.bincount(label.ravel(), minlength=256)
-            bad = np.flatnonzero(counts[self.num_classes:IGNORE_INDEX]) + self.num_classes
+            bad = self.unknown_ids(np.flatnonzero(counts))
             if bad.size:
                 shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if bad.size > 10 else "")
                 raise DatasetError(
@@ -201,6 +235,14 @@ class _IndexLabels:
                     f"or the label file"
                 )
         return label
+
+    read_raw = staticmethod(read_label)
+
+    def unknown_ids(self, ids: np.ndarray) -> np.ndarray:
+        return ids[(ids >= self.num_classes) & (ids != IGNORE_INDEX)]
+
+    def describe_known(self) -> str:
+        return f"class indices 0..{self.num_classes - 1} of data.classes, or 255 (ignore)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +341,8 @@ def _gta5(root: Path, split: str, classes: Sequence[str], require_labels: bool) 
     samples = _pair_samples(names, lambda n: root / "images" / f"{n}.png",
                             (lambda n: root / "labels" / f"{n}.png") if has_labels else None,
                             require_labels, f"GTA5 split '{split}' in {root}")
-    return samples, _LookupLabels(_cityscapes_table(classes, "gta5")), {"resize_mismatched_labels": True}
+    return (samples, _LookupLabels(_cityscapes_table(classes, "gta5"), cityscapes_known_ids()),
+            {"resize_mismatched_labels": True})
 
 
 def _synthia(root: Path, split: str, classes: Sequence[str], require_labels: bool) -> tuple:
@@ -315,7 +358,7 @@ def _synthia(root: Path, split: str, classes: Sequence[str], require_labels: boo
                             (lambda n: labels / f"{n}.png") if has_labels else None,
                             require_labels, f"SYNTHIA split '{split}' in {root}")
     table = _remap(classes, "synthia")[synthia_id_to_train_id()]
-    return samples, _SynthiaLabels(table), {}
+    return samples, _SynthiaLabels(table, synthia_known_ids()), {}
 
 
 def _cityscapes(root: Path, split: str, classes: Sequence[str], require_labels: bool) -> tuple:
@@ -340,7 +383,7 @@ def _cityscapes(root: Path, split: str, classes: Sequence[str], require_labels: 
 
     samples = _pair_samples(list(by_name), by_name.__getitem__, label_of if labels_root.is_dir() else None,
                             require_labels, f"Cityscapes split '{split}' in {root}")
-    return samples, _LookupLabels(_cityscapes_table(classes, "cityscapes")), {}
+    return samples, _LookupLabels(_cityscapes_table(classes, "cityscapes"), cityscapes_known_ids()), {}
 
 
 def _find_image(images: Path, name: str) -> Path:

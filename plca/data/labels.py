@@ -62,6 +62,26 @@ def synthia_id_to_train_id() -> np.ndarray:
     return table
 
 
+def cityscapes_known_ids() -> np.ndarray:
+    """``(256,) bool``: the Cityscapes label ids (0..33) a GTA5 / Cityscapes label file may hold."""
+    known = np.zeros(256, dtype=bool)
+    for label in _CITYSCAPES_LABELS:
+        if 0 <= label.id < 256:
+            known[label.id] = True
+    return known
+
+
+#: The largest SYNTHIA-RAND-CITYSCAPES class id (0 void ... 22 lane marking).
+SYNTHIA_MAX_ID = 22
+
+
+def synthia_known_ids() -> np.ndarray:
+    """``(65536,) bool``: the SYNTHIA class ids (0..22) a SYNTHIA label's first channel may hold."""
+    known = np.zeros(65536, dtype=bool)
+    known[: SYNTHIA_MAX_ID + 1] = True
+    return known
+
+
 def class_remap(classes: Sequence[str], source_classes: Sequence[str] = CITYSCAPES_CLASSES) -> np.ndarray:
     """Lookup table ``(256,) uint8``: index in ``source_classes`` -> index in ``classes``.
 

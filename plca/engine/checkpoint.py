@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,12 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # like tempfile.mkstemp, but the file gets the usual permissions (0666 minus the umask), not 0600
+    tmp_name = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as error:
+        raise _write_failed(path, error) from error
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
@@ -35,17 +41,24 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
-        if isinstance(error, OSError):
-            raise CheckpointError(
-                f"could not write checkpoint '{path}' ({error.strerror or error}); "
-                f"the previous checkpoint there, if any, is intact"
-            ) from error
+        if isinstance(error, (OSError, RuntimeError)):  # torch's writer may wrap an I/O error in a RuntimeError
+            raise _write_failed(path, error) from error
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _write_failed(path: Path, error: Exception) -> CheckpointError:
+    detail = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
+    try:
+        detail += f"; {shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free there"
+    except OSError:
+        pass
+    return CheckpointError(f"could not write checkpoint '{path}' ({detail}); "
+                           f"the previous checkpoint there, if any, is intact")
 
 
 def load_checkpoint(path: str | Path) -> dict:

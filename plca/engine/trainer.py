@@ -11,6 +11,20 @@ only runs it. A run lives in one directory::
     RUN_DIR/checkpoints/best.pt the best one by validation mIoU
     RUN_DIR/eval_history.jsonl  one line per validation
     RUN_DIR/metrics.json        final metrics
+
+What can go wrong, and what happens (issue: reliability):
+
+- bad data: every file of every dataset is checked before training starts
+  (:func:`plca.data.checks.check_files`); a sample that still fails to load
+  during training stops the run with the dataset's message naming the file and
+  a checkpoint of the last finished step (``data.on_error: raise``), or is
+  skipped, logged and counted (``skip``: ``data/skipped_samples``);
+- a non-finite loss or gradient: the update is skipped (BatchNorm statistics
+  restored too) and counted (``skipped_steps``); ``train.max_nonfinite_steps`` in
+  a row stop the run, the last good checkpoint intact;
+- SIGTERM / SIGINT: a checkpoint is written at the end of the current step;
+- a failed checkpoint write (full disk): the previous checkpoint is intact and
+  the run stops saying so.
 """
 
 from __future__ import annotations
@@ -33,10 +47,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from plca.config import Config, save_config, to_dict
+from plca.data.checks import check_files
 from plca.data.datasets import build_dataset
+from plca.data.io import DatasetError
 from plca.data.transforms import EvalTransform, TrainTransform
-from plca.engine.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
-from plca.engine.distributed import DistInfo, all_true, average_buffers, barrier, init_distributed
+from plca.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, rng_state, set_rng_state
+from plca.engine.distributed import DistInfo, all_reduce_mean, all_true, average_buffers, barrier, init_distributed
 from plca.engine.loader import batch_stream
 from plca.engine.logger import ScalarWindow, TensorBoard, setup_logger
 from plca.engine.optim import build_optimizer, poly_lr, set_lr
@@ -113,6 +129,52 @@ def _build_datasets(config: Config, method_uses_target: bool) -> tuple:
     return source, target, val
 
 
+def check_datasets(datasets: dict, level: str, on_error: str, info: DistInfo, logger) -> None:
+    """Check the files of each dataset before training (each process a share of the samples).
+
+    Bad files are a :class:`DatasetError` naming them under ``on_error="raise"``, and a warning
+    under ``"skip"`` (they are then skipped, and counted, when loaded).
+    """
+    failed = ""
+    for name, dataset in datasets.items():
+        if dataset is None or level == "none":
+            continue
+        started = time.time()
+        report = check_files(dataset, level, indices=range(info.rank, len(dataset), info.world_size))
+        if report.resized:
+            logger.warning("%s: %d label(s) differ in size from their image and are resized when loaded "
+                           "(nearest), e.g. %s", dataset.description, len(report.resized), report.resized[0])
+        if not report.ok:
+            if on_error == "skip":
+                logger.warning("%s (data.on_error is skip: these samples are skipped and counted when loaded)",
+                               report.message())
+            elif not failed:
+                failed = (f"{name} data: {report.message()} Or set data.on_error=skip to skip bad samples (they "
+                          f"are counted and logged).")
+        logger.info("checked the files of the %s data (%s) in %.1f s", name, level, time.time() - started)
+    if not all_true(not failed, info.device):
+        raise DatasetError(failed or "another process found bad dataset files (see its message)")
+
+
+def _remove_stale_temporaries(folder: Path, logger) -> None:
+    """Temporary files of checkpoint writes cut short by a crash or SIGKILL (the checkpoints are intact)."""
+    for path in folder.glob(".*.tmp"):
+        try:
+            path.unlink()
+            logger.info("removed %s, left by an interrupted checkpoint write", path)
+        except OSError:
+            pass
+
+
+def _append_jsonl(path: Path, record: dict, logger) -> None:
+    """One JSON line; a failure (e.g. a full disk) is a warning, never the end of the run."""
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as error:
+        logger.warning("could not append to %s (%s); training goes on", path, error)
+
+
 def build_model(config: Config, device: torch.device) -> nn.Module:
     model = build_deeplab_v2(
         num_classes=len(config.data.classes), backbone=config.model.backbone, style=config.model.style,
@@ -176,12 +238,14 @@ class _StopSignal:
 
 
 def train(config: Config, resume: str | Path | None = None, max_steps: int | None = None,
-          progress: bool = True) -> RunResult:
+          progress: bool = True, data_check: str = "labels") -> RunResult:
     """Train according to ``config``; return the run directory, the last step and the final metrics.
 
     ``resume``: a run directory (or a checkpoint file) to continue from. A run whose
     ``run_name`` is given and whose directory already holds a checkpoint resumes by itself.
     ``max_steps``: stop (with a checkpoint) after this many updates in this call, as if interrupted.
+    ``data_check``: how the dataset files are checked before training (``none``, ``headers``,
+    ``labels``; see :mod:`plca.data.checks`).
     """
     info = init_distributed(config.device)
     if config.train.deterministic:
@@ -204,13 +268,18 @@ def train(config: Config, resume: str | Path | None = None, max_steps: int | Non
     barrier()
     logger = setup_logger(run_dir, info.is_main)
     board = TensorBoard(run_dir / "tb" if info.is_main else None)
+    streams: list = []  # the data streams, whose worker processes must stop whatever happens
     try:
-        return _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, board)
+        return _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, board, data_check,
+                      streams)
     finally:
+        for stream in streams:  # now, not when an exception's traceback lets go of them
+            stream.close()
         board.close()
 
 
-def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, board) -> RunResult:
+def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, board, data_check,
+           streams: list) -> RunResult:
     train_cfg = config.train
     seed_everything(train_cfg.seed + info.rank)
     method = build_method(config.method, config.loss)
@@ -218,16 +287,22 @@ def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, 
     logger.info("run dir %s | %d processes on %s | source %d images%s%s", run_dir, info.world_size, info.device,
                 len(source_set), f", target {len(target_set)}" if target_set is not None else "",
                 f", val {len(val_set)}" if val_set is not None else "")
+    check_datasets({"source": source_set, "target": target_set, "val": val_set}, data_check, config.data.on_error,
+                   info, logger)
+    if info.is_main:
+        _remove_stale_temporaries(run_dir / "checkpoints", logger)
 
     model = build_model(config, info.device)
     optimizer = build_optimizer(model, train_cfg.lr, train_cfg.momentum, train_cfg.weight_decay,
                                 train_cfg.head_lr_mult)
     start_step, best_miou = 0, -1.0
+    counters = {"skipped_steps": 0, "skipped_samples": 0}  # over the whole run, kept in checkpoints
     if checkpoint_path is not None:
         state = load_checkpoint(checkpoint_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, best_miou = int(state["step"]), float(state.get("best_mIoU", -1.0))
+        counters.update({key: int(value) for key, value in state.get("counters", {}).items() if key in counters})
         rng = state["rng"][info.rank] if info.rank < len(state["rng"]) else None
         if rng is not None:
             set_rng_state(rng)
@@ -249,23 +324,47 @@ def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, 
     target_stream = (batch_stream(target_set, train_cfg.batch_size, train_cfg.seed + 1,
                                   start=start_step * accumulation, **loader_args)
                      if target_set is not None else None)
+    streams += [stream for stream in (source_stream, target_stream) if stream is not None]
     poly_iters = train_cfg.poly_iters or train_cfg.iters
     use_amp = train_cfg.amp and info.device.type == "cuda"
     window = ScalarWindow()
-    nonfinite_in_row = skipped_steps = 0
+    nonfinite_in_row = 0
     tta = test_time_aggregation_enabled(config)
+    saved_step = start_step if checkpoint_path is not None else None  # step of the last good last.pt
 
     def save(step: int, name: str = "last.pt") -> None:
+        nonlocal saved_step
         average_buffers(model)
         rngs = [rng_state()]
         if info.enabled:
             rngs = [None] * info.world_size
             dist.all_gather_object(rngs, rng_state())
+        failure = None
         if info.is_main:
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                         "best_mIoU": best_miou, "rng": rngs, "config": to_dict(config)},
-                        run_dir / "checkpoints" / name)
-        barrier()
+            try:
+                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                             "best_mIoU": best_miou, "rng": rngs, "config": to_dict(config),
+                             "counters": dict(counters)},
+                            run_dir / "checkpoints" / name)
+            except CheckpointError as error:
+                failure = error
+        if not all_true(failure is None, info.device):
+            previous = (f"it holds step {saved_step}" if name == "last.pt" and saved_step is not None
+                        else "if there is one")
+            raise CheckpointError(
+                f"{failure or 'the main process could not write a checkpoint'}. Training stopped at step {step}; "
+                f"the previous {name} is intact ({previous}). Free disk space (or fix the folder's permissions) "
+                f"and continue with: plca train --resume {run_dir}"
+            )
+        if name == "last.pt":
+            saved_step = step
+
+    def skipped_samples() -> int:
+        """Samples skipped so far by all processes (each counts its own)."""
+        count = counters["skipped_samples"]
+        if info.enabled:
+            count = round(all_reduce_mean(torch.tensor([float(count)], device=info.device)).item() * info.world_size)
+        return count
 
     def validate(step: int) -> dict | None:
         nonlocal best_miou
@@ -279,8 +378,7 @@ def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, 
         metrics.update(step=step, test_time_aggregation=tta)
         if info.is_main:
             board.scalars({"val/mIoU": metrics["mIoU"], "val/pixel_accuracy": metrics["pixel_accuracy"]}, step)
-            with open(run_dir / "eval_history.jsonl", "a") as handle:
-                handle.write(json.dumps(metrics) + "\n")
+            _append_jsonl(run_dir / "eval_history.jsonl", metrics, logger)
             logger.info("step %d: %s %.2f", step, metrics["protocol"], metrics["mIoU"])
         if metrics["mIoU"] > best_miou:
             best_miou = metrics["mIoU"]
@@ -295,11 +393,34 @@ def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, 
         while step < train_cfg.iters:
             set_lr(optimizer, poly_lr(train_cfg.lr, step, poly_iters, train_cfg.poly_power))
             optimizer.zero_grad(set_to_none=True)
+            # every batch of the step is loaded before any computation, so a sample that fails to
+            # load leaves the model exactly as after the previous step, which is then saved
+            batches, load_error = [], None
+            try:
+                for _ in range(accumulation):
+                    source_batch = next(source_stream)
+                    batches.append((source_batch, next(target_stream) if target_stream is not None else None))
+            except DatasetError as error:
+                load_error = error
+            if not all_true(load_error is None, info.device):
+                bar.close()
+                save(step)
+                raise DatasetError(
+                    f"{load_error or 'another process could not load a sample (see its message)'}\n"
+                    f"Training stopped at step {step}; checkpoint saved. Fix or remove the file (plca prepare "
+                    f"checks a whole dataset), or set data.on_error=skip to skip such samples (they are counted), "
+                    f"then continue with: plca train --resume {run_dir}"
+                )
+            for source_batch, target_batch in batches:
+                for message in source_batch["skipped"] + (target_batch["skipped"] if target_batch else []):
+                    counters["skipped_samples"] += 1
+                    logger.warning("step %d: %s", step, message)
+            buffers = [buffer.detach().clone() for buffer in model.buffers()]
             finite = True
-            for micro in range(accumulation):
-                source = _to_device(next(source_stream), info.device, train_cfg.channels_last)
-                target = (_to_device(next(target_stream), info.device, train_cfg.channels_last)
-                          if target_stream is not None else None)
+            for micro, (source_batch, target_batch) in enumerate(batches):
+                source = _to_device(source_batch, info.device, train_cfg.channels_last)
+                target = (_to_device(target_batch, info.device, train_cfg.channels_last)
+                          if target_batch is not None else None)
                 sync = micro == accumulation - 1 or not info.enabled
                 no_sync = train_model.no_sync() if not sync else contextlib.nullcontext()
                 autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp
@@ -316,8 +437,11 @@ def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, 
                 nonfinite_in_row = 0
             else:
                 nonfinite_in_row += 1
-                skipped_steps += 1
+                counters["skipped_steps"] += 1
                 optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():  # the forward passes may have put NaN into BatchNorm statistics
+                    for buffer, saved in zip(model.buffers(), buffers):
+                        buffer.copy_(saved)
                 logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
                                step, nonfinite_in_row)
                 if nonfinite_in_row >= train_cfg.max_nonfinite_steps:
@@ -333,18 +457,19 @@ def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, 
             if step % train_cfg.log_every == 0 or step == train_cfg.iters:
                 scalars = window.means()
                 scalars["lr"] = optimizer.param_groups[0]["lr"]
-                scalars["skipped_steps"] = skipped_steps
+                scalars["skipped_steps"] = counters["skipped_steps"]
+                scalars["data/skipped_samples"] = skipped_samples()
                 board.scalars(scalars, step)
                 if info.is_main:
-                    with open(run_dir / "scalars.jsonl", "a") as handle:
-                        handle.write(json.dumps({"step": step, **scalars}) + "\n")
+                    _append_jsonl(run_dir / "scalars.jsonl", {"step": step, **scalars}, logger)
                 bar.set_postfix(loss=f"{scalars.get('loss/total', math.nan):.3f}")
                 logger.debug("step %d %s", step, scalars)
             if train_cfg.image_every and step % train_cfg.image_every == 0 and info.is_main:
                 _log_images(board, model, source, target, config.data.classes, step)
             stopping = stop.received is not None or (max_steps is not None and steps_this_call >= max_steps)
             periodic = step % train_cfg.checkpoint_every == 0 or step == train_cfg.iters
-            if (periodic and nonfinite_in_row == 0) or stopping:
+            # during a run of skipped steps the model is that of the last good update; the end is saved anyway
+            if (periodic and (nonfinite_in_row == 0 or step == train_cfg.iters)) or stopping:
                 save(step)
             if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < train_cfg.iters:
                 validate(step)
@@ -360,7 +485,8 @@ def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, 
     bar.close()
 
     metrics = validate(step)
+    skipped = skipped_samples()
     if metrics is not None and info.is_main:
-        metrics.update(method=config.method, skipped_steps=skipped_steps)
+        metrics.update(method=config.method, skipped_steps=counters["skipped_steps"], skipped_samples=skipped)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return RunResult(run_dir=run_dir, step=step, metrics=metrics, model=model)

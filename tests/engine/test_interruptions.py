@@ -114,6 +114,31 @@ def test_sigterm_saves_a_checkpoint_and_exits(config_file, uninterrupted, tmp_pa
     assert_same_weights(final_weights(run_dir), uninterrupted)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_signal_to_the_process_group_with_loader_workers_saves_and_resumes_exactly(config_file, uninterrupted,
+                                                                                  tmp_path, signum):
+    """Ctrl-C in a terminal, or a scheduler stopping a job, signals every process of the group, the
+    DataLoader workers included: the run still saves a checkpoint and resumes exactly."""
+    run_dir = tmp_path / "group"
+    proc = run_cli("train", str(config_file), f"output_dir={tmp_path}", "run_name=group", "--no-progress",
+                   "train.checkpoint_every=1000", "data.num_workers=2", start_new_session=True)
+    deadline = time.time() + 240
+    while not (run_dir / "scalars.jsonl").is_file() or not (run_dir / "scalars.jsonl").read_text().strip():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "Traceback" not in err
+    step = checkpoint_step(run_dir)
+    assert 1 <= step < 10
+    resumed = run_cli("train", "--resume", str(run_dir), "--no-progress")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert_same_weights(final_weights(run_dir), uninterrupted)  # workers or not, the same batches
+
+
 def _tiny_config(config_file, tmp_path, **train):
     from plca.config import load_config
 
