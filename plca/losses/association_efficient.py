@@ -14,9 +14,17 @@ Why this is exact:
   equal similarities stay equal, so the argmax (first maximal index) is that of the dense softmax.
 - Spatial aggregation is attention: cos: queries and keys the normalised features, each row scaled
   by its 1/sigma, values the raw features; kl: queries p, keys log(p + eps), values p, no scaling.
+  Two backends compute it: :class:`_Aggregate` (blockwise, below) and
+  :func:`torch.nn.functional.scaled_dot_product_attention` (:func:`sdpa_aggregate`), which needs the
+  row scales before it starts; they come from the keys' covariance (:func:`covariance_row_scale`).
 
-The autograd functions below keep only their inputs and O(rows) statistics for backward and
-recompute ``block x n`` logits there; no ``N x M`` matrix is ever stored.
+Memory. The autograd functions below keep only their inputs and O(rows) statistics for backward
+and recompute ``block x n`` logits there, into one preallocated buffer per pass; no ``N x M``
+matrix is ever stored. For ``cos`` they take the raw features and their row norms and normalise
+on the fly (a query block is normalised, a block of logits is divided by the key norms), so no
+normalised ``(N + M) x C`` copy is kept from forward to backward, and the gradient w.r.t. the
+normalised rows is turned into the gradient w.r.t. the raw rows in place. The SDPA backend is only
+run on a fused kernel (never the math fallback, which would materialise ``M x M``).
 
 Precision: the matrix products run in the autocast dtype when autocast is on (else the input
 dtype); every statistic, softmax, logsumexp and the loss are float32 (float64 for float64 inputs).
@@ -25,6 +33,7 @@ dtype); every statistic, softmax, logsumexp and the loss are float32 (float64 fo
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +52,12 @@ from plca.losses.association import (
     stat_dtype,
 )
 
-#: Default block: as many rows as keep one ``rows x n`` float32 block near 32 MB.
+#: Default block: as many rows as make one ``rows x n`` float32 block of at least 32 MiB. At least:
+#: glibc serves allocations above 32 MiB with mmap and returns them to the OS when freed; smaller
+#: ones may come from the heap and stay resident after they are freed.
 DEFAULT_BLOCK_ELEMENTS = 1 << 23
+NORM_EPS = 1e-12  # F.normalize's eps
+_ROW_CHUNK = 4096  # rows per chunk of the row-wise helpers (no R x C temporaries)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -73,9 +86,9 @@ def _no_autocast(x: Tensor):
 
 
 def block_rows(block_size: int | None, n_columns: int) -> int:
-    """Rows per block: ``block_size`` or, when None, about DEFAULT_BLOCK_ELEMENTS / n_columns."""
+    """Rows per block: ``block_size`` or, when None, ``ceil(DEFAULT_BLOCK_ELEMENTS / n_columns)``."""
     if block_size is None:
-        return max(16, DEFAULT_BLOCK_ELEMENTS // max(n_columns, 1))
+        return max(16, -(-DEFAULT_BLOCK_ELEMENTS // max(n_columns, 1)))
     if int(block_size) < 1:
         raise ValueError(f"block_size must be a positive number of rows, got {block_size}")
     return int(block_size)
@@ -89,72 +102,196 @@ def _add_product(out: Tensor, a: Tensor, b: Tensor) -> None:
         out.add_((a @ b).to(out.dtype))
 
 
-def _block_logits(q_block: Tensor, k_t: Tensor, dtype: torch.dtype, standardise: bool) -> tuple[Tensor, Tensor]:
-    """Raw similarities ``q_block @ k_t`` ``(b, n)`` in ``dtype`` and each row's scale ``(b,)``:
-    ``1 / (std + 1e-10)`` when standardising, else 1."""
-    s = (q_block @ k_t).to(dtype)
-    if standardise:
-        scale = 1.0 / (row_std(s)[:, 0] + STD_EPS)
+def _row_norms(x: Tensor) -> Tensor:
+    """Euclidean norm of each row of ``x`` ``(R, C)`` -> ``(R,)`` in the statistics dtype."""
+    return torch.linalg.vector_norm(x, dim=1, dtype=stat_dtype(x))
+
+
+def _inverse(norm: Tensor | None) -> Tensor | None:
+    """``1 / max(norm, 1e-12)``: the factor of ``F.normalize``; None stays None."""
+    return None if norm is None else 1.0 / norm.clamp_min(NORM_EPS)
+
+
+def _normalize_backward_(grad: Tensor, x: Tensor, norm: Tensor) -> Tensor:
+    """In place: ``grad`` w.r.t. ``F.normalize(x, dim=1)`` -> w.r.t. the rows ``x``, that is
+    ``(grad - n (n . grad)) / |x|`` where ``|x| >= 1e-12``, else ``grad / 1e-12`` (the clamp)."""
+    denominator = norm.clamp_min(NORM_EPS)
+    for start in range(0, x.shape[0], _ROW_CHUNK):
+        part = slice(start, start + _ROW_CHUNK)
+        rows, g = x[part].to(grad.dtype), grad[part]
+        dot = (rows * g).sum(dim=1)
+        coefficient = dot / (denominator[part] * denominator[part] * norm[part].clamp_min(NORM_EPS))
+        coefficient = torch.where(norm[part] >= NORM_EPS, coefficient, torch.zeros_like(coefficient))
+        g.div_(denominator[part, None]).addcmul_(rows, coefficient[:, None], value=-1)
+    return grad
+
+
+class _NormalizeRows(Function):
+    """``F.normalize(x, dim=1)`` of rows ``x`` ``(R, C)`` with a backward that allocates one ``R x C``
+    tensor (autograd's chain through norm, clamp and division holds several at once)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        norm = _row_norms(x)
+        ctx.save_for_backward(x, norm)
+        return x * _inverse(norm)[:, None].to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, norm = ctx.saved_tensors
+        return _normalize_backward_(grad.to(norm.dtype, copy=True), x, norm).to(x.dtype)
+
+
+def normalize_rows(x: Tensor) -> Tensor:
+    """``F.normalize(x, dim=1)`` with the lean backward of :class:`_NormalizeRows`."""
+    return _NormalizeRows.apply(x)
+
+
+def _query_block(q: Tensor, index: Tensor | slice, inverse_norm: Tensor | None, mm_dtype: torch.dtype) -> Tensor:
+    """Rows ``index`` of ``q``, normalised when ``inverse_norm`` ``(R,)`` is given, in ``mm_dtype``."""
+    block = q[index] if isinstance(index, slice) else q.index_select(0, index)
+    if inverse_norm is not None:
+        block = block.to(inverse_norm.dtype) * inverse_norm[index, None]
+    return block.to(mm_dtype)
+
+
+def _logits(buffer: Tensor, q_block: Tensor, k_t: Tensor, column_scale: Tensor | None) -> Tensor:
+    """``q_block @ k_t`` ``(b, n)``, times ``column_scale`` ``(n,)`` if given (the inverse key norms),
+    written into ``buffer[:b]`` (statistics dtype) rather than a new tensor."""
+    s = buffer[:q_block.shape[0]]
+    if q_block.dtype == s.dtype:
+        torch.mm(q_block, k_t, out=s)
     else:
-        scale = torch.ones(s.shape[0], dtype=dtype, device=s.device)
-    return s, scale
+        s.copy_(q_block @ k_t)
+    if column_scale is not None:
+        s.mul_(column_scale)
+    return s
+
+
+def _row_scale(s: Tensor, standardise: bool) -> Tensor:
+    """``1 / (std + 1e-10)`` of each row of ``s`` when standardising, else 1: ``(b,)``."""
+    if standardise:
+        return 1.0 / (row_std(s)[:, 0] + STD_EPS)
+    return torch.ones(s.shape[0], dtype=s.dtype, device=s.device)
 
 
 # --------------------------------------------------------------------------- association rows
 
 
-class _RowArgmaxNLL(Function):
-    """Per selected row ``r`` of ``z = scale_r * (q_r . k_c)``: argmax ``c*`` (first on ties) and
-    ``nll_r = logsumexp_c z_rc - z_rc*`` (= -log softmax at the argmax). ``scale_r`` is the detached
-    ``1 / (std_c(q_r . k_c) + 1e-10)`` when standardising.
+def _rows_forward(q: Tensor, k: Tensor, rows: Tensor, block: int, mm_dtype: torch.dtype,
+                  q_inverse_norm: Tensor | None, k_inverse_norm: Tensor | None) -> tuple[Tensor, ...]:
+    """Per selected row ``r`` of the standardised ``z = scale_r * s_r``, ``s_rc = q_r . k_c`` (of the
+    normalised rows when the inverse norms are given): ``nll_r = logsumexp_c z_rc - z_rc*``
+    (= -log softmax at the argmax), the argmax ``c*`` (first on ties), the raw row max and ``scale_r``
+    = the detached ``1 / (std_c(s_rc) + 1e-10)``, each ``(r,)``.
+    ``q`` ``(R, C)``, ``k`` ``(n, C)``, ``rows`` ``(r,)`` row indices into ``q``."""
+    dtype = stat_dtype(q)
+    count = rows.numel()
+    nll = torch.empty(count, dtype=dtype, device=q.device)
+    index = torch.empty(count, dtype=torch.long, device=q.device)
+    s_max = torch.empty(count, dtype=dtype, device=q.device)
+    scale = torch.empty(count, dtype=dtype, device=q.device)
+    k_t = k.to(mm_dtype).t()
+    buffer = torch.empty(min(block, count), k.shape[0], dtype=dtype, device=q.device)
+    for start in range(0, count, block):
+        part = slice(start, start + block)
+        s = _logits(buffer, _query_block(q, rows[part], q_inverse_norm, mm_dtype), k_t, k_inverse_norm)
+        scale[part] = _row_scale(s, True)
+        s_max[part], index[part] = s.max(dim=1)
+        nll[part] = s.sub_(s_max[part, None]).mul_(scale[part, None]).exp_().sum(dim=1).log_()
+    return nll, index, s_max, scale
 
-    Inputs: ``q`` ``(R, C)``, ``k`` ``(n, C)``, ``rows`` ``(r,)`` distinct row indices into ``q``.
-    Outputs ``nll`` ``(r,)`` (differentiable w.r.t. q and k) and ``index`` ``(r,)``.
+
+def _rows_backward(grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, rows: Tensor, stats: tuple[Tensor, ...],
+                   grad_nll: Tensor, block: int, mm_dtype: torch.dtype, q_inverse_norm: Tensor | None,
+                   k_inverse_norm: Tensor | None) -> None:
+    """Add the gradient of ``sum_r grad_nll_r * nll_r`` (:func:`_rows_forward`) into ``grad_q``,
+    ``grad_k`` (statistics dtype; one buffer may serve both). With inverse norms given these are the
+    gradients w.r.t. the *normalised* rows. Recomputes the rows with a non-zero ``grad_nll`` only.
+    ``stats``: ``(nll, index, s_max, scale)``."""
+    nll, index, s_max, scale = stats
+    dtype = nll.dtype
+    active = (grad_nll != 0).nonzero().squeeze(1)  # rows outside the loss need no work
+    k_m = k.to(mm_dtype)
+    buffer = torch.empty(min(block, active.numel()), k.shape[0], dtype=dtype, device=q.device)
+    for start in range(0, active.numel(), block):
+        sel = active[start:start + block]
+        q_block = _query_block(q, rows[sel], q_inverse_norm, mm_dtype)
+        s = _logits(buffer, q_block, k_m.t(), k_inverse_norm)
+        # softmax(z) - onehot(argmax), times d loss / d nll and the row scale (dz/ds)
+        g = s.sub_(s_max[sel, None]).mul_(scale[sel, None]).sub_(nll[sel, None]).exp_()
+        g[torch.arange(sel.numel(), device=g.device), index[sel]] -= 1
+        g.mul_((grad_nll[sel] * scale[sel])[:, None])
+        _add_product(grad_k, g.to(mm_dtype).t(), q_block)
+        if k_inverse_norm is not None:  # s = q_block @ (k * inverse norm).T
+            g.mul_(k_inverse_norm)
+        grad_q.index_add_(0, rows[sel], (g.to(mm_dtype) @ k_m).to(dtype))
+
+
+class _CycleNLL(Function):
+    """Both hops of the cycle of one image pair, blockwise (:func:`_rows_forward` twice).
+
+    Way forth: the rows ``valid`` ``(V,)`` of ``source_q`` ``(N, C)`` against ``target_k`` ``(M, C)`` give
+    ``nll_st`` ``(V,)`` and ``j`` ``(V,)``. Way back, only from the target pixels reached:
+    ``reached`` ``(R,)`` = the distinct ``j``, ``slot`` ``(V,)`` = position of each ``j`` in ``reached``;
+    the rows ``reached`` of ``target_q`` ``(M, C)`` against ``source_k`` ``(N, C)`` give ``nll_ts`` ``(R,)``
+    and ``back`` ``(R,)``. Rows are standardised both ways. ``target_q`` / ``source_k`` None mean the
+    way forth's tensors (cos: the way back is the transpose); one gradient buffer per tensor then
+    serves both hops. ``normalise``: the similarity is that of the normalised rows (cos), computed
+    from the raw rows and their norms. Differentiable outputs: ``nll_st``, ``nll_ts``.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, rows: Tensor, standardise: bool, block: int,
-                mm_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        dtype = stat_dtype(q)
-        count = rows.numel()
-        nll = torch.empty(count, dtype=dtype, device=q.device)
-        index = torch.empty(count, dtype=torch.long, device=q.device)
-        s_max = torch.empty(count, dtype=dtype, device=q.device)
-        scale = torch.empty(count, dtype=dtype, device=q.device)
-        with _no_autocast(q):
-            k_t = k.to(mm_dtype).t()
-            for start in range(0, count, block):
-                part = slice(start, start + block)
-                s, scale[part] = _block_logits(q.index_select(0, rows[part]).to(mm_dtype), k_t, dtype, standardise)
-                s_max[part], index[part] = s.max(dim=1)
-                nll[part] = s.sub_(s_max[part, None]).mul_(scale[part, None]).exp_().sum(dim=1).log_()
-        ctx.save_for_backward(q, k, rows, index, s_max, scale, nll)
-        ctx.block, ctx.mm_dtype = block, mm_dtype
-        ctx.mark_non_differentiable(index)
-        return nll, index
+    def forward(ctx, source_q: Tensor, target_k: Tensor, target_q: Tensor | None, source_k: Tensor | None,
+                valid: Tensor, block_size: int | None, mm_st: torch.dtype, mm_ts: torch.dtype, normalise: bool):
+        shared = target_q is None
+        if shared:
+            target_q, source_k = target_k, source_q
+        elif normalise:
+            raise ValueError("normalise needs the way back to use the way forth's tensors")
+        n, m = source_q.shape[0], target_q.shape[0]
+        with _no_autocast(source_q):
+            norms = (_row_norms(source_q), _row_norms(target_k)) if normalise else ()
+            inv_source, inv_target = (_inverse(norm) for norm in norms) if normalise else (None, None)
+            stats_st = _rows_forward(source_q, target_k, valid, block_rows(block_size, m), mm_st, inv_source,
+                                     inv_target)
+            j = stats_st[1]
+            reached, slot = torch.unique(j, return_inverse=True)
+            stats_ts = _rows_forward(target_q, source_k, reached, block_rows(block_size, n), mm_ts, inv_target,
+                                     inv_source)
+        inputs = (source_q, target_k) if shared else (source_q, target_k, target_q, source_k)
+        ctx.save_for_backward(*inputs, valid, reached, *stats_st, *stats_ts, *norms)
+        ctx.shared, ctx.normalise, ctx.block_size, ctx.mm = shared, normalise, block_size, (mm_st, mm_ts)
+        ctx.mark_non_differentiable(j, reached, slot, stats_ts[1])
+        return stats_st[0], j, reached, slot, stats_ts[0], stats_ts[1]
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_nll: Tensor, _grad_index: Tensor | None):
-        q, k, rows, index, s_max, scale, nll = ctx.saved_tensors
-        dtype, mm_dtype = nll.dtype, ctx.mm_dtype
-        grad_q = torch.zeros(q.shape, dtype=dtype, device=q.device)
-        grad_k = torch.zeros(k.shape, dtype=dtype, device=k.device)
-        active = (grad_nll != 0).nonzero().squeeze(1)  # rows outside the loss need no work
-        with _no_autocast(q):
-            k_m = k.to(mm_dtype)
-            for start in range(0, active.numel(), ctx.block):
-                sel = active[start:start + ctx.block]
-                q_block = q.index_select(0, rows[sel]).to(mm_dtype)
-                s = (q_block @ k_m.t()).to(dtype)
-                # softmax(z) - onehot(argmax), times d loss / d nll and the row scale (dz/ds)
-                g = s.sub_(s_max[sel, None]).mul_(scale[sel, None]).sub_(nll[sel, None]).exp_()
-                g[torch.arange(sel.numel(), device=g.device), index[sel]] -= 1
-                g.mul_((grad_nll[sel] * scale[sel])[:, None])
-                g = g.to(mm_dtype)
-                grad_q.index_add_(0, rows[sel], (g @ k_m).to(dtype))
-                _add_product(grad_k, g.t(), q_block)
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), None, None, None, None
+    def backward(ctx, grad_st: Tensor, _j, _reached, _slot, grad_ts: Tensor, _back):
+        saved = list(ctx.saved_tensors)
+        inputs = [saved.pop(0) for _ in range(2 if ctx.shared else 4)]
+        valid, reached = saved.pop(0), saved.pop(0)
+        stats_st, stats_ts, norms = saved[:4], saved[4:8], saved[8:]
+        source_q, target_k = inputs[:2]
+        target_q, source_k = (target_k, source_q) if ctx.shared else inputs[2:]
+        inv_source, inv_target = (_inverse(norm) for norm in norms) if ctx.normalise else (None, None)
+        dtype = stats_st[0].dtype
+        grads = [torch.zeros(x.shape, dtype=dtype, device=x.device) for x in inputs]
+        g_source_q, g_target_k = grads[:2]
+        g_target_q, g_source_k = (g_target_k, g_source_q) if ctx.shared else grads[2:]
+        n, m = source_q.shape[0], target_q.shape[0]
+        with _no_autocast(source_q):
+            _rows_backward(g_target_q, g_source_k, target_q, source_k, reached, stats_ts, grad_ts.to(dtype),
+                           block_rows(ctx.block_size, n), ctx.mm[1], inv_target, inv_source)
+            _rows_backward(g_source_q, g_target_k, source_q, target_k, valid, stats_st, grad_st.to(dtype),
+                           block_rows(ctx.block_size, m), ctx.mm[0], inv_source, inv_target)
+            for grad, x, norm in zip(grads, inputs, norms):  # normalised rows -> raw rows
+                _normalize_backward_(grad, x, norm)
+        out = [grad.to(x.dtype) for grad, x in zip(grads, inputs)]
+        if ctx.shared:
+            out += [None, None]
+        return (*out, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -163,13 +300,19 @@ class _RowArgmaxNLL(Function):
 class _Aggregate(Function):
     """``(1 - alpha) v + alpha softmax(z) v`` with ``z_jk = scale_j (q_j . k_k)``, blockwise over rows j.
 
-    ``q``, ``k`` ``(M, C)``, ``v`` ``(M, Cv)`` -> ``(M, Cv)``; ``scale_j`` is the detached
-    ``1 / (std_k(q_j . k_k) + 1e-10)`` when standardising, else 1.
+    ``q``, ``k`` ``(M, C)``, ``v`` ``(M, Cv)`` -> ``(M, Cv)`` (statistics dtype); ``scale_j`` is the
+    detached ``1 / (std_k(q_j . k_k) + 1e-10)`` when standardising, else 1. ``k`` None: ``k = q``;
+    ``v`` None: ``v = q`` (its raw rows); one gradient buffer then serves both. ``normalise`` (needs
+    ``k`` None): queries and keys are the normalised rows of ``q`` (cos), without a normalised copy.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, alpha: float, standardise: bool, block: int,
-                mm_dtype: torch.dtype) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor | None, v: Tensor | None, alpha: float, standardise: bool,
+                normalise: bool, block: int, mm_dtype: torch.dtype) -> Tensor:
+        if normalise and k is not None:
+            raise ValueError("normalise needs the keys to be the queries")
+        shared_k, shared_v = k is None, v is None
+        k, v = (q if shared_k else k), (q if shared_v else v)
         dtype = stat_dtype(v)
         m = q.shape[0]
         out = torch.empty(v.shape, dtype=dtype, device=v.device)
@@ -177,61 +320,229 @@ class _Aggregate(Function):
         scale = torch.empty(m, dtype=dtype, device=q.device)
         log_sum = torch.empty(m, dtype=dtype, device=q.device)
         with _no_autocast(q):
+            norm = _row_norms(q) if normalise else None
+            inverse = _inverse(norm)
             k_t, v_m = k.to(mm_dtype).t(), v.to(mm_dtype)
+            buffer = torch.empty(min(block, m), k.shape[0], dtype=dtype, device=q.device)
             for start in range(0, m, block):
                 part = slice(start, start + block)
-                s, scale[part] = _block_logits(q[part].to(mm_dtype), k_t, dtype, standardise)
+                s = _logits(buffer, _query_block(q, part, inverse, mm_dtype), k_t, inverse)
+                scale[part] = _row_scale(s, standardise)
                 s_max[part] = s.amax(dim=1)
                 e = s.sub_(s_max[part, None]).mul_(scale[part, None]).exp_()
                 total = e.sum(dim=1)
                 log_sum[part] = total.log()
-                attended = (e.to(mm_dtype) @ v_m).to(dtype) / total[:, None]
-                out[part] = torch.lerp(v[part].to(dtype), attended, alpha) if alpha != 1 else attended
-        ctx.save_for_backward(q, k, v, s_max, scale, log_sum)
+                attended = out[part]
+                if e.dtype == mm_dtype:
+                    torch.mm(e, v_m, out=attended)
+                else:
+                    attended.copy_(e.to(mm_dtype) @ v_m)
+                attended.div_(total[:, None])
+                if alpha != 1:  # (1 - alpha) v + alpha A(v), as the dense reference writes it
+                    attended.mul_(alpha).add_(v[part].to(dtype), alpha=1 - alpha)
+        ctx.save_for_backward(q, None if shared_k else k, None if shared_v else v, s_max, scale, log_sum, norm)
         ctx.alpha, ctx.block, ctx.mm_dtype = alpha, block, mm_dtype
+        ctx.shared_k, ctx.shared_v, ctx.normalise = shared_k, shared_v, normalise
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        q, k, v, s_max, scale, log_sum = ctx.saved_tensors
+        q, k, v, s_max, scale, log_sum, norm = ctx.saved_tensors
+        k, v = (q if ctx.shared_k else k), (q if ctx.shared_v else v)
         alpha, mm_dtype, dtype = ctx.alpha, ctx.mm_dtype, s_max.dtype
+        inverse = _inverse(norm)
         grad_out = grad_out.to(dtype)
-        grad_q = torch.zeros(q.shape, dtype=dtype, device=q.device)
-        grad_k = torch.zeros(k.shape, dtype=dtype, device=k.device)
+        grad_q = torch.zeros(q.shape, dtype=dtype, device=q.device)  # w.r.t. the normalised rows if normalise
+        grad_k = grad_q if ctx.shared_k else torch.zeros(k.shape, dtype=dtype, device=k.device)
         grad_v = grad_out * (1 - alpha)
+        m = q.shape[0]
         with _no_autocast(q):
             k_m, v_m = k.to(mm_dtype), v.to(mm_dtype)
-            for start in range(0, q.shape[0], ctx.block):
+            rows = min(ctx.block, m)
+            p_buffer = torch.empty(rows, k.shape[0], dtype=dtype, device=q.device)
+            dp_buffer = torch.empty(rows, k.shape[0], dtype=dtype, device=q.device)
+            for start in range(0, m, ctx.block):
                 part = slice(start, start + ctx.block)
-                q_block = q[part].to(mm_dtype)
-                p = (q_block @ k_m.t()).to(dtype)
+                q_block = _query_block(q, part, inverse, mm_dtype)
+                p = _logits(p_buffer, q_block, k_m.t(), inverse)
                 p.sub_(s_max[part, None]).mul_(scale[part, None]).sub_(log_sum[part, None]).exp_()  # softmax
                 g = (grad_out[part] * alpha).to(mm_dtype)  # d loss / d attended
                 _add_product(grad_v, p.to(mm_dtype).t(), g)
-                dp = (g @ v_m.t()).to(dtype)  # d loss / d softmax
+                dp = _logits(dp_buffer, g, v_m.t(), None)  # d loss / d softmax
                 dp.mul_(p)
                 # softmax backward: p * (dp - sum(p * dp)), then d z / d s = scale
-                dz = dp.sub_(p.mul_(dp.sum(dim=1, keepdim=True))).mul_(scale[part, None]).to(mm_dtype)
-                grad_q[part] = (dz @ k_m).to(dtype)
-                _add_product(grad_k, dz.t(), q_block)
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
+                dz = dp.sub_(p.mul_(dp.sum(dim=1, keepdim=True))).mul_(scale[part, None])
+                _add_product(grad_k, dz.to(mm_dtype).t(), q_block)
+                if inverse is not None:  # s = q_block @ (q * inverse norm).T
+                    dz.mul_(inverse)
+                _add_product(grad_q[part], dz.to(mm_dtype), k_m)
+            if ctx.normalise:
+                _normalize_backward_(grad_q, q, norm)
+        if ctx.shared_v:
+            grad_q.add_(grad_v)
+            grad_v = None
+        grad_k = None if ctx.shared_k else grad_k.to(k.dtype)
+        grad_v = None if grad_v is None else grad_v.to(v.dtype)
+        return grad_q.to(q.dtype), grad_k, grad_v, None, None, None, None, None
 
 
-def aggregate_rows(x: Tensor, metric: str, alpha: float, block_size: int | None) -> Tensor:
-    """Spatial aggregation of one map given as rows ``x`` ``(M, C)`` -> ``(M, C)`` (statistics dtype)."""
+def covariance_row_scale(q: Tensor, k: Tensor, block: int) -> Tensor:
+    """Detached ``1 / (std_j(q_i . k_j) + 1e-10)`` ``(R,)`` for ``q`` ``(R, C)``, ``k`` ``(n, C)``,
+    without the ``R x n`` matrix when that is cheaper.
+
+    ``q_i . k_j - mean_j(q_i . k_j) = q_i . (k_j - mean(k))``, so the unbiased variance of row i is
+    ``q_i^T Cov(k) q_i`` with ``Cov(k)`` the ``C x C`` unbiased covariance of the keys: O(n C^2) for
+    the covariance plus O(C^2) per row. The keys are centred before the product, so there is no
+    ``E[s^2] - E[s]^2`` cancellation: in float32 this agrees with the row std of the dense float32
+    similarity to about 1e-7 relative, the dense value's own error (checked against float64). When
+    ``2 C >= n`` the ``R x n`` products are the cheaper way and the std is taken from ``block``-row
+    blocks of them, as :class:`_Aggregate` does. Always in the statistics dtype (float32 under autocast).
+    """
+    dtype = stat_dtype(q)
+    n, c = k.shape
+    with torch.no_grad(), _no_autocast(q):
+        q, k = q.detach().to(dtype), k.detach().to(dtype)
+        if n < 2:  # a single-element row has std 0
+            return torch.full((q.shape[0],), 1.0 / STD_EPS, dtype=dtype, device=q.device)
+        if 2 * c >= n:
+            k_t = k.t()
+            std = torch.cat([row_std(q[start:start + block] @ k_t)[:, 0] for start in range(0, q.shape[0], block)])
+        else:
+            centred = k - k.mean(dim=0)
+            covariance = (centred.t() @ centred).div_(n - 1)
+            std = (q @ covariance).mul_(q).sum(dim=1).clamp_(min=0).sqrt_()
+        return 1.0 / (std + STD_EPS)
+
+
+def _fused_sdpa_only():
+    """Restrict SDPA to its fused kernels (flash / memory-efficient / cuDNN; on CPU: flash): its math
+    fallback materialises the ``M x M`` attention matrix. No restriction on torch < 2.3."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return contextlib.nullcontext()
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    if hasattr(SDPBackend, "CUDNN_ATTENTION"):
+        fused.append(SDPBackend.CUDNN_ATTENTION)
+    return sdpa_kernel(fused)
+
+
+def _pad_columns(x: Tensor, width: int) -> Tensor:
+    """``x`` ``(R, c)`` zero-padded to ``(R, width)``, rows contiguous (fused kernels want stride 1)."""
+    return x.contiguous() if x.shape[1] == width else F.pad(x, (0, width - x.shape[1]))
+
+
+def sdpa_aggregate(q: Tensor, k: Tensor, v: Tensor, alpha: float, scale: Tensor | None,
+                   mm_dtype: torch.dtype, heads: int | None = None) -> Tensor:
+    """``(1 - alpha) v + alpha softmax(z) v`` with ``z_jk = scale_j (q_j . k_k)`` through
+    :func:`torch.nn.functional.scaled_dot_product_attention`, restricted to its fused kernels.
+
+    ``q``, ``k`` ``(M, C)``, ``v`` ``(M, Cv)`` -> ``(M, Cv)`` in the statistics dtype; ``scale`` ``(M,)``
+    detached (None: 1) is folded into the queries, SDPA's own scale is 1. Differentiable w.r.t. q, k, v
+    through SDPA's own backward. Raises RuntimeError("No available kernel ...") when no fused kernel
+    takes the inputs. Two layout details serve the fused kernels:
+
+    - the channel dims are zero-padded to one common multiple of 8 (the dot products and the kept
+      output columns are unchanged): fused kernels want equal, aligned head sizes;
+    - on CPU the query rows are split into one group per thread, each an attention "head" sharing
+      ``k`` and ``v``: PyTorch's CPU flash-attention backward parallelises over batch x heads only,
+      so with one head its backward runs on one thread (and its small GEMMs, called outside a
+      parallel region, thrash when the cores are busy: 20-40x slower measured on 2 shared cores).
+      The price is a key and a value gradient per head, O(threads * M * C) memory. ``heads``
+      overrides the number of groups (default: the thread count on CPU, 1 elsewhere).
+
+    Under autocast q, k, v go in as the autocast dtype; the kernels keep the softmax statistics
+    (running max, logsumexp) in float32.
+    """
+    dtype = stat_dtype(v)
+    m, cv = v.shape
+    width = -(-max(q.shape[1], cv) // 8) * 8
+    with _no_autocast(q):
+        if scale is not None:
+            q = q.to(dtype) * scale[:, None]
+        q, k, v_m = (_pad_columns(t.to(mm_dtype), width) for t in (q, k, v))
+        if heads is None:
+            heads = torch.get_num_threads() if q.device.type == "cpu" else 1
+        heads = max(1, min(heads, m))
+        rows = -(-m // heads)
+        if rows * heads != m:  # zero query rows pad the last group; outputs dropped, gradients 0
+            q = F.pad(q, (0, 0, 0, rows * heads - m))
+        q = q.view(1, heads, rows, width)
+        k = k[None, None].expand(1, heads, -1, -1)
+        v_m = v_m[None, None].expand(1, heads, -1, -1)
+        with _fused_sdpa_only():
+            attended = F.scaled_dot_product_attention(q, k, v_m, scale=1.0)
+        attended = attended.reshape(heads * rows, width)[:m, :cv].to(dtype)
+    return (1 - alpha) * v.to(dtype) + alpha * attended if alpha != 1 else attended  # as the dense reference
+
+
+#: Spatial aggregation backends; see :func:`resolve_aggregate_backend` for ``"auto"``.
+AGGREGATE_BACKENDS = ("auto", "blockwise", "sdpa")
+
+#: ``"auto"`` uses SDPA on CPU for maps of at most this many channels.
+SDPA_MAX_CHANNELS = 512
+
+
+def resolve_aggregate_backend(backend: str, x: Tensor) -> str:
+    """``"blockwise"`` (:class:`_Aggregate`) or ``"sdpa"`` (:func:`sdpa_aggregate`) for rows ``x`` ``(M, C)``.
+
+    ``"auto"``: SDPA on CPU when ``C <= SDPA_MAX_CHANNELS``, else blockwise. Measured on CPU (2 cores,
+    M = 92 x 183, forward + backward, ``bench/association.py --part aggregate``), both exact to about
+    1e-6 relative to dense in float32:
+
+    - small C (kl on 19 class probabilities, or cos at C = 256): SDPA's fused flash kernel is 3.6x
+      (C = 19) and 1.7x (C = 256) faster; the blockwise path is bound by elementwise passes over
+      ``block x M`` logits there, and SDPA's extra copies (see :func:`sdpa_aggregate`) are small;
+    - C = 1024 and 2048 (cos on backbone features): no faster (same matmul work, at the CPU's peak
+      either way) but about three ``M x C`` tensors more at the peak (scaled queries, a contiguous
+      copy of the values, SDPA's output, one key and value gradient per head), which the memory bar
+      of the whole loss (1/8 of dense at C = 2048) cannot afford.
+
+    Other devices (CUDA): blockwise. SDPA has fused GPU kernels, but for cos (head size 2048, past
+    flash attention's limit, so the memory-efficient kernel) whether they beat cuBLAS blocks is
+    unmeasured; measure with the same bench before switching.
+    """
+    if backend not in AGGREGATE_BACKENDS:
+        raise ValueError(f"aggregate backend must be one of {AGGREGATE_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "sdpa" if x.device.type == "cpu" and x.shape[1] <= SDPA_MAX_CHANNELS else "blockwise"
+    return backend
+
+
+def aggregate_rows(x: Tensor, metric: str, alpha: float, block_size: int | None, backend: str = "auto") -> Tensor:
+    """Spatial aggregation of one map given as rows ``x`` ``(M, C)`` -> ``(M, C)`` (statistics dtype).
+
+    ``backend``: one of :data:`AGGREGATE_BACKENDS`. When SDPA has no fused kernel for the inputs the
+    blockwise path runs instead (with a warning), so memory stays linear either way.
+    """
     block = block_rows(block_size, x.shape[0])
     mm_dtype = matmul_dtype(x)
-    if metric == "cos":
-        normalised = F.normalize(x, dim=1)
-        return _Aggregate.apply(normalised, normalised, x, float(alpha), True, block, mm_dtype)
-    return _Aggregate.apply(x, torch.log(x + LOG_EPS), x, float(alpha), False, block, mm_dtype)
+    cos = metric == "cos"
+    if resolve_aggregate_backend(backend, x) == "sdpa":
+        if cos:
+            q = k = normalize_rows(x)
+            scale = covariance_row_scale(q, k, block)
+        else:
+            q, k, scale = x, torch.log(x + LOG_EPS), None
+        try:
+            return sdpa_aggregate(q, k, x, float(alpha), scale, mm_dtype)
+        except RuntimeError as error:
+            if "No available kernel" not in str(error):
+                raise
+            warnings.warn(f"spatial aggregation: no fused SDPA kernel for {tuple(x.shape)} {mm_dtype} on "
+                          f"{x.device}; using the blockwise path", RuntimeWarning, stacklevel=2)
+    if cos:  # queries = keys = the normalised rows, values = the raw rows
+        return _Aggregate.apply(x, None, None, float(alpha), True, True, block, mm_dtype)
+    return _Aggregate.apply(x, torch.log(x + LOG_EPS), None, float(alpha), False, False, block, mm_dtype)
 
 
-def efficient_spatial_aggregate(x: Tensor, metric: str, alpha: float, block_size: int | None = None) -> Tensor:
-    """Blockwise :func:`plca.losses.association.spatial_aggregate`: ``(B, C, H, W)`` -> same."""
+def efficient_spatial_aggregate(x: Tensor, metric: str, alpha: float, block_size: int | None = None,
+                                backend: str = "auto") -> Tensor:
+    """Memory-linear :func:`plca.losses.association.spatial_aggregate`: ``(B, C, H, W)`` -> same.
+    ``backend``: see :func:`aggregate_rows`."""
     b, c, h, w = x.shape
-    maps = [aggregate_rows(x[i].reshape(c, h * w).t(), metric, alpha, block_size).t().reshape(c, h, w)
+    maps = [aggregate_rows(x[i].reshape(c, h * w).t(), metric, alpha, block_size, backend).t().reshape(c, h, w)
             for i in range(b)]
     return torch.stack(maps).to(x.dtype)
 
@@ -243,33 +554,31 @@ def _pair(source: Tensor, target: Tensor, labels: Tensor, metric: str, ignore_in
           target_labels: Tensor | None, block_size: int | None) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss and counts of one pair given as rows: ``source`` ``(N, C)``, ``target`` ``(M, C)``
     (already aggregated), ``labels`` ``(N,)``, ``target_labels`` ``(M,)`` or None."""
-    n, m = source.shape[0], target.shape[0]
-    if metric == "cos":
-        source_n, target_n = F.normalize(source, dim=1), F.normalize(target, dim=1)
-        forth, back = (source_n, target_n), (target_n, source_n)
-    else:
-        forth = (source, torch.log(target + LOG_EPS))
-        back = (target, torch.log(source + LOG_EPS))
+    cos = metric == "cos"
+    if cos:  # the way back is the transpose of the same similarity (of the normalised rows)
+        tensors = (source, target, None, None)
+    else:  # -KL(p_j || p_i) computed afresh
+        tensors = (source, torch.log(target + LOG_EPS), target, torch.log(source + LOG_EPS))
     valid = (labels != ignore_index).nonzero().squeeze(1)
-    nll_st, j = _RowArgmaxNLL.apply(*forth, valid, True, block_rows(block_size, m), matmul_dtype(source))
-    # the way back is needed only from the target pixels some valid source pixel reached
-    reached, slot = torch.unique(j, return_inverse=True)
-    nll_ts, back_index = _RowArgmaxNLL.apply(*back, reached, True, block_rows(block_size, n), matmul_dtype(target))
+    nll_st, j, _reached, slot, nll_ts, back_index = _CycleNLL.apply(
+        *tensors, valid, block_size, matmul_dtype(source), matmul_dtype(target), cos)
     i_prime = back_index[slot]
-    positive, counts = pair_statistics(labels[valid], j, i_prime, labels, m, ignore_index, target_labels)
+    positive, counts = pair_statistics(labels[valid], j, i_prime, labels, target.shape[0], ignore_index,
+                                       target_labels)
     return pair_loss(nll_st + nll_ts[slot], positive), counts
 
 
 def efficient_associate(source: Tensor, target: Tensor, source_labels: Tensor, metric: str, aggregate: bool,
                         alpha: float, ignore_index: int, target_labels: Tensor | None,
-                        block_size: int | None = None) -> AssociationOutput:
-    """Blockwise :func:`plca.losses.association.associate` (inputs already validated)."""
+                        block_size: int | None = None, aggregate_backend: str = "auto") -> AssociationOutput:
+    """Blockwise :func:`plca.losses.association.associate` (inputs already validated);
+    ``aggregate_backend``: see :func:`aggregate_rows`."""
     b, c = source.shape[:2]
     losses, counts = [], []
     for k in range(b):
         tgt = target[k].reshape(c, -1).t()
         if aggregate:
-            tgt = aggregate_rows(tgt, metric, alpha, block_size)
+            tgt = aggregate_rows(tgt, metric, alpha, block_size, aggregate_backend)
         loss, count = _pair(source[k].reshape(c, -1).t(), tgt, source_labels[k].reshape(-1), metric, ignore_index,
                             None if target_labels is None else target_labels[k].reshape(-1), block_size)
         losses.append(loss)

@@ -3,11 +3,15 @@ and the blockwise implementation against the dense one."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import association_reference as reference
 from plca import association_loss, associate, spatial_aggregate
+from plca.losses import association_efficient as efficient
 
 METRICS = ("cos", "kl")
 IMPLS = ("dense", "efficient")
@@ -178,3 +182,149 @@ def test_bad_arguments_are_named():
         association_loss(source, target[:, :2], labels)
     with pytest.raises(ValueError, match="alpha"):
         association_loss(source, target, labels, alpha=1.5)
+
+
+# --------------------------------------------------------------------------- aggregation backends (SDPA)
+
+BACKENDS = ("blockwise", "sdpa")
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "relu"])
+@pytest.mark.parametrize("shape", [(300, 16), (40, 64)], ids=["covariance", "products"])
+def test_covariance_row_scale_equals_row_std_of_the_similarity(kind, shape):
+    """1 / scale - 1e-10 is the unbiased std of each row of q @ k.T, from the keys' covariance when
+    2C < n (else from blocks of the products); post-ReLU-like features have a large common mean,
+    the case where an uncentred E[s^2] - E[s]^2 would cancel."""
+    n, c = shape
+    g = torch.Generator().manual_seed(0)
+    keys, queries = torch.randn(n, c, generator=g), torch.randn(n // 3, c, generator=g)
+    if kind == "relu":
+        keys, queries = torch.relu(keys + 0.5), torch.relu(queries + 0.5)
+    keys, queries = F.normalize(keys, dim=1), F.normalize(queries, dim=1)
+    exact = (queries.double() @ keys.double().t()).std(dim=1)
+    dense32 = (queries @ keys.t()).std(dim=1).double()
+    std32 = 1 / efficient.covariance_row_scale(queries, keys, block=7).double() - 1e-10
+    assert rel_diff(std32, exact) < 1e-5
+    assert rel_diff(std32, exact) < 10 * rel_diff(dense32, exact) + 1e-7  # as good as the dense float32 std
+    std64 = 1 / efficient.covariance_row_scale(queries.double(), keys.double(), block=7) - 1e-10
+    assert rel_diff(std64, exact) < 1e-12
+
+
+def test_covariance_row_scale_edge_cases_and_autocast():
+    x = F.normalize(torch.randn(30, 4, generator=torch.Generator().manual_seed(2)), dim=1)
+    single = efficient.covariance_row_scale(x, x[:1], block=8)  # one key: std 0
+    assert torch.equal(single, torch.full((30,), 1e10))
+    plain = efficient.covariance_row_scale(x, x, block=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = efficient.covariance_row_scale(x, x, block=8)
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("shape", [(7, 9, 5), (6, 11, 40)], ids=["covariance", "products"])
+def test_aggregation_backends_equal_dense(metric, backend, dtype, shape):
+    """Value and gradient of both backends against dense; the SDPA path must find a fused kernel
+    (no fallback warning) for non-contiguous maps whose channel count is not a multiple of 8."""
+    h, w, c = shape
+    x, _ = make_maps(metric, 2, c, (h, w), (1, 1), seed=4, dtype=dtype)
+    weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=dtype)
+    dense = loss_and_grads(lambda a, _: (spatial_aggregate(a, metric, 0.4, impl="dense") * weight).sum(), x, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = loss_and_grads(lambda a, _: (efficient.efficient_spatial_aggregate(
+            a, metric, 0.4, block_size=5, backend=backend) * weight).sum(), x, x)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    assert rel_diff(got[0], dense[0]) < tolerance and rel_diff(got[1], dense[1]) < tolerance
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 5])
+def test_sdpa_query_groups_do_not_change_the_result(heads):
+    """The query rows split into groups ("heads") sharing keys and values, the last one zero-padded."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(13, 6, generator=g, dtype=torch.float64) for _ in range(3))
+    scale = torch.rand(13, generator=g, dtype=torch.float64) + 0.5
+    weight = torch.randn(13, 6, generator=g, dtype=torch.float64)
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves)
+        return [out.detach(), *torch.autograd.grad((out * weight).sum(), leaves)]
+
+    want = grads(lambda a, b, c: torch.lerp(c, (scale[:, None] * a @ b.t()).softmax(dim=1) @ c, 0.3))
+    got = grads(lambda a, b, c: efficient.sdpa_aggregate(a, b, c, 0.3, scale, torch.float64, heads=heads))
+    for x, y in zip(got, want):
+        assert rel_diff(x, y) < 1e-12
+
+
+def test_sdpa_without_a_fused_kernel_falls_back_to_blockwise(monkeypatch):
+    """Never SDPA's math fallback (an M x M matrix): no fused kernel -> the blockwise path, with a warning."""
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("No available kernel.  Aborting execution.")
+
+    x, _ = make_maps("kl", 1, 4, (3, 5), (1, 1), seed=6, dtype=torch.float32)
+    blockwise = efficient.efficient_spatial_aggregate(x, "kl", 0.5, backend="blockwise")
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_kernel)
+    with pytest.warns(RuntimeWarning, match="blockwise"):
+        fallback = efficient.efficient_spatial_aggregate(x, "kl", 0.5, backend="sdpa")
+    assert torch.equal(fallback, blockwise)
+
+
+def test_aggregation_backend_choice():
+    assert efficient.resolve_aggregate_backend("auto", torch.zeros(3, 19)) == "sdpa"
+    assert efficient.resolve_aggregate_backend("auto", torch.zeros(3, efficient.SDPA_MAX_CHANNELS + 1)) == "blockwise"
+    assert efficient.resolve_aggregate_backend("blockwise", torch.zeros(3, 19)) == "blockwise"
+    assert efficient.resolve_aggregate_backend("sdpa", torch.zeros(3, 2048)) == "sdpa"
+    with pytest.raises(ValueError, match="backend"):
+        efficient.resolve_aggregate_backend("flash", torch.zeros(3, 19))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_association_with_each_aggregation_backend_equals_dense_float32(metric, backend):
+    source, target = make_maps(metric, 2, 6, (5, 6), (4, 7), seed=8, dtype=torch.float32)
+    labels = make_labels(2, (5, 6), classes=3, ignore_fraction=0.2)
+    dense = loss_and_grads(lambda s, t: association_loss(s, t, labels, metric, True, impl="dense"), source, target)
+    got = loss_and_grads(lambda s, t: efficient.efficient_associate(
+        s, t, labels, metric, True, 0.5, 255, None, aggregate_backend=backend).loss, source, target)
+    assert dense[0].item() > 0
+    for want, value in zip(dense, got):
+        assert rel_diff(value, want) < 1e-4
+
+
+def test_sdpa_aggregation_under_autocast_returns_float32():
+    x = torch.randn(40, 8, generator=torch.Generator().manual_seed(5))
+    plain = efficient.aggregate_rows(x, "cos", 0.5, None, "sdpa")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = efficient.aggregate_rows(x, "cos", 0.5, None, "sdpa")
+    assert mixed.dtype == torch.float32
+    assert rel_diff(mixed, plain) < 3e-2  # bf16 products, float32 statistics
+
+
+def test_normalize_rows_equals_f_normalize_with_zero_and_tiny_rows():
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    x[2] = 0
+    x[4] *= 1e-14  # norm below F.normalize's eps
+    weight = torch.randn(7, 5, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    want = loss_and_grads(lambda a, _: (F.normalize(a, dim=1) * weight).sum(), x, x)
+    got = loss_and_grads(lambda a, _: (efficient.normalize_rows(a) * weight).sum(), x, x)
+    assert rel_diff(got[0], want[0]) < 1e-12 and rel_diff(got[1], want[1]) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cos_with_zero_and_tiny_feature_rows_equals_dense(backend):
+    """The blockwise cos normalises on the fly; rows of norm 0 or below 1e-12 follow F.normalize."""
+    source, target = make_maps("cos", 1, 4, (3, 4), (3, 4), seed=12)
+    source[0, :, 0, 0] = 0
+    source[0, :, 1, 2] *= 1e-14
+    target[0, :, 2, 3] *= 1e-14
+    labels = make_labels(1, (3, 4), classes=2, ignore_fraction=0.0)
+    for aggregate in (False, True):
+        dense = loss_and_grads(lambda s, t: association_loss(s, t, labels, "cos", aggregate, impl="dense"),
+                               source, target)
+        got = loss_and_grads(lambda s, t: efficient.efficient_associate(
+            s, t, labels, "cos", aggregate, 0.5, 255, None, aggregate_backend=backend).loss, source, target)
+        assert dense[0].item() > 0
+        for want, value in zip(dense, got):
+            assert rel_diff(value, want) < 1e-9
