@@ -310,7 +310,7 @@ class Worker:
         self.process.join()
         if self.error or not self.out_path.exists():
             return {"error": self.error or f"exit code {self.process.exitcode}"}, None
-        saved = torch.load(self.out_path)
+        saved = torch.load(self.out_path, weights_only=True)
         self.out_path.unlink()
         return saved["record"], saved["tensors"]
 
