@@ -5,7 +5,7 @@ Generates the procedural two-domain street scenes (a "synthetic" source and a
 (ResNet-18, from scratch) source-only and with PLCA, optionally an oracle on
 target labels, and prints their per-class IoU on the target's validation split.
 
-Budget: 200 updates of batch 4 (+ 4 target images for PLCA) on 128 x 128 crops, which takes
+Budget: 150 updates of batch 4 (+ 4 target images for PLCA) on 128 x 128 crops, which takes
 about 8 minutes on 2 CPU cores for source-only and PLCA together (``--oracle`` adds ~3).
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from plca.config import Config, build_config
 
 #: Updates per model at the demo's budget.
-DEMO_ITERS = 200
+DEMO_ITERS = 150
 
 
 def demo_config(method: str, data_root: Path, output_dir: Path, seed: int, iters: int,

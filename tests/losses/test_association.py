@@ -328,3 +328,53 @@ def test_cos_with_zero_and_tiny_feature_rows_equals_dense(backend):
         assert dense[0].item() > 0
         for want, value in zip(dense, got):
             assert rel_diff(value, want) < 1e-9
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("tile", [1, 4, 64])
+def test_cosine_tiles_equal_dense(alpha, tile):
+    """The symmetric tiled cos aggregation (each tile of the similarity used for its rows and, transposed,
+    for its columns; online softmax across tiles) against dense in float64: one tile, several with a
+    partial last one, and single-pixel tiles; alpha at both ends."""
+    x, _ = make_maps("cos", 1, 6, (3, 7), (1, 1), seed=21)
+    x = x + 0.3 * torch.arange(21, dtype=x.dtype).reshape(1, 1, 3, 7)  # later pixels grow: the running max moves
+    weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(22), dtype=x.dtype)
+    dense = loss_and_grads(lambda a, _: (spatial_aggregate(a, "cos", alpha, impl="dense") * weight).sum(), x, x)
+    got = loss_and_grads(lambda a, _: (efficient.efficient_spatial_aggregate(
+        a, "cos", alpha, block_size=tile, backend="blockwise") * weight).sum(), x, x)
+    assert rel_diff(got[0], dense[0]) < 1e-10 and rel_diff(got[1], dense[1]) < 1e-10
+
+
+def test_cosine_tiles_with_identical_pixels_stay_finite_and_uniform():
+    """All pixels equal: every row's std is 0 (scale 1e10), so the softmax must stay that of equal
+    logits (uniform) and the output equal to the input, with finite gradients, in any tiling."""
+    x = torch.randn(1, 5, 1, 1, generator=torch.Generator().manual_seed(23)).expand(1, 5, 3, 4).contiguous()
+    for tile in (2, 5, 64):
+        got = loss_and_grads(lambda a, _: efficient.efficient_spatial_aggregate(
+            a, "cos", 0.5, block_size=tile, backend="blockwise").pow(2).sum(), x, x)
+        out = efficient.efficient_spatial_aggregate(x, "cos", 0.5, block_size=tile, backend="blockwise")
+        assert torch.allclose(out, x, rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(got[1]).all()
+
+
+def test_cosine_tiles_under_autocast_return_float32():
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(24))
+    plain = efficient.aggregate_rows(x, "cos", 0.5, 8, "blockwise")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = efficient.aggregate_rows(x, "cos", 0.5, 8, "blockwise")
+    assert mixed.dtype == torch.float32
+    assert rel_diff(mixed, plain) < 3e-2  # bf16 products, float32 statistics
+
+
+def test_cosine_tiles_keep_a_running_max_when_a_logit_passes_float32_range():
+    """One distinct pixel among 10,000 equal ones: its own standardised logit is about sqrt(M) = 100,
+    e^100 is past float32; it sits in the first tile and later tiles have lower maxima, so only a
+    running max (not each tile's own) keeps the sums finite. Every pixel then attends to its own kind."""
+    x = torch.zeros(1, 4, 100, 100)
+    x[:, 0] = 1.0
+    x[0, :, 0, 0] = torch.tensor([0.6, 0.8, 0.0, 0.0])
+    got = loss_and_grads(lambda a, _: efficient.efficient_spatial_aggregate(
+        a, "cos", 0.5, block_size=4096, backend="blockwise").pow(2).sum(), x, x)
+    out = efficient.efficient_spatial_aggregate(x, "cos", 0.5, block_size=4096, backend="blockwise")
+    assert torch.allclose(out, x, atol=1e-4)
+    assert torch.isfinite(got[1]).all()
