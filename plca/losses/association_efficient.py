@@ -522,8 +522,8 @@ def covariance_row_scale(q: Tensor, k: Tensor, block: int, q_inverse_norm: Tenso
                 centred = rows - mean
                 covariance.addmm_(centred.t(), centred)
             covariance.div_(n - 1)
-            std = torch.cat([(rows @ covariance).mul_(rows).sum(dim=1) for rows in chunks(q, q_inverse_norm, _ROW_CHUNK)])
-            std = std.clamp_(min=0).sqrt_()
+            variance = [(rows @ covariance).mul_(rows).sum(dim=1) for rows in chunks(q, q_inverse_norm, _ROW_CHUNK)]
+            std = torch.cat(variance).clamp_(min=0).sqrt_()
         return 1.0 / (std + STD_EPS)
 
 
