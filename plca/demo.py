@@ -6,7 +6,7 @@ Generates the procedural two-domain street scenes (a "synthetic" source and a
 target labels, and prints their per-class IoU on the target's validation split.
 
 Budget: 150 updates of batch 4 (+ 4 target images for PLCA) on 128 x 128 crops, which takes
-about 8 minutes on 2 CPU cores for source-only and PLCA together (``--oracle`` adds ~3).
+about 7 minutes on 2 CPU cores for source-only and PLCA together (``--oracle`` adds ~2.5).
 """
 
 from __future__ import annotations

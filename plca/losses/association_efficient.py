@@ -448,8 +448,10 @@ class _CosineAggregate(Function):
         grad_normalised = torch.zeros(x.shape, dtype=dtype, device=x.device)
         with _no_autocast(x):
             # rowsum(P * dP) with dP = alpha grad_out x^T: alpha grad_out . A(x) = grad_out . (out - (1 - alpha) x)
-            delta = torch.cat([(grad_out[part] * (out[part] - (1 - alpha) * x[part].to(dtype))).sum(dim=1)
-                               for part in (slice(s, s + _ROW_CHUNK) for s in range(0, m, _ROW_CHUNK))])
+            delta = torch.empty(m, dtype=dtype, device=x.device)
+            for start in range(0, m, tile):  # one tile x C temporary
+                part = slice(start, start + tile)
+                delta[part] = (x[part].to(dtype) * (alpha - 1)).add_(out[part]).mul_(grad_out[part]).sum(dim=1)
             side = min(tile, m)
             buffers = [torch.empty(side * side, dtype=dtype, device=x.device) for _ in range(5)]
 
@@ -481,7 +483,7 @@ class _CosineAggregate(Function):
                 if columns != rows:
                     _add_product(grad_normalised[columns], dz.to(mm_dtype).t(), q_rows)
             _normalize_backward_(grad_normalised, x, norm)
-        return (grad_x + grad_normalised).to(x.dtype), None, None, None
+        return grad_x.add_(grad_normalised).to(x.dtype), None, None, None
 
 
 def covariance_row_scale(q: Tensor, k: Tensor, block: int, q_inverse_norm: Tensor | None = None,
