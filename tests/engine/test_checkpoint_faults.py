@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from dataset_writers import write_folder
+from tiny_runs import CLASSES, tiny_source_only_config
 from plca.cli import main
-from plca.config import build_config
 from plca.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from plca.engine.trainer import train
 
-CLASSES = ["road", "car", "sky"]
 
 
 def run_python(code, *args, **kwargs):
@@ -124,18 +123,6 @@ def data(tmp_path_factory):
     return root
 
 
-def tiny_config(root, out, run_name="run", **train_options):
-    return build_config({
-        "method": "source_only",
-        "data": {"classes": CLASSES, "source": {"format": "folder", "root": str(root), "split": "train"},
-                 "num_workers": 0},
-        "model": {"backbone": "resnet18", "style": "pytorch"},
-        "train": {"iters": 4, "batch_size": 2, "crop_size": [32, 32], "lr": 0.01, "eval_every": 0,
-                  "checkpoint_every": 1, "log_every": 1, "image_every": 0, "seed": 0, **train_options},
-        "output_dir": str(out), "run_name": run_name, "device": "cpu",
-    })
-
-
 @pytest.mark.slow
 def test_full_disk_during_training_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch,
                                                                               capsys):
@@ -151,7 +138,7 @@ def test_full_disk_during_training_stops_the_run_and_keeps_the_last_checkpoint(d
 
     monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
     with pytest.raises(CheckpointError) as info:
-        train(tiny_config(data, tmp_path), progress=False)
+        train(tiny_source_only_config(data, tmp_path), progress=False)
     run_dir = tmp_path / "run"
     message = str(info.value)
     assert f"could not write checkpoint '{run_dir / 'checkpoints' / 'last.pt'}' (No space left on device" in message
@@ -203,7 +190,7 @@ def test_a_full_disk_for_the_logs_is_a_warning_not_the_end_of_the_run(data, tmp_
         return builtins.open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "open", open_without_space, raising=False)
-    result = train(tiny_config(data, tmp_path, iters=2, checkpoint_every=100), progress=False)
+    result = train(tiny_source_only_config(data, tmp_path, iters=2, checkpoint_every=100), progress=False)
     assert result.step == 2 and load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["step"] == 2
     log = (result.run_dir / "train.log").read_text()
     assert "could not append to" in log and "scalars.jsonl" in log and "training goes on" in log

@@ -7,12 +7,10 @@ import pytest
 import torch
 
 from dataset_writers import write_folder
-from plca.config import build_config
+from tiny_runs import tiny_source_only_config
 from plca.engine.checkpoint import load_checkpoint
 from plca.engine.trainer import train
 from plca.methods.source_only import SourceOnly
-
-CLASSES = ["road", "car", "sky"]
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +21,7 @@ def data(tmp_path_factory):
 
 
 def tiny_config(root, out, run_name, **train_options):
-    return build_config({
-        "method": "source_only",
-        "data": {"classes": CLASSES, "source": {"format": "folder", "root": str(root), "split": "train"},
-                 "num_workers": 0},
-        "model": {"backbone": "resnet18", "style": "pytorch"},
-        "train": {"iters": 3, "batch_size": 2, "crop_size": [32, 32], "lr": 0.01, "eval_every": 0,
-                  "checkpoint_every": 100, "log_every": 1, "image_every": 0, "seed": 0, **train_options},
-        "output_dir": str(out), "run_name": run_name, "device": "cpu",
-    })
+    return tiny_source_only_config(root, out, run_name, **{"checkpoint_every": 100, **train_options})
 
 
 class _InfiniteGradient(torch.autograd.Function):
