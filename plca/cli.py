@@ -20,6 +20,26 @@ def _split_config_and_overrides(positional: list[str]) -> tuple[str | None, list
     return None, positional
 
 
+def _resume_config(resume: str, overrides: list[str]):
+    """The config of the run being resumed: the checkpoint's own (else RUN_DIR/config.yaml), plus overrides."""
+    from plca.config import build_config
+    from plca.engine.checkpoint import load_checkpoint
+
+    path = Path(resume)
+    checkpoint = path if path.is_file() else path / "checkpoints" / "last.pt"
+    if checkpoint.is_file():
+        stored = load_checkpoint(checkpoint).get("config")
+        if isinstance(stored, dict):
+            try:
+                return build_config(stored, overrides)
+            except ConfigError as error:
+                raise ConfigError(f"the config stored in '{checkpoint}': {error}") from None
+    run_dir = checkpoint.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume '{resume}': no checkpoint with a config and no config.yaml there")
+    return load_config(run_dir / "config.yaml", overrides)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from plca.engine.trainer import train
 
@@ -27,26 +47,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config_path is None:
         if args.resume is None:
             raise ConfigError("plca train needs a CONFIG.yaml (or --resume RUN_DIR)")
-        config_path = str(Path(args.resume) / "config.yaml")
-    config = load_config(config_path, overrides)
-    result = train(config, resume=args.resume, progress=not args.no_progress, data_check=args.data_check)
+        config = _resume_config(args.resume, overrides)
+    else:
+        config = load_config(config_path, overrides)
+    result = train(config, resume=args.resume, progress=not args.no_progress, data_check=args.data_check,
+                   argv=sys.argv)
     if result.metrics is not None:
         from plca.evaluation.metrics import format_table
 
         print(format_table({config.method: result.metrics}, config.data.classes))
     print(f"run dir: {result.run_dir}")
+    if result.metrics is not None:
+        print(f"  metrics.json (final model) | checkpoints/final.pt | evaluate it: "
+              f"plca evaluate --checkpoint {result.run_dir}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from plca.evaluation.run import evaluate_checkpoint
     from plca.evaluation.metrics import format_table
+    from plca.evaluation.run import evaluate_checkpoint
 
-    config = load_config(args.config, args.overrides)
-    metrics = evaluate_checkpoint(config, args.checkpoint, test_time_aggregation=args.tta,
-                                  progress=not args.no_progress)
-    print(format_table({Path(args.checkpoint).name: metrics}, config.data.classes))
-    output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".metrics.json")
+    config_path, overrides = _split_config_and_overrides(args.args)
+    metrics, classes = evaluate_checkpoint(args.checkpoint, config_path, overrides,
+                                           test_time_aggregation=args.aggregate, progress=not args.no_progress)
+    print(f"model: {metrics['model']}")
+    print(format_table({Path(args.checkpoint).name: metrics}, classes))
+    source = Path(metrics["checkpoint"])
+    output = Path(args.output) if args.output else source.with_suffix(".metrics.json")
     output.write_text(json.dumps(metrics, indent=2))
     print(f"metrics written to {output}")
     return 0
@@ -63,7 +90,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from plca.engine.distributed import resolve_device
+    from plca.engine.distributed import DeviceError, resolve_device
     from plca.tools.predict import (dataset_inputs, list_inputs, load_model_for_inference, options_from_config,
                                     run_predict)
 
@@ -75,14 +102,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     options = options_from_config(
         config, size=tuple(args.size) if args.size else None, scales=tuple(args.scales), flip=args.flip,
         window=tuple(window) if window else None, stride=tuple(args.stride) if args.stride else None,
-        test_time_aggregation=args.tta, batch_size=args.batch_size,
+        test_time_aggregation=args.aggregate, batch_size=args.batch_size,
     )
     if args.original_size:
         options = replace(options, size=None)
     inputs = list_inputs(args.input, exclude=Path(args.output)) if args.input else dataset_inputs(config, args.split)
     try:
         device = resolve_device(args.device or config.device)
-    except RuntimeError as error:
+    except DeviceError as error:
         raise ConfigError(str(error)) from None
     print(f"predicting {len(inputs)} image(s) on {device}: size {list(options.size) if options.size else 'original'}, "
           f"scales {list(options.scales)}, flip {'on' if options.flip else 'off'}, "
@@ -144,13 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="score a checkpoint on the config's validation set")
-    p.add_argument("config", metavar="CONFIG.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = sub.add_parser("evaluate", help="score a trained model on a validation set")
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                   help="optional config (for the data; its model settings must match the checkpoint's), then "
+                        "overrides, e.g. data.val.root=/data/cityscapes")
     p.add_argument("--checkpoint", required=True,
-                   help="a plca checkpoint (.pt), an exported .safetensors, or the PLCA authors' released .pth")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="test-time aggregation (default: eval.test_time_aggregation)")
+                   help="a run directory (its final model), a plca .pt, an exported .safetensors, or the PLCA "
+                        "authors' released .pth (which needs a config)")
+    p.add_argument("--aggregate", action=argparse.BooleanOptionalAction, default=None,
+                   help="PLCA's test-time spatial aggregation (default: eval.test_time_aggregation, which is the "
+                        "method's default when null: on for plca)")
     p.add_argument("--output", help="where to write the metrics JSON (default: next to the checkpoint)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
@@ -184,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="sliding-window stride (default 2/3 window)")
     p.add_argument("--flip", action="store_true", help="also average the horizontally flipped image")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="average over these scales, e.g. 0.75 1 1.25")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="test-time aggregation (default: eval.test_time_aggregation)")
+    p.add_argument("--aggregate", action=argparse.BooleanOptionalAction, default=None,
+                   help="PLCA's test-time spatial aggregation (default: eval.test_time_aggregation)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the config's device)")
     p.add_argument("--batch-size", type=int, default=1, help="images (or windows) per forward pass")
     p.add_argument("--num-workers", type=int, default=2, help="image-reading processes")
@@ -215,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="save a trained model as one .safetensors file that carries its config")
     p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--output", required=True, metavar="MODEL.safetensors")
-    p.add_argument("--which", choices=["last", "best"], default="last",
-                   help="which checkpoint of a run directory (default: last)")
+    p.add_argument("--which", choices=["final", "last", "best_on_val"], default="final",
+                   help="which model of a run directory (default: final; best_on_val is oracle model selection)")
     p.add_argument("--config", help="config for a checkpoint that carries none (e.g. the authors' release)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for --config")
     p.set_defaults(func=cmd_export)
@@ -234,12 +264,16 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, target, list(getattr(args, target) or []) + extra)
     from plca.data.io import DatasetError
     from plca.engine.checkpoint import CheckpointError
+    from plca.engine.distributed import DeviceError
+    from plca.engine.run_dir import RunDirError
     from plca.engine.trainer import TrainingError, TrainingInterrupted
     from plca.models.weights import WeightsError
+    from plca.serialization import UnreadableFileError
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, WeightsError, CheckpointError, TrainingError) as error:
+    except (ConfigError, DatasetError, WeightsError, CheckpointError, TrainingError, RunDirError, DeviceError,
+            UnreadableFileError) as error:
         print(f"plca {args.command}: error: {error}", file=sys.stderr)
         return 2
     except TrainingInterrupted as error:

@@ -1,21 +1,36 @@
-"""Run configuration: typed dataclasses, built from a YAML file plus ``key=value`` overrides.
+"""Run configuration: typed dataclasses filled from YAML files and ``key=value`` overrides by OmegaConf.
 
-One :class:`Config` object describes a run completely; it is saved as
-``config.yaml`` in the run directory and nothing reads a global. Unknown keys
-and values of the wrong type are rejected with a :class:`ConfigError` that
-names the key, so a typo never silently falls back to a default.
+One :class:`Config` object describes a run completely; it is saved as ``config.yaml``
+in the run directory and nothing reads a global. A config is built from, lowest
+precedence first:
+
+1. the dataclass defaults below;
+2. the defaults of the chosen method (``Method.config_defaults``, e.g. no association
+   for ``self_training`` unless asked);
+3. the files named by ``_base_`` (a path or a list of paths, relative to the file that
+   names them; bases may have bases), merged in order;
+4. the file itself;
+5. the command-line overrides ``key.path=value`` (values parsed as YAML).
+
+A method's own options live in a section named after it (``self_training:``), typed by
+the method's ``Options`` dataclass; the engine hands them to the method untouched.
+Unknown keys and values of the wrong type are a :class:`ConfigError` that names the key,
+so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -43,14 +58,19 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet101"  # resnet18 | resnet34 | resnet50 | resnet101
-    style: str = "caffe"  # caffe (BGR 0-255 minus mean) | pytorch (v1.5, RGB, ImageNet mean/std)
-    pretrained: str | None = None  # ImageNet weights (torchvision key layout); null = from scratch
+    backbone: str = "resnet101"  # resnet18 | resnet34 | resnet50 | resnet101 | mit_b0..mit_b5 | timm:<name>
+    head: str = "deeplabv2"  # deeplabv2 | daformer | segformer
+    # ResNets: caffe (BGR 0-255 minus mean; the default) | pytorch (v1.5, RGB, ImageNet mean/std);
+    # other backbones have one input normalisation (ImageNet RGB) and leave this null
+    style: str | None = None
+    pretrained: str | None = None  # ImageNet weights of the backbone, a local file; null = from scratch
+    drop_pretrained_head: bool = False  # drop a classifier stored with the weights (DeepLab's COCO layer5.*)
+    features: str = "backbone_last"  # map of the feature-level association: backbone_last | head_embedding
 
 
 @dataclass
 class AssociationConfig:
-    feature_weight: float = 0.1  # cos association on backbone features
+    feature_weight: float = 0.1  # cos association on the model's features (model.features)
     classifier_weight: float = 0.1  # kl association on class probabilities
     aggregate: bool = True  # spatial aggregation of the target map before associating
     alpha: float = 0.5
@@ -62,7 +82,7 @@ class LossConfig:
     # Defaults are the PLCA reference's values. Effective weight of Lovasz-softmax against the
     # mean cross-entropy: the reference uses 0.75 multiplied by world_size x ITER_SIZE = 4, i.e. 3.0.
     lovasz_weight: float = 3.0
-    lsr_weight: float = 0.01  # LSR on source and target log-softmax (plca only)
+    lsr_weight: float = 0.01  # LSR on source and target log-softmax (plca)
     lsr_threshold: float = 10.0
     association: AssociationConfig = field(default_factory=AssociationConfig)
 
@@ -75,11 +95,15 @@ class TrainConfig:
     crop_size: list[int] = field(default_factory=lambda: [512, 512])  # [h, w]
     shorter_side: list[int] | None = None  # random shorter side [lo, hi] before cropping; null = no resize
     flip: bool = True
+    optimizer: str = "sgd"  # sgd (the PLCA reference) | adamw (DAFormer: no decay on norm, bias, position)
     lr: float = 2.5e-4
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     poly_iters: int | None = None  # iterations over which the poly schedule decays; null = iters
+    warmup_iters: int = 0  # linear warmup (at most a quarter of train.iters is used)
+    warmup_ratio: float = 1e-6  # LR factor at step 0 of the warmup
     head_lr_mult: float = 1.0
     seed: int = 0
     amp: bool = False  # bf16 autocast on CUDA
@@ -91,18 +115,19 @@ class TrainConfig:
     checkpoint_every: int = 1000
     image_every: int = 1000  # TensorBoard grids of inputs, predictions and labels; 0 = never
     max_nonfinite_steps: int = 5  # consecutive non-finite losses / gradients before the run stops
+    collective_timeout_s: int = 1800  # DDP: a process waiting this long for a dead or stuck peer ends the job
 
 
 @dataclass
 class EvalConfig:
     size: list[int] | None = None  # [h, w] to resize val images to (reference: [730, 1460]); null = as is
-    test_time_aggregation: bool | None = None  # null = on for plca, off otherwise
+    test_time_aggregation: bool | None = None  # null = the method's default (on for plca)
     alpha: float = 0.5
 
 
 @dataclass
 class Config:
-    method: str = "source_only"  # source_only | plca
+    method: str = "source_only"  # source_only | plca | ... (plca.methods registers them)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -111,77 +136,72 @@ class Config:
     output_dir: str = "runs"  # each run gets its own directory under it
     run_name: str | None = None  # null = derived from the method, data, backbone and seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # the chosen method's own section (an instance of its Options dataclass), kept under the
+    # method's name in YAML; None for methods without options
+    method_options: Any = None
 
 
-METHODS = ("source_only", "plca")
+_CORE_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "method_options")
 
 
-# --------------------------------------------------------------------------- building
+# --------------------------------------------------------------------------- reading YAML
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file '{path}' is not a text file (not UTF-8 at byte {error.start})") from None
+    except OSError as error:
+        raise ConfigError(f"config file '{path}' cannot be read: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {' '.join(str(error).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level, not a {type(data).__name__}")
+    return data
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (converting ints to floats); raise ConfigError."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise ConfigError(f"config key '{key}' may not be null")
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, key)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0])
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
-        return _build(tp, value, key)
-    if origin is list:
-        (item_type,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be a list of {_type_name(item_type)}, got {value!r}")
-        return [_convert(item, item_type, f"{key}[{n}]") for n, item in enumerate(value)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    return value
+def merge_dicts(base: dict, update: dict) -> dict:
+    """``update`` merged into a copy of ``base``: mappings merge key by key, anything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        value = copy.deepcopy(value)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_dicts(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        where = f"'{prefix}'" if prefix else "the top level"
-        raise ConfigError(
-            f"unknown config key '{_join(prefix, unknown[0])}'; keys allowed at {where}: {', '.join(names)}"
-        )
-    kwargs = {}
-    for name in names:
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], _join(prefix, name))
-    return cls(**kwargs)
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The plain data of a YAML config with its ``_base_`` files merged in (bases first, in order)."""
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, resolved))
+        raise ConfigError(f"config file '{path}': _base_ files include each other ({cycle})")
+    data = _read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"config file '{path}': _base_ must be a path or a list of paths, got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise ConfigError(f"config file '{path}': its _base_ '{base}' does not exist ({base_path})")
+        merged = merge_dicts(merged, read_config_file(base_path, (*_chain, resolved)))
+    return merge_dicts(merged, data)
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def to_dict(config: Any) -> dict:
-    """The config as plain dicts and lists (YAML/JSON-serialisable)."""
-    return dataclasses.asdict(config)
+# --------------------------------------------------------------------------- overrides
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -189,12 +209,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.path=value")
     key, raw = text.split("=", 1)
+    key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as error:
-        raise ConfigError(f"override '{text}': cannot parse the value ({error})") from None
+        raise ConfigError(f"override '{text}': cannot parse the value ({' '.join(str(error).split())})") from None
     return key.split("."), value
 
 
@@ -210,70 +231,200 @@ def _set_path(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
-    return data
-
-
-def build_config(data: dict, overrides: list[str] = ()) -> Config:
-    """A validated :class:`Config` from a plain dict plus ``key=value`` overrides."""
-    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
+    """A copy of ``data`` with each ``key.path=value`` override set, in order."""
+    data = copy.deepcopy(data)
     for override in overrides:
         path, value = parse_override(override)
         _set_path(data, path, value)
-    config = _build(Config, data)
+    return data
+
+
+# --------------------------------------------------------------------------- typed building
+
+
+def _method_class(name: Any):
+    from plca.methods import get_method, method_names
+
+    if not isinstance(name, str) or name not in method_names():
+        raise ConfigError(f"method '{name}' is unknown; choose one of {', '.join(method_names())}")
+    return get_method(name)
+
+
+def _option_sections() -> dict[str, type]:
+    """Config sections of the registered methods that have options: ``{method name: Options}``."""
+    from plca.methods import get_method, method_names
+
+    return {name: get_method(name).Options for name in method_names() if get_method(name).Options is not None}
+
+
+def _describe_type(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [_describe_type(t) for t in typing.get_args(tp) if t is not type(None)]
+        return " or ".join(options) + (" or null" if type(None) in typing.get_args(tp) else "")
+    if origin is list:
+        return f"a list of {_describe_type(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _field_type(schema: type, path: list[str]) -> Any:
+    tp: Any = schema
+    for part in path:
+        origin = typing.get_origin(tp)
+        if origin in (typing.Union, types.UnionType):
+            tp = next(t for t in typing.get_args(tp) if t is not type(None))
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _check_booleans(schema: type, data: Any, prefix: str) -> None:
+    """OmegaConf reads 3 as true; a boolean key must get true or false."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(schema):
+        return
+    hints = typing.get_type_hints(schema)
+    for key, value in data.items():
+        tp = hints.get(key)
+        if tp is None:
+            continue
+        allowed = typing.get_args(tp) or (tp,)
+        name = f"{prefix}{key}"
+        if bool in allowed and value is not None and not isinstance(value, bool):
+            raise ConfigError(f"config key '{name}' must be true or false, got {value!r}")
+        for option in allowed:
+            if dataclasses.is_dataclass(option):
+                _check_booleans(option, value, name + ".")
+
+
+def _typed(schema: type, data: dict, prefix: str = "") -> Any:
+    """An instance of ``schema`` from ``data`` via OmegaConf, errors turned into one named line."""
+    _check_booleans(schema, data, prefix)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "?"
+        full = f"{prefix}{key}"
+        if isinstance(error, ConfigKeyError):
+            parent = full.rsplit(".", 1)[0] if "." in full else ""
+            node = _field_type(schema, key.split(".")[:-1]) if "." in key else schema
+            allowed = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+            where = f"'{parent}'" if parent else "the top level"
+            hint = str(error).splitlines()[0]
+            suggestion = hint[hint.index("Did you mean"):] if "Did you mean" in hint else ""
+            raise ConfigError(f"unknown config key '{full}'; keys allowed at {where}: {', '.join(allowed)}"
+                              f"{'. ' + suggestion if suggestion else ''}") from None
+        expected = _field_type(schema, key.split("."))
+        value = _lookup(data, key.split("."))
+        if expected is not None:
+            raise ConfigError(f"config key '{full}' must be {_describe_type(expected)}, got {value!r}") from None
+        raise ConfigError(f"config key '{full}': {str(error).splitlines()[0]}") from None
+
+
+def _lookup(data: Any, path: list[str]) -> Any:
+    for part in path:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        else:
+            return None
+    return data
+
+
+def build_config(data: dict, overrides: typing.Sequence[str] = ()) -> Config:
+    """A validated :class:`Config` from plain data (already ``_base_``-merged) plus ``key=value`` overrides."""
+    data = apply_overrides(data, overrides)
+    method_cls = _method_class(data.get("method", Config.method))
+    data = merge_dicts(method_cls.config_defaults, data)
+    sections = _option_sections()
+    unknown = [k for k in data if k not in _CORE_KEYS and k not in sections]
+    if unknown:
+        raise ConfigError(f"unknown config key '{unknown[0]}'; keys allowed at the top level: "
+                          f"{', '.join(_CORE_KEYS + tuple(sections))}")
+    options = {name: _typed(schema, data.get(name) or {}, f"{name}.") for name, schema in sections.items()
+               if name in data or name == method_cls.name}
+    config = _typed(Config, {k: v for k, v in data.items() if k in _CORE_KEYS})
+    config.method_options = options.get(method_cls.name)
     validate(config)
     return config
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config file (or start from defaults when ``path`` is None) and apply overrides."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config file with its bases (or start from defaults when ``path`` is None), apply overrides."""
+    data = read_config_file(path) if path is not None else {}
     try:
         return build_config(data, overrides)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}" if path else str(error)) from None
 
 
+def to_dict(config: Config) -> dict:
+    """The config as plain dicts and lists (YAML/JSON-serialisable); method options under the method's name."""
+    data = {f.name: dataclasses.asdict(getattr(config, f.name)) if dataclasses.is_dataclass(getattr(config, f.name))
+            else getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "method_options"}
+    if config.method_options is not None:
+        data[config.method] = dataclasses.asdict(config.method_options)
+    return data
+
+
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+def replace_model(config: Config, **changes: Any) -> Config:
+    """A copy of ``config`` with fields of its model section replaced."""
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **changes))
+
+
+# --------------------------------------------------------------------------- checks across keys
+
+
 def validate(config: Config) -> None:
-    """Checks across keys that types alone cannot express."""
+    """Checks that types alone cannot express."""
     from plca.data.datasets import DATASET_FORMATS
+    from plca.models.registry import backbone_names, head_names, is_known_backbone
+    from plca.models.segmentor import FEATURE_SOURCES
 
     def check(ok: bool, message: str) -> None:
         if not ok:
             raise ConfigError(message)
 
-    check(config.method in METHODS, f"method '{config.method}' is unknown; choose one of {', '.join(METHODS)}")
-    check(len(config.data.classes) > 0, "data.classes must list the class names, in class-index order")
-    check(len(set(config.data.classes)) == len(config.data.classes), "data.classes has duplicate names")
-    check(len(config.data.classes) < 255, "data.classes: at most 254 classes (255 is the ignore label)")
+    method_cls = _method_class(config.method)
+    data = config.data
+    check(len(data.classes) > 0, "data.classes must list the class names, in class-index order")
+    check(all(isinstance(c, str) and c.strip() for c in data.classes), "data.classes has an empty name")
+    check(len(set(data.classes)) == len(data.classes), "data.classes has duplicate names")
+    check(len(data.classes) < 255, "data.classes: at most 254 classes (255 is the ignore label)")
     for name in ("source", "target", "val"):
-        spec = getattr(config.data, name)
+        spec = getattr(data, name)
         if spec is None:
             continue
         check(spec.format in DATASET_FORMATS,
               f"data.{name}.format '{spec.format}' is unknown; choose one of {', '.join(DATASET_FORMATS)}")
         check(bool(spec.root), f"data.{name}.root is empty: give the dataset's folder")
-    check(config.method != "plca" or config.data.target is not None,
-          "method plca needs data.target (the unlabelled target-domain images)")
-    check(config.data.on_error in ("raise", "skip"), "data.on_error must be 'raise' or 'skip'")
-    check(config.data.num_workers >= 0, "data.num_workers must be >= 0")
-    check(config.model.style in ("caffe", "pytorch"), "model.style must be 'caffe' or 'pytorch'")
-    check(config.model.backbone in ("resnet18", "resnet34", "resnet50", "resnet101"),
-          "model.backbone must be one of resnet18, resnet34, resnet50, resnet101")
+    check(not method_cls.uses_target or data.target is not None,
+          f"method {config.method} needs data.target (the unlabelled target-domain images)")
+    check(data.on_error in ("raise", "skip"), "data.on_error must be 'raise' or 'skip'")
+    check(data.num_workers >= 0, "data.num_workers must be >= 0")
+
+    model = config.model
+    check(is_known_backbone(model.backbone),
+          f"model.backbone '{model.backbone}' is unknown; choose one of {', '.join(backbone_names())}")
+    check(model.head in head_names(), f"model.head '{model.head}' is unknown; choose one of {', '.join(head_names())}")
+    check(model.style in (None, "caffe", "pytorch"), "model.style must be 'caffe', 'pytorch' or null")
+    check(model.style != "caffe" or model.backbone.startswith("resnet"),
+          f"model.style caffe is for the ResNet backbones only; {model.backbone} has its own input normalisation "
+          f"(leave model.style null)")
+    check(model.features in FEATURE_SOURCES, f"model.features must be one of {', '.join(FEATURE_SOURCES)}")
+
     train = config.train
     check(train.iters > 0, "train.iters must be > 0")
     check(train.batch_size > 0 and train.accumulation > 0, "train.batch_size and train.accumulation must be > 0")
@@ -281,11 +432,38 @@ def validate(config: Config) -> None:
     check(train.shorter_side is None or (len(train.shorter_side) == 2 and 0 < train.shorter_side[0] <= train.shorter_side[1]),
           "train.shorter_side must be null or [lo, hi] with 0 < lo <= hi")
     check(train.lr > 0, "train.lr must be > 0")
+    check(train.optimizer in ("sgd", "adamw"), f"train.optimizer must be sgd or adamw, got {train.optimizer!r}")
+    check(len(train.betas) == 2 and all(0 <= b < 1 for b in train.betas), "train.betas must be [b1, b2] in [0, 1)")
+    check(train.warmup_iters >= 0 and 0 < train.warmup_ratio <= 1,
+          "train.warmup_iters must be >= 0 and train.warmup_ratio in (0, 1]")
+    check(train.collective_timeout_s > 0, "train.collective_timeout_s must be > 0")
+    check(0.0 <= train.momentum < 1.0, f"train.momentum must be in [0, 1), got {train.momentum}")
+    check(train.weight_decay >= 0, f"train.weight_decay must be >= 0, got {train.weight_decay}")
+    check(train.poly_power >= 0, f"train.poly_power must be >= 0, got {train.poly_power}")
+    check(train.head_lr_mult > 0, f"train.head_lr_mult must be > 0, got {train.head_lr_mult}")
+    check(train.seed >= 0, f"train.seed must be >= 0, got {train.seed}")
+    check(train.max_nonfinite_steps > 0, "train.max_nonfinite_steps must be > 0")
     check(train.poly_iters is None or train.poly_iters >= train.iters,
           "train.poly_iters must be >= train.iters (the poly schedule may not end before training)")
     check(train.checkpoint_every > 0 and train.log_every > 0 and train.eval_every >= 0 and train.image_every >= 0,
           "train.checkpoint_every and train.log_every must be > 0, train.eval_every and train.image_every >= 0")
     check(config.eval.size is None or (len(config.eval.size) == 2 and min(config.eval.size) > 0),
           "eval.size must be null or [h, w] > 0")
-    check(0.0 <= config.loss.association.alpha <= 1.0, "loss.association.alpha must be in [0, 1]")
-    check(config.loss.association.impl in ("efficient", "dense"), "loss.association.impl must be efficient or dense")
+    check(0.0 <= config.eval.alpha <= 1.0, "eval.alpha must be in [0, 1]")
+
+    loss = config.loss
+    for key in ("lovasz_weight", "lsr_weight"):
+        check(getattr(loss, key) >= 0, f"loss.{key} must be >= 0, got {getattr(loss, key)}")
+    check(loss.lsr_threshold > 0, "loss.lsr_threshold must be > 0")
+    for key in ("feature_weight", "classifier_weight"):
+        value = getattr(loss.association, key)
+        check(value >= 0, f"loss.association.{key} must be >= 0, got {value}")
+    check(0.0 <= loss.association.alpha <= 1.0, "loss.association.alpha must be in [0, 1]")
+    check(loss.association.impl in ("efficient", "dense"), "loss.association.impl must be efficient or dense")
+    check(config.device == "auto" or config.device == "cpu" or config.device.split(":")[0] == "cuda",
+          f"device '{config.device}' is unknown; use auto, cpu, cuda or cuda:N")
+    if config.method_options is not None and hasattr(config.method_options, "validate"):
+        try:
+            config.method_options.validate(config)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None

@@ -1,4 +1,17 @@
-"""Atomic checkpoints and exact-resume state (model, optimiser, step, RNG)."""
+"""Atomic checkpoints and exact-resume state (method, optimiser, loop state, RNG).
+
+Two kinds of files, both written atomically (temporary file, fsync, rename):
+
+- ``last.pt``, everything a resumed run needs: ``method`` (the method's whole state dict:
+  student, teacher, ...), ``optimizer``, ``state`` (:class:`~plca.engine.state.TrainState`),
+  ``rng`` (one entry per process), plus ``model`` (the inference network's weights),
+  ``segmentor`` (its description), ``classes``, ``config`` and ``step``;
+- model files (``final.pt``, ``best_on_val.pt``): only ``model``, ``segmentor``, ``classes``,
+  ``config``, ``step`` and the metrics they were selected with, a fraction of the size.
+
+Nothing holding a non-finite tensor is ever written: a diverged model must not replace the
+last good checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from plca.serialization import UnreadableFileError, load_torch_file
 
 
 class CheckpointError(RuntimeError):
@@ -62,20 +77,21 @@ def _write_failed(path: Path, error: Exception) -> CheckpointError:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a training checkpoint without executing code (``weights_only=True``)."""
+    """Load a plca checkpoint or model file without executing code (``weights_only=True``)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any failure becomes one clear message
-        raise CheckpointError(
-            f"cannot load checkpoint '{path}': it is truncated, not a PyTorch file, or holds objects other than "
-            f"tensors and plain containers (refused for safety). Detail: {str(error).splitlines()[0]}"
-        ) from None
+        state = load_torch_file(path, "checkpoint")
+    except UnreadableFileError as error:
+        raise CheckpointError(str(error)) from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"'{path}' is not a plca training checkpoint (no 'model' entry)")
     return state
+
+
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding NaN or inf."""
+    return [key for key, value in state.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
 
 
 def rng_state() -> dict:

@@ -1,65 +1,73 @@
-"""The training loop: devices, DDP, mixed precision, accumulation, checkpoints, resume, evaluation.
+"""The training loop: run directory, method, data streams, updates, logging, checkpoints, validation.
 
-What a step computes belongs to the method (``plca.methods``); this module
-only runs it. A run lives in one directory::
+What a step computes belongs to the method (:mod:`plca.methods`), one update to
+:mod:`plca.engine.update`, saving and restoring to :mod:`plca.engine.checkpointer`.
+A run lives in one directory::
 
-    RUN_DIR/config.yaml         the resolved config
-    RUN_DIR/train.log           the log
-    RUN_DIR/tb/                 TensorBoard events
-    RUN_DIR/scalars.jsonl       the logged scalars (losses, LR, diagnostics), one line per log step
-    RUN_DIR/checkpoints/last.pt the latest checkpoint (written atomically)
-    RUN_DIR/checkpoints/best.pt the best one by validation mIoU
-    RUN_DIR/eval_history.jsonl  one line per validation
-    RUN_DIR/metrics.json        final metrics
+    RUN_DIR/config.yaml                 the resolved config (data roots absolute)
+    RUN_DIR/run.json                    how to reproduce it: versions, git commit, command, times
+    RUN_DIR/train.log                   the log: data checks, loss terms, validations, resumes, stops
+    RUN_DIR/tb/                         TensorBoard events
+    RUN_DIR/scalars.jsonl               the logged scalars (losses, LR, diagnostics), one line per log step
+    RUN_DIR/eval_history.jsonl          one line per validation
+    RUN_DIR/checkpoints/last.pt         everything needed to resume (written atomically)
+    RUN_DIR/checkpoints/final.pt        the final model (weights only)
+    RUN_DIR/checkpoints/best_on_val.pt  the model of the best validation (weights only; see below)
+    RUN_DIR/metrics.json                the final model's metrics (+ the best validation's, labelled)
 
-What can go wrong, and what happens (issue: reliability):
+``best_on_val.pt`` is selected on the validation set, which for these benchmarks is the
+target's test set: reporting it is oracle model selection. The README and every tool
+evaluate the final model.
 
-- bad data: every file of every dataset is checked before training starts
-  (:func:`plca.data.checks.check_files`); a sample that still fails to load
-  during training stops the run with the dataset's message naming the file and
-  a checkpoint of the last finished step (``data.on_error: raise``), or is
-  skipped, logged and counted (``skip``: ``data/skipped_samples``);
-- a non-finite loss or gradient: the update is skipped (BatchNorm statistics
-  restored too) and counted (``skipped_steps``); ``train.max_nonfinite_steps`` in
-  a row stop the run, the last good checkpoint intact;
-- SIGTERM / SIGINT: a checkpoint is written at the end of the current step;
-- a failed checkpoint write (full disk): the previous checkpoint is intact and
-  the run stops saying so.
+What can go wrong, and what happens:
+
+- bad data: every file of every dataset is checked before training starts; a sample that
+  still fails to load stops the run with the file's name after saving the last finished
+  step (``data.on_error: raise``), or is skipped and counted (``skip``);
+- a non-finite loss or gradient: the update is skipped (BatchNorm statistics restored) and
+  counted; ``train.max_nonfinite_steps`` in a row stop the run; an update that makes the
+  weights non-finite stops it at once, and no checkpoint with non-finite values is written;
+- SIGTERM / SIGINT (on any process): every process stops at the same step boundary and the
+  run is saved; any other failure between steps (e.g. out of memory in a validation) saves too;
+- a failed checkpoint write (full disk): the previous checkpoint is intact, the run stops saying so.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
+import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from plca.config import Config, save_config, to_dict
-from plca.data.checks import check_files
-from plca.data.datasets import build_dataset
+from plca.data.build import RunDatasets, build_run_datasets, check_run_datasets
 from plca.data.io import DatasetError
-from plca.data.transforms import EvalTransform, TrainTransform
-from plca.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, rng_state, set_rng_state
-from plca.engine.distributed import DistInfo, all_reduce_mean, all_true, average_buffers, barrier, init_distributed
+from plca.engine.checkpoint import CheckpointError, load_checkpoint
+from plca.engine.checkpointer import Checkpointer
+from plca.engine.distributed import (DistInfo, all_reduce_mean, all_true, any_true, average_buffers, barrier,
+                                     broadcast_object, init_distributed)
+from plca.engine.image_grids import log_image_grid
 from plca.engine.loader import batch_stream
 from plca.engine.logger import ScalarWindow, TensorBoard, setup_logger
-from plca.engine.optim import build_optimizer, poly_lr, set_lr
+from plca.engine.optim import effective_warmup, optimizer_from_config, scheduled_lr, set_lr
+from plca.engine.run_dir import RunLock, check_resume_config, create_unique, default_run_name
+from plca.engine.state import TrainState
+from plca.engine.update import UpdateOutcome, update
 from plca.evaluation.evaluator import evaluate
 from plca.evaluation.metrics import summarize
-from plca.methods import build_method
-from plca.models.deeplab import build_deeplab_v2
+from plca.methods import Method, MethodContext, build_method
+from plca.models import build_segmentor
 
 
 class TrainingError(RuntimeError):
@@ -75,30 +83,11 @@ class RunResult:
     run_dir: Path
     step: int
     metrics: dict | None
-    model: nn.Module | None = None  # the trained model (unwrapped from DDP)
+    model: nn.Module | None = None  # the trained inference model (unwrapped from DDP)
 
 
-def default_run_name(config: Config) -> str:
-    """A name that encodes the run's choices, e.g. ``plca_gta5-cityscapes_resnet101_s0_20261124-101500``."""
-    target = config.data.target or config.data.val
-    pair = config.data.source.format + (f"-{target.format}" if target is not None else "")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{config.method}_{pair}_{config.model.backbone}_s{config.train.seed}_{stamp}"
-
-
-def _shared_run_dir(config: Config, info: DistInfo) -> Path:
-    name = config.run_name or default_run_name(config)
-    if info.enabled:
-        names = [name]
-        dist.broadcast_object_list(names, src=0)
-        name = names[0]
-    return Path(config.output_dir) / name
-
-
-def test_time_aggregation_enabled(config: Config) -> bool:
-    """``eval.test_time_aggregation``, where null means on for plca and off otherwise."""
-    tta = config.eval.test_time_aggregation
-    return config.method == "plca" if tta is None else tta
+def resume_command(run_dir: Path) -> str:
+    return f"plca train --resume {run_dir}"
 
 
 def seed_everything(seed: int) -> None:
@@ -107,111 +96,82 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build_datasets(config: Config, method_uses_target: bool) -> tuple:
-    data, train = config.data, config.train
-    transform = TrainTransform(
-        crop_size=tuple(train.crop_size),
-        shorter_side=tuple(train.shorter_side) if train.shorter_side else None,
-        flip=train.flip,
-    )
-    common = dict(classes=data.classes, on_error=data.on_error)
-    source = build_dataset(data.source.format, data.source.root, data.source.split, transform=transform,
-                           seed=train.seed, **common)
-    target = None
-    if method_uses_target:
-        target = build_dataset(data.target.format, data.target.root, data.target.split, transform=transform,
-                               seed=train.seed + 1, require_labels=False, **common)
-    val = None
-    if data.val is not None:
-        val = build_dataset(data.val.format, data.val.root, data.val.split,
-                            transform=EvalTransform(tuple(config.eval.size) if config.eval.size else None),
-                            seed=train.seed, **common)
-    return source, target, val
+def absolute_roots(config: Config) -> Config:
+    """``config`` with its dataset roots as absolute paths (the saved config then works from anywhere)."""
+    data = config.data
+    changes = {name: replace(spec, root=str(Path(spec.root).expanduser().absolute()))
+               for name in ("source", "target", "val") if (spec := getattr(data, name)) is not None and spec.root}
+    return replace(config, data=replace(data, **changes))
 
 
-def check_datasets(datasets: dict, level: str, on_error: str, info: DistInfo, logger) -> None:
-    """Check the files of each dataset before training (each process a share of the samples).
+def test_time_aggregation_enabled(config: Config) -> bool:
+    """``eval.test_time_aggregation``, where null means the method's default (on for plca)."""
+    from plca.methods import get_method
 
-    Bad files are a :class:`DatasetError` naming them under ``on_error="raise"``, and a warning
-    under ``"skip"`` (they are then skipped, and counted, when loaded).
-    """
-    failed = ""
-    for name, dataset in datasets.items():
-        if dataset is None or level == "none":
-            continue
-        started = time.time()
-        report = check_files(dataset, level, indices=range(info.rank, len(dataset), info.world_size))
-        if report.resized:
-            logger.warning("%s: %d label(s) differ in size from their image and are resized when loaded "
-                           "(nearest), e.g. %s", dataset.description, len(report.resized), report.resized[0])
-        if not report.ok:
-            if on_error == "skip":
-                logger.warning("%s (data.on_error is skip: these samples are skipped and counted when loaded)",
-                               report.message())
-            elif not failed:
-                failed = (f"{name} data: {report.message()} Or set data.on_error=skip to skip bad samples (they "
-                          f"are counted and logged).")
-        logger.info("checked the files of the %s data (%s) in %.1f s", name, level, time.time() - started)
-    if not all_true(not failed, info.device):
-        raise DatasetError(failed or "another process found bad dataset files (see its message)")
+    tta = config.eval.test_time_aggregation
+    return get_method(config.method).test_time_aggregation if tta is None else tta
 
 
-def _remove_stale_temporaries(folder: Path, logger) -> None:
-    """Temporary files of checkpoint writes cut short by a crash or SIGKILL (the checkpoints are intact)."""
-    for path in folder.glob(".*.tmp"):
-        try:
-            path.unlink()
-            logger.info("removed %s, left by an interrupted checkpoint write", path)
-        except OSError:
-            pass
-
-
-def _append_jsonl(path: Path, record: dict, logger) -> None:
-    """One JSON line; a failure (e.g. a full disk) is a warning, never the end of the run."""
-    try:
-        with open(path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-    except OSError as error:
-        logger.warning("could not append to %s (%s); training goes on", path, error)
-
-
-def build_model(config: Config, device: torch.device) -> nn.Module:
-    model = build_deeplab_v2(
-        num_classes=len(config.data.classes), backbone=config.model.backbone, style=config.model.style,
-        pretrained=config.model.pretrained,
-    )
-    model = model.to(device)
+def build_training_method(config: Config, device: torch.device) -> Method:
+    """The config's method around a freshly built segmentor, on ``device``."""
+    segmentor = build_segmentor(config.model, len(config.data.classes))
+    context = MethodContext(loss=config.loss, options=config.method_options, classes=tuple(config.data.classes),
+                            model=config.model, iters=config.train.iters)
+    method = build_method(config.method, segmentor, context).to(device)
     if config.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+        method = method.to(memory_format=torch.channels_last)
+    return method
 
 
-def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
-    images = batch["image"].to(device, non_blocking=True).float()
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return {"image": images, "label": batch["label"].to(device, non_blocking=True)}
+def checkpoint_header(config: Config, method: Method) -> dict:
+    """What every checkpoint and model file says about itself."""
+    return {"segmentor": method.inference_model().describe(), "classes": list(config.data.classes),
+            "config": to_dict(config)}
 
 
-def _grads_finite(model: nn.Module) -> bool:
-    norms = [p.grad.detach().abs().sum() for p in model.parameters() if p.grad is not None]
-    return bool(torch.isfinite(torch.stack(norms).sum()).item()) if norms else True
+# --------------------------------------------------------------------------- the run directory
 
 
-@torch.no_grad()
-def _log_images(board: TensorBoard, model: nn.Module, source: dict, target: dict | None, classes, step: int) -> None:
-    """TensorBoard grids (input, prediction, label) of the current source and target batches."""
-    from plca.tools.report import log_image_grid
+@dataclass
+class RunPlace:
+    run_dir: Path
+    resume_from: Path | None  # the last.pt to continue from
+    created: bool  # this call created the directory (removed again if the run fails before its first step)
 
-    model.eval()
-    for domain, batch in (("source", source), ("target", target)):
-        if batch is None:
-            continue
-        logits = model(batch["image"])["logits"]
-        logits = F.interpolate(logits.float(), size=batch["label"].shape[-2:], mode="bilinear", align_corners=False)
-        log_image_grid(board, f"images/{domain}", batch["image"].cpu(), logits.argmax(1).cpu(),
-                       batch["label"].cpu(), classes, step)
-    model.train()
+
+def _locate_run(config: Config, resume: str | Path | None, info: DistInfo) -> RunPlace:
+    if resume is not None:
+        resume = Path(resume)
+        if resume.is_file():
+            run_dir = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
+            return RunPlace(run_dir, resume, created=False)
+        if not resume.is_dir():
+            raise CheckpointError(f"--resume '{resume}' is neither a run directory nor a checkpoint file")
+        last = resume / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise CheckpointError(f"run directory '{resume}' has no checkpoints/last.pt to resume from")
+        return RunPlace(resume, last, created=False)
+    output_dir = Path(config.output_dir)
+    if config.run_name:
+        run_dir = output_dir / config.run_name
+        last = run_dir / "checkpoints" / "last.pt"
+        created = False
+        if info.is_main and not run_dir.exists():
+            create_unique(output_dir, lambda: config.run_name)
+            created = True
+        return RunPlace(run_dir, last if last.is_file() else None, created=broadcast_object(created))
+    name = create_unique(output_dir, lambda: default_run_name(config)).name if info.is_main else None
+    return RunPlace(output_dir / broadcast_object(name), None, created=True)
+
+
+def _truncate_jsonl(path: Path, after_step: int) -> None:
+    """Drop the lines of ``path`` logged after ``after_step`` (a resumed run logs them again)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 class _StopSignal:
@@ -221,7 +181,7 @@ class _StopSignal:
         self.received: int | None = None
         self.previous: dict[int, object] = {}
 
-    def __enter__(self) -> "_StopSignal":
+    def __enter__(self) -> _StopSignal:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -237,256 +197,386 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
+# --------------------------------------------------------------------------- entry point
+
+
 def train(config: Config, resume: str | Path | None = None, max_steps: int | None = None,
-          progress: bool = True, data_check: str = "labels") -> RunResult:
+          progress: bool = True, data_check: str = "labels", argv: list[str] | None = None) -> RunResult:
     """Train according to ``config``; return the run directory, the last step and the final metrics.
 
-    ``resume``: a run directory (or a checkpoint file) to continue from. A run whose
-    ``run_name`` is given and whose directory already holds a checkpoint resumes by itself.
+    ``resume``: a run directory (or its ``last.pt``) to continue from. A run whose ``run_name``
+    is given and whose directory already holds a checkpoint resumes by itself. Either way the
+    requested config is checked against the checkpoint's before anything is written.
     ``max_steps``: stop (with a checkpoint) after this many updates in this call, as if interrupted.
     ``data_check``: how the dataset files are checked before training (``none``, ``headers``,
-    ``labels``; see :mod:`plca.data.checks`).
+    ``labels``; see :mod:`plca.data.checks`). ``argv``: the command line, for the run record.
     """
-    info = init_distributed(config.device)
+    config = absolute_roots(config)
+    info = init_distributed(config.device, config.train.collective_timeout_s)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = not config.train.deterministic
-
-    if resume is not None:
-        resume = Path(resume)
-        run_dir = resume.parent.parent if resume.is_file() else resume
-        checkpoint_path = resume if resume.is_file() else resume / "checkpoints" / "last.pt"
-    else:
-        run_dir = _shared_run_dir(config, info)
-        checkpoint_path = run_dir / "checkpoints" / "last.pt"
-        if not (config.run_name and checkpoint_path.is_file()):
-            checkpoint_path = None
+    place = _locate_run(config, resume, info)
+    lock = RunLock(place.run_dir)
     if info.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-    barrier()
-    logger = setup_logger(run_dir, info.is_main)
-    board = TensorBoard(run_dir / "tb" if info.is_main else None)
-    streams: list = []  # the data streams, whose worker processes must stop whatever happens
+        try:
+            lock.acquire()
+        except BaseException:
+            if place.created:
+                shutil.rmtree(place.run_dir, ignore_errors=True)
+            raise
+    session = _Session(config, info, place, progress, data_check, argv)
     try:
-        return _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, board, data_check,
-                      streams)
+        return session.run(max_steps)
+    except BaseException:
+        if info.is_main and place.created and session.state.step == 0 and session.checkpointer.saved_step is None:
+            lock.release()
+            shutil.rmtree(place.run_dir, ignore_errors=True)  # a run that never started leaves nothing behind
+        raise
     finally:
-        for stream in streams:  # now, not when an exception's traceback lets go of them
+        session.close()
+        lock.release()
+
+
+class _Session:
+    """One call of :func:`train`: set-up, the loop, and the end of the run."""
+
+    def __init__(self, config: Config, info: DistInfo, place: RunPlace, progress: bool, data_check: str,
+                 argv: list[str] | None) -> None:
+        self.config, self.info, self.place = config, info, place
+        self.run_dir = place.run_dir
+        self.progress, self.data_check, self.argv = progress, data_check, argv
+        self.state = TrainState()
+        self.checkpointer = Checkpointer(self.run_dir, info, resume_command(self.run_dir))
+        self.logger = setup_logger(self.run_dir, info.is_main)
+        self.board: TensorBoard | None = None
+        self.streams: list = []
+        self.started = time.time()
+
+    def close(self) -> None:
+        for stream in self.streams:  # now, not when an exception's traceback lets go of them
             stream.close()
-        board.close()
+        if self.board is not None:
+            self.board.close()
 
+    # ------------------------------------------------------------------ set-up
 
-def _train(config, info, run_dir, checkpoint_path, max_steps, progress, logger, board, data_check,
-           streams: list) -> RunResult:
-    train_cfg = config.train
-    seed_everything(train_cfg.seed + info.rank)
-    method = build_method(config.method, config.loss)
-    source_set, target_set, val_set = _build_datasets(config, method.uses_target)
-    logger.info("run dir %s | %d processes on %s | source %d images%s%s", run_dir, info.world_size, info.device,
-                len(source_set), f", target {len(target_set)}" if target_set is not None else "",
-                f", val {len(val_set)}" if val_set is not None else "")
-    check_datasets({"source": source_set, "target": target_set, "val": val_set}, data_check, config.data.on_error,
-                   info, logger)
-    if info.is_main:
-        _remove_stale_temporaries(run_dir / "checkpoints", logger)
-
-    model = build_model(config, info.device)
-    optimizer = build_optimizer(model, train_cfg.lr, train_cfg.momentum, train_cfg.weight_decay,
-                                train_cfg.head_lr_mult)
-    start_step, best_miou = 0, -1.0
-    counters = {"skipped_steps": 0, "skipped_samples": 0}  # over the whole run, kept in checkpoints
-    if checkpoint_path is not None:
-        state = load_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step, best_miou = int(state["step"]), float(state.get("best_mIoU", -1.0))
-        counters.update({key: int(value) for key, value in state.get("counters", {}).items() if key in counters})
-        rng = state["rng"][info.rank] if info.rank < len(state["rng"]) else None
-        if rng is not None:
-            set_rng_state(rng)
-        logger.info("resumed from %s at step %d", checkpoint_path, start_step)
-
-    train_model: nn.Module = model
-    if info.enabled:
-        if info.device.type == "cuda" and train_cfg.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            train_model = model
-        train_model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    model.train()
-
-    accumulation = train_cfg.accumulation
-    loader_args = dict(rank=info.rank, world_size=info.world_size, num_workers=config.data.num_workers,
-                       pin_memory=info.device.type == "cuda")
-    source_stream = batch_stream(source_set, train_cfg.batch_size, train_cfg.seed, start=start_step * accumulation,
-                                 **loader_args)
-    target_stream = (batch_stream(target_set, train_cfg.batch_size, train_cfg.seed + 1,
-                                  start=start_step * accumulation, **loader_args)
-                     if target_set is not None else None)
-    streams += [stream for stream in (source_stream, target_stream) if stream is not None]
-    poly_iters = train_cfg.poly_iters or train_cfg.iters
-    use_amp = train_cfg.amp and info.device.type == "cuda"
-    window = ScalarWindow()
-    nonfinite_in_row = 0
-    tta = test_time_aggregation_enabled(config)
-    saved_step = start_step if checkpoint_path is not None else None  # step of the last good last.pt
-
-    def save(step: int, name: str = "last.pt") -> None:
-        nonlocal saved_step
-        average_buffers(model)
-        rngs = [rng_state()]
-        if info.enabled:
-            rngs = [None] * info.world_size
-            dist.all_gather_object(rngs, rng_state())
-        failure = None
+    def run(self, max_steps: int | None) -> RunResult:
+        config, info, logger = self.config, self.info, self.logger
+        seed_everything(config.train.seed + info.rank)
+        self.method = method = build_training_method(config, info.device)
+        self.optimizer = optimizer_from_config(method.trainable_module(), config.train)
+        self.header = checkpoint_header(config, method)
+        if self.place.resume_from is not None:
+            self._resume(self.place.resume_from)
+            if self.state.step >= config.train.iters:
+                return self._already_finished()
+        barrier()
         if info.is_main:
-            try:
-                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                             "best_mIoU": best_miou, "rng": rngs, "config": to_dict(config),
-                             "counters": dict(counters)},
-                            run_dir / "checkpoints" / name)
-            except CheckpointError as error:
-                failure = error
-        if not all_true(failure is None, info.device):
-            previous = (f"it holds step {saved_step}" if name == "last.pt" and saved_step is not None
-                        else "if there is one")
-            raise CheckpointError(
-                f"{failure or 'the main process could not write a checkpoint'}. Training stopped at step {step}; "
-                f"the previous {name} is intact ({previous}). Free disk space (or fix the folder's permissions) "
-                f"and continue with: plca train --resume {run_dir}"
-            )
-        if name == "last.pt":
-            saved_step = step
+            save_config(config, self.run_dir / "config.yaml")
+            _record_run(self.run_dir, config, self.argv, self.started, None, logger)
+            for name in ("scalars.jsonl", "eval_history.jsonl"):
+                _truncate_jsonl(self.run_dir / name, self.state.step)
+            for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):
+                stale.unlink(missing_ok=True)  # left by a checkpoint write cut short (the checkpoint is intact)
+        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        self.board = TensorBoard(self.run_dir / "tb" if info.is_main else None)
+        self.datasets = self._datasets()
+        self.ddp = self._wrap_for_ddp()
+        warmup = effective_warmup(config.train.warmup_iters, config.train.iters)
+        if warmup < config.train.warmup_iters:
+            logger.info("warmup shortened from %d to %d updates (a quarter of train.iters)",
+                        config.train.warmup_iters, warmup)
+        return self._loop(max_steps)
 
-    def skipped_samples() -> int:
-        """Samples skipped so far by all processes (each counts its own)."""
-        count = counters["skipped_samples"]
-        if info.enabled:
-            count = round(all_reduce_mean(torch.tensor([float(count)], device=info.device)).item() * info.world_size)
+    def _resume(self, path: Path) -> None:
+        stored = load_checkpoint(path).get("config")
+        check_resume_config(self.config, stored, path, self.logger)
+        self.checkpointer.restore(path, self.method, self.optimizer, self.state)
+        self.logger.info("resumed from %s at step %d", path, self.state.step)
+
+    def _already_finished(self) -> RunResult:
+        metrics_path = self.run_dir / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+        self.logger.info("the run in %s is already finished (step %d of %d); nothing to do", self.run_dir,
+                         self.state.step, self.config.train.iters)
+        return RunResult(self.run_dir, self.state.step, metrics, self.method.inference_model())
+
+    def _datasets(self) -> RunDatasets:
+        config, info = self.config, self.info
+        datasets = build_run_datasets(config.data, config.train, config.eval.size, self.method.uses_target)
+        self.logger.info("run dir %s | %s on %d process(es), %s | source %d images%s%s", self.run_dir, config.method,
+                         info.world_size, info.device, len(datasets.source),
+                         f", target {len(datasets.target)}" if datasets.target is not None else "",
+                         f", val {len(datasets.val)}" if datasets.val is not None else "")
+        check_run_datasets(datasets, self.data_check, config.data.on_error, info.rank, info.world_size,
+                           self.logger, agree=lambda ok: all_true(ok, info.device))
+        return datasets
+
+    def _wrap_for_ddp(self) -> nn.Module | None:
+        info, train = self.info, self.config.train
+        self.method.train()
+        if not info.enabled:
+            return None
+        trained = self.method.trainable_module()
+        if info.device.type == "cuda" and train.sync_bn:
+            nn.SyncBatchNorm.convert_sync_batchnorm(trained)
+        ddp = DistributedDataParallel(trained, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        self.method.set_student_forward(ddp)
+        return ddp
+
+    def _streams(self):
+        config, info, train = self.config, self.info, self.config.train
+        args = dict(rank=info.rank, world_size=info.world_size, num_workers=config.data.num_workers,
+                    pin_memory=info.device.type == "cuda", start=self.state.step * train.accumulation)
+        source = batch_stream(self.datasets.source, train.batch_size, train.seed, **args)
+        target = (batch_stream(self.datasets.target, train.batch_size, train.seed + 1, **args)
+                  if self.datasets.target is not None else None)
+        self.streams += [stream for stream in (source, target) if stream is not None]
+        return source, target
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self, max_steps: int | None) -> RunResult:
+        config, train, state = self.config, self.config.train, self.state
+        source_stream, target_stream = self._streams()
+        use_amp = train.amp and self.info.device.type == "cuda"
+        window = ScalarWindow()
+        bar = tqdm(total=train.iters, initial=state.step, desc=config.method, dynamic_ncols=True,
+                   disable=not (self.progress and self.info.is_main))
+        steps_this_call = 0
+        with _StopSignal() as stop, bar:
+            while state.step < train.iters:
+                set_lr(self.optimizer, scheduled_lr(train, state.step))
+                batches = self._next_batches(source_stream, target_stream)
+                try:
+                    outcome = update(self.method, self.optimizer, batches, state.step, self.info, self.ddp, use_amp,
+                                     train.channels_last, lambda logs: self._collect(window, logs))
+                except Exception as error:  # noqa: BLE001 - the model is that of the last update: save it
+                    self._fail_between_steps(error, "during the update")
+                self._after_update(outcome)
+                self.last_batches = batches[0]
+                state.step += 1
+                steps_this_call += 1
+                bar.update(1)
+                stopping = any_true(stop.received is not None, self.info.device)
+                pausing = max_steps is not None and steps_this_call >= max_steps and state.step < train.iters
+                try:
+                    self._periodic(window, bar, stopping or pausing)
+                except (CheckpointError, TrainingError, DatasetError):
+                    raise
+                except Exception as error:  # noqa: BLE001
+                    self._fail_between_steps(error, "between updates")
+                if stopping:
+                    self.logger.warning("stopped by a signal at step %d; checkpoint saved", state.step)
+                    raise TrainingInterrupted(f"stopped by signal {stop.received or 'on another process'} at step "
+                                              f"{state.step}; checkpoint saved. Resume with: "
+                                              f"{resume_command(self.run_dir)}")
+                if pausing:
+                    return RunResult(self.run_dir, state.step, None, self.method.inference_model())
+        return self._finish()
+
+    def _next_batches(self, source_stream, target_stream) -> list[tuple[dict, dict | None]]:
+        """Every micro-batch of the step, loaded before any computation: a sample that fails to load
+        leaves the model exactly as after the previous step, which is then saved."""
+        batches, load_error = [], None
+        try:
+            for _ in range(self.config.train.accumulation):
+                source = next(source_stream)
+                batches.append((source, next(target_stream) if target_stream is not None else None))
+        except DatasetError as error:
+            load_error = error
+        if not all_true(load_error is None, self.info.device):
+            self._save_last()
+            raise DatasetError(
+                f"{load_error or 'another process could not load a sample (see its message)'}\n"
+                f"Training stopped at step {self.state.step}; checkpoint saved. Fix or remove the file (plca prepare "
+                f"checks a whole dataset), or set data.on_error=skip to skip such samples (they are counted), "
+                f"then continue with: {resume_command(self.run_dir)}"
+            )
+        for source, target in batches:
+            for message in source["skipped"] + (target["skipped"] if target else []):
+                self.state.counters["skipped_samples"] += 1
+                self.logger.warning("step %d: %s", self.state.step, message)
+        return batches
+
+    def _collect(self, window: ScalarWindow, logs: dict) -> None:
+        if float(logs.pop("data/unlabelled_batch", 0.0)) > 0:
+            self.state.counters["unlabelled_batches"] += 1
+        window.add(logs)
+
+    def _after_update(self, outcome: UpdateOutcome) -> None:
+        state, train = self.state, self.config.train
+        if outcome is UpdateOutcome.DIVERGED:
+            raise TrainingError(
+                f"the update of step {state.step} made the model's weights or BatchNorm statistics non-finite: "
+                f"training diverged (train.lr={train.lr} is likely too high). {self._last_good()} "
+                f"Lower train.lr and start a new run, or resume from it with a lower LR")
+        if outcome is UpdateOutcome.SKIPPED:
+            state.nonfinite_in_row += 1
+            state.counters["skipped_steps"] += 1
+            self.logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                                state.step, state.nonfinite_in_row)
+            if state.nonfinite_in_row >= train.max_nonfinite_steps:
+                raise TrainingError(
+                    f"{state.nonfinite_in_row} consecutive steps with a non-finite loss or gradient (step "
+                    f"{state.step}); stopping. {self._last_good()} Try a lower train.lr or check the data.")
+        else:
+            state.nonfinite_in_row = 0
+
+    def _last_good(self) -> str:
+        saved = self.checkpointer.saved_step
+        if saved is None:
+            return "No checkpoint was written yet."
+        return f"The last good checkpoint is {self.checkpointer.last_path} (step {saved})."
+
+    def _fail_between_steps(self, error: Exception, where: str) -> None:
+        """Save the last finished step (when the model can be trusted and saving is safe), then one line."""
+        detail = " ".join(str(error).split()) or type(error).__name__
+        kind = "out of memory" if isinstance(error, torch.OutOfMemoryError) or "out of memory" in detail else \
+            type(error).__name__
+        saved = ""
+        if not self.info.enabled and self.state.nonfinite_in_row == 0:
+            try:
+                self._save_last()
+                saved = f" Checkpoint of step {self.state.step} saved."
+            except Exception:  # noqa: BLE001 - the original failure is what to report
+                saved = ""
+        raise TrainingError(f"{kind} {where} at step {self.state.step}: {detail[:300]}.{saved or ' ' + self._last_good()}"
+                            f" Continue with: {resume_command(self.run_dir)}") from error
+
+    def _save_last(self) -> None:
+        self.checkpointer.save_training(self.method, self.optimizer, self.state, self.header)
+
+    def _periodic(self, window: ScalarWindow, bar, stopping: bool) -> None:
+        """Logging, images, checkpoints and validation after an update."""
+        state, train = self.state, self.config.train
+        step, last_step = state.step, state.step == train.iters
+        if step % train.log_every == 0 or last_step:
+            self._log_scalars(window, bar)
+        if train.image_every and step % train.image_every == 0 and self.info.is_main:
+            self._log_images()
+        periodic = step % train.checkpoint_every == 0 or last_step
+        # during a run of skipped steps the model is that of the last good update; the end is saved anyway
+        if (periodic and (state.nonfinite_in_row == 0 or last_step)) or stopping:
+            self._save_last()
+        if train.eval_every and step % train.eval_every == 0 and not last_step and not stopping:
+            self._validate()
+
+    def _log_scalars(self, window: ScalarWindow, bar) -> None:
+        state = self.state
+        scalars = window.means()
+        scalars["data/unlabelled_batches"] = state.counters["unlabelled_batches"]
+        scalars["lr"] = self.optimizer.param_groups[0]["lr"]
+        scalars["skipped_steps"] = state.counters["skipped_steps"]
+        scalars["data/skipped_samples"] = self._total("skipped_samples")
+        self.board.scalars(scalars, state.step)
+        if self.info.is_main:
+            _append_jsonl(self.run_dir / "scalars.jsonl", {"step": state.step, **scalars}, self.logger)
+        bar.set_postfix(loss=f"{scalars.get('loss/total', math.nan):.3f}")
+        terms = " ".join(f"{key.split('/', 1)[1]} {value:.4g}" for key, value in scalars.items()
+                         if key.startswith("loss/"))
+        self.logger.info("step %d/%d | %s | lr %.3g", state.step, self.config.train.iters, terms, scalars["lr"])
+
+    def _total(self, counter: str) -> int:
+        """A counter summed over all processes (each counts its own)."""
+        count = self.state.counters[counter]
+        if self.info.enabled:
+            mean = all_reduce_mean(torch.tensor([float(count)], device=self.info.device)).item()
+            count = round(mean * self.info.world_size)
         return count
 
-    def validate(step: int) -> dict | None:
-        nonlocal best_miou
-        if val_set is None:
+    @torch.no_grad()
+    def _log_images(self) -> None:
+        """TensorBoard grids (input, prediction, label) of the current source and target batches."""
+        model = self.method.inference_model()
+        was_training = model.training
+        model.eval()
+        for domain, batch in zip(("source", "target"), self.last_batches):
+            if batch is None:
+                continue
+            images = batch["image"].to(self.info.device).float()
+            logits = model(images)["logits"].float()
+            logits = F.interpolate(logits, size=batch["label"].shape[-2:], mode="bilinear", align_corners=False)
+            log_image_grid(self.board, f"images/{domain}", batch["image"], logits.argmax(1).cpu(), batch["label"],
+                           self.config.data.classes, self.state.step)
+        model.train(was_training)
+
+    def _validate(self) -> dict | None:
+        config, info, state = self.config, self.info, self.state
+        if self.datasets.val is None:
             return None
+        model = self.method.inference_model()
         average_buffers(model)
-        confusion = evaluate(model, val_set, len(config.data.classes), info.device, test_time_aggregation=tta,
-                             alpha=config.eval.alpha, amp=use_amp, rank=info.rank, world_size=info.world_size,
-                             progress=progress)
+        tta = test_time_aggregation_enabled(config)
+        confusion = evaluate(model, self.datasets.val, len(config.data.classes), info.device,
+                             test_time_aggregation=tta, alpha=config.eval.alpha,
+                             amp=config.train.amp and info.device.type == "cuda", rank=info.rank,
+                             world_size=info.world_size, progress=self.progress)
         metrics = summarize(confusion.matrix.cpu(), config.data.classes)
-        metrics.update(step=step, test_time_aggregation=tta)
+        metrics.update(step=state.step, test_time_aggregation=tta)
         if info.is_main:
-            board.scalars({"val/mIoU": metrics["mIoU"], "val/pixel_accuracy": metrics["pixel_accuracy"]}, step)
-            _append_jsonl(run_dir / "eval_history.jsonl", metrics, logger)
-            logger.info("step %d: %s %.2f", step, metrics["protocol"], metrics["mIoU"])
-        if metrics["mIoU"] > best_miou:
-            best_miou = metrics["mIoU"]
-            save(step, "best.pt")
+            self.board.scalars({"val/mIoU": metrics["mIoU"], "val/pixel_accuracy": metrics["pixel_accuracy"]},
+                               state.step)
+            _append_jsonl(self.run_dir / "eval_history.jsonl", metrics, self.logger)
+            self.logger.info("validation at step %d: %s %.2f", state.step, metrics["protocol"], metrics["mIoU"])
+        if metrics["mIoU"] > state.best_miou:
+            state.best_miou, state.best_step = metrics["mIoU"], state.step
+            self.checkpointer.save_model(model, "best_on_val.pt", state.step, self.header, metrics=metrics,
+                                         selection="best validation mIoU (oracle model selection)")
         return metrics
 
-    bar = tqdm(total=train_cfg.iters, initial=start_step, desc=config.method, dynamic_ncols=True,
-               disable=not (progress and info.is_main))
-    step = start_step
-    steps_this_call = 0
-    with _StopSignal() as stop:
-        while step < train_cfg.iters:
-            set_lr(optimizer, poly_lr(train_cfg.lr, step, poly_iters, train_cfg.poly_power))
-            optimizer.zero_grad(set_to_none=True)
-            # every batch of the step is loaded before any computation, so a sample that fails to
-            # load leaves the model exactly as after the previous step, which is then saved
-            batches, load_error = [], None
-            try:
-                for _ in range(accumulation):
-                    source_batch = next(source_stream)
-                    batches.append((source_batch, next(target_stream) if target_stream is not None else None))
-            except DatasetError as error:
-                load_error = error
-            if not all_true(load_error is None, info.device):
-                bar.close()
-                save(step)
-                raise DatasetError(
-                    f"{load_error or 'another process could not load a sample (see its message)'}\n"
-                    f"Training stopped at step {step}; checkpoint saved. Fix or remove the file (plca prepare "
-                    f"checks a whole dataset), or set data.on_error=skip to skip such samples (they are counted), "
-                    f"then continue with: plca train --resume {run_dir}"
-                )
-            for source_batch, target_batch in batches:
-                for message in source_batch["skipped"] + (target_batch["skipped"] if target_batch else []):
-                    counters["skipped_samples"] += 1
-                    logger.warning("step %d: %s", step, message)
-            buffers = [buffer.detach().clone() for buffer in model.buffers()]
-            finite = True
-            for micro, (source_batch, target_batch) in enumerate(batches):
-                source = _to_device(source_batch, info.device, train_cfg.channels_last)
-                target = (_to_device(target_batch, info.device, train_cfg.channels_last)
-                          if target_batch is not None else None)
-                sync = micro == accumulation - 1 or not info.enabled
-                no_sync = train_model.no_sync() if not sync else contextlib.nullcontext()
-                autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp
-                            else contextlib.nullcontext())
-                with no_sync, autocast:
-                    output = method.training_step(train_model, source, target)
-                finite = finite and bool(torch.isfinite(output.loss).item())
-                with no_sync:
-                    (output.loss / accumulation).backward()
-                window.add(output.logs)
-            finite = all_true(finite and _grads_finite(model), info.device)
-            if finite:
-                optimizer.step()
-                nonfinite_in_row = 0
-            else:
-                nonfinite_in_row += 1
-                counters["skipped_steps"] += 1
-                optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():  # the forward passes may have put NaN into BatchNorm statistics
-                    for buffer, saved in zip(model.buffers(), buffers):
-                        buffer.copy_(saved)
-                logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                               step, nonfinite_in_row)
-                if nonfinite_in_row >= train_cfg.max_nonfinite_steps:
-                    raise TrainingError(
-                        f"{nonfinite_in_row} consecutive steps with a non-finite loss or gradient (step {step}); "
-                        f"stopping. The last good checkpoint is {run_dir / 'checkpoints' / 'last.pt'}. "
-                        f"Try a lower train.lr or check the data."
-                    )
-            step += 1
-            steps_this_call += 1
-            bar.update(1)
+    # ------------------------------------------------------------------ the end
 
-            if step % train_cfg.log_every == 0 or step == train_cfg.iters:
-                scalars = window.means()
-                scalars["lr"] = optimizer.param_groups[0]["lr"]
-                scalars["skipped_steps"] = counters["skipped_steps"]
-                scalars["data/skipped_samples"] = skipped_samples()
-                board.scalars(scalars, step)
-                if info.is_main:
-                    _append_jsonl(run_dir / "scalars.jsonl", {"step": step, **scalars}, logger)
-                bar.set_postfix(loss=f"{scalars.get('loss/total', math.nan):.3f}")
-                logger.debug("step %d %s", step, scalars)
-            if train_cfg.image_every and step % train_cfg.image_every == 0 and info.is_main:
-                _log_images(board, model, source, target, config.data.classes, step)
-            stopping = stop.received is not None or (max_steps is not None and steps_this_call >= max_steps)
-            periodic = step % train_cfg.checkpoint_every == 0 or step == train_cfg.iters
-            # during a run of skipped steps the model is that of the last good update; the end is saved anyway
-            if (periodic and (nonfinite_in_row == 0 or step == train_cfg.iters)) or stopping:
-                save(step)
-            if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < train_cfg.iters:
-                validate(step)
-            if stop.received is not None:
-                bar.close()
-                raise TrainingInterrupted(
-                    f"stopped by signal {stop.received} at step {step}; checkpoint saved. "
-                    f"Resume with: plca train --resume {run_dir}"
-                )
-            if max_steps is not None and steps_this_call >= max_steps and step < train_cfg.iters:
-                bar.close()
-                return RunResult(run_dir=run_dir, step=step, metrics=None, model=model)
-    bar.close()
+    def _finish(self) -> RunResult:
+        config, state, info = self.config, self.state, self.info
+        model = self.method.inference_model()
+        metrics = self._validate()
+        self.checkpointer.save_model(model, "final.pt", state.step, self.header, metrics=metrics)
+        if metrics is not None:
+            metrics.update(method=config.method, skipped_steps=state.counters["skipped_steps"],
+                           skipped_samples=self._total("skipped_samples"), model="final")
+            history = _read_jsonl(self.run_dir / "eval_history.jsonl")
+            best = max(history, key=lambda m: m["mIoU"]) if history else None
+            if best is not None and info.is_main:
+                metrics["best_on_val"] = {
+                    "note": "the best of the validations during training, selected on the validation set: "
+                            "oracle model selection, not a result to report",
+                    "step": best["step"], "mIoU": best["mIoU"], "protocol": best["protocol"],
+                    "per_class_IoU": best["per_class_IoU"], "checkpoint": "checkpoints/best_on_val.pt"}
+        if info.is_main:
+            if metrics is not None:
+                (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            _record_run(self.run_dir, config, self.argv, self.started, time.time(), self.logger)
+            self.logger.info("finished at step %d. Run dir %s: metrics.json (final model), checkpoints/final.pt "
+                             "(final model), checkpoints/last.pt (to resume)%s", state.step, self.run_dir,
+                             ", checkpoints/best_on_val.pt (oracle selection)" if metrics is not None else "")
+        return RunResult(self.run_dir, state.step, metrics, model)
 
-    metrics = validate(step)
-    skipped = skipped_samples()
-    if metrics is not None and info.is_main:
-        metrics.update(method=config.method, skipped_steps=counters["skipped_steps"], skipped_samples=skipped)
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return RunResult(run_dir=run_dir, step=step, metrics=metrics, model=model)
+
+def _append_jsonl(path: Path, record: dict, logger) -> None:
+    """One JSON line; a failure (e.g. a full disk) is a warning, never the end of the run."""
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as error:
+        logger.warning("could not append to %s (%s); training goes on", path, error)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _record_run(run_dir: Path, config: Config, argv, started: float, finished: float | None, logger) -> None:
+    """``run.json``: what is needed to reproduce the run (versions, commit, command, times)."""
+    try:
+        from plca.engine.run_record import write_run_record
+    except ImportError:
+        return
+    try:
+        write_run_record(run_dir, to_dict(config), argv, config.train.seed, started, finished)
+    except OSError as error:
+        logger.warning("could not write %s (%s)", run_dir / "run.json", error)

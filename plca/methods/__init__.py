@@ -1,17 +1,19 @@
-"""Training methods: what one step computes (the engine runs the loop)."""
+"""Training methods: each an ``nn.Module`` that owns its segmentor and computes a step (the engine runs the loop).
 
-from plca.config import LossConfig
-from plca.methods.base import Method, StepOutput
-from plca.methods.plca import PLCA
-from plca.methods.source_only import SourceOnly
+Importing this package registers the built-in methods; :func:`build_method` builds one by name.
+"""
 
-METHODS: dict[str, type[Method]] = {"source_only": SourceOnly, "plca": PLCA}
+from torch import nn
 
-
-def build_method(name: str, loss: LossConfig) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method '{name}'; choose one of {', '.join(METHODS)}")
-    return METHODS[name](loss)
+from plca.methods.base import Method, MethodContext, StepOutput
+from plca.methods.registry import get_method, method_names, register_method
+from plca.methods import plca, source_only  # noqa: F401,E402 - registers the built-in methods
 
 
-__all__ = ["METHODS", "Method", "PLCA", "SourceOnly", "StepOutput", "build_method"]
+def build_method(name: str, segmentor: nn.Module, context: MethodContext) -> Method:
+    """The method registered as ``name``, training ``segmentor``."""
+    return get_method(name)(segmentor, context)
+
+
+__all__ = ["Method", "MethodContext", "StepOutput", "build_method", "get_method", "method_names",
+           "register_method"]

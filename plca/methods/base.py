@@ -1,19 +1,31 @@
-"""What a UDA method is here: an object that computes one training step's loss.
+"""What a UDA method is here: an ``nn.Module`` that owns its segmentor and computes one training step.
 
-The engine owns the loop, devices, precision and checkpoints; a method only
-turns a source batch (and, if it uses one, a target batch) into a loss and a
-dict of scalars to log. Methods hold no parameters of their own.
+A method holds the student segmentor it trains (and, where it has them, a teacher or
+a frozen reference network) as submodules, so ``state_dict()`` and ``.to()`` cover all
+of them and the engine checkpoints and resumes any method without knowing its parts.
+The engine owns the loop, devices, precision, DDP and checkpoints; a method:
+
+- turns a source batch (and a target batch, if it uses one) into a loss and scalars to
+  log (:meth:`Method.training_step`);
+- updates what is not trained by the optimiser after each update (:meth:`Method.after_update`,
+  e.g. an EMA teacher);
+- says which network to evaluate and export (:meth:`Method.inference_model`) and its
+  test-time default (:attr:`Method.test_time_aggregation`).
+
+A method's own options are a dataclass (:attr:`Method.Options`), read from the config
+section named after the method and handed over untouched by the engine.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plca.config import LossConfig
 from plca.data.labels import IGNORE_INDEX
 from plca.losses.lovasz import lovasz_softmax
 
@@ -24,41 +36,107 @@ class StepOutput:
     logs: dict[str, Tensor] = field(default_factory=dict)  # detached scalars
 
 
-class Method:
-    """Base class; subclasses implement :meth:`training_step`."""
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method is built from besides its segmentor.
 
-    name = "method"
-    uses_target = False
+    ``loss``: the shared loss terms (:class:`plca.config.LossConfig`); ``options``: the
+    method's own section (an instance of its :attr:`Method.Options`, or None); ``classes``:
+    class names in index order; ``model``: the model section (to build extra networks such
+    as a frozen ImageNet model); ``iters``: the run's number of updates.
+    """
 
-    def __init__(self, loss: LossConfig) -> None:
-        self.loss_config = loss
+    loss: Any
+    options: Any = None
+    classes: tuple[str, ...] = ()
+    model: Any = None
+    iters: int = 0
 
-    def training_step(self, model: nn.Module, source: dict, target: dict | None) -> StepOutput:
+
+class Method(nn.Module):
+    """Base class: subclasses set :attr:`name` and implement :meth:`training_step`."""
+
+    name: ClassVar[str] = "method"
+    uses_target: ClassVar[bool] = False
+    #: dataclass of the method's config section (``<name>:`` in the YAML), or None
+    Options: ClassVar[type | None] = None
+    #: config values this method changes by default (a nested dict over the config's sections)
+    config_defaults: ClassVar[dict] = {}
+    #: default of ``eval.test_time_aggregation`` when the config leaves it null
+    test_time_aggregation: ClassVar[bool] = False
+
+    def __init__(self, segmentor: nn.Module, context: MethodContext) -> None:
+        super().__init__()
+        self.student = segmentor
+        self.loss_config = context.loss
+        self.options = context.options
+        self.classes = tuple(context.classes)
+        self.__dict__["_student_forward"] = None  # not a submodule: the engine's DDP wrapper of the student
+
+    # ------------------------------------------------------------------ the engine's side
+
+    def trainable_module(self) -> nn.Module:
+        """The module whose parameters the optimiser updates and DDP synchronises."""
+        return self.student
+
+    def set_student_forward(self, wrapper: nn.Module | None) -> None:
+        """Route the student's training forward passes through ``wrapper`` (DDP), or directly (None)."""
+        self.__dict__["_student_forward"] = wrapper
+
+    def inference_model(self) -> nn.Module:
+        """The segmentor to evaluate, export and predict with."""
+        return self.student
+
+    def after_update(self, step: int) -> None:
+        """Called after every optimiser update (``step`` = updates done so far)."""
+
+    def training_step(self, source: dict, target: dict | None, step: int) -> StepOutput:
+        """Loss and logs of one forward; ``source`` / ``target``: ``{'image': (B, 3, H, W), 'label': (B, H, W)}``."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    def segment(self, images: Tensor) -> dict[str, Tensor]:
+        """The student's training forward ``{'features', 'logits'}`` (through DDP when the engine wraps it)."""
+        forward = self.__dict__["_student_forward"] or self.student
+        return forward(images)
 
     def source_loss(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Cross-entropy (+ weighted Lovasz-softmax) on logits ``(B, K, h, w)`` upsampled to labels ``(B, H, W)``.
 
-        Returns the loss and the upsampled logits' log-terms.
+        A batch without any labelled pixel gives 0 with a zero gradient (and ``data/unlabelled_batch`` 1).
         """
-        upsampled = upsample(logits, labels.shape[-2:])
-        ce = F.cross_entropy(upsampled.float(), labels, ignore_index=IGNORE_INDEX)
-        loss, logs = ce, {"loss/source_ce": ce.detach()}
+        upsampled = upsample(logits, labels.shape[-2:]).float()
+        ce, valid = cross_entropy(upsampled, labels)
+        loss, logs = ce, {"loss/source_ce": ce.detach(), "data/unlabelled_batch": (valid == 0).float()}
         if self.loss_config.lovasz_weight > 0:
-            lovasz = lovasz_softmax(upsampled.float().softmax(dim=1), labels, ignore_index=IGNORE_INDEX)
+            lovasz = lovasz_softmax(upsampled.softmax(dim=1), labels, ignore_index=IGNORE_INDEX)
             loss = loss + self.loss_config.lovasz_weight * lovasz
             logs["loss/source_lovasz"] = lovasz.detach()
         return loss, logs
 
 
-def upsample(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+def cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy of ``(B, K, H, W)`` logits over the labelled pixels of ``(B, H, W)`` labels.
+
+    Returns ``(loss, number of labelled pixels)``; 0 with a zero gradient when no pixel is labelled
+    (PyTorch's mean would be NaN). With ``weights`` ``(B, H, W)``: ``sum(w * ce) / labelled pixels``.
+    """
+    per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = (labels != IGNORE_INDEX).sum()
+    if weights is not None:
+        per_pixel = per_pixel * weights
+    return per_pixel.sum() / valid.clamp(min=1), valid
+
+
+def upsample(logits: Tensor, size: Sequence[int] | torch.Size) -> Tensor:
     """Bilinear (align_corners False) resize of ``(B, K, h, w)`` to ``(B, K, *size)``."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def resize_labels(labels: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+def resize_labels(labels: Tensor, size: Sequence[int] | torch.Size) -> Tensor:
     """Nearest-neighbour resize of labels ``(B, H, W)`` to ``(B, *size)``."""
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels

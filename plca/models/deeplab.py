@@ -1,24 +1,36 @@
-"""DeepLab-v2: input normalisation -> dilated ResNet (output stride 8) -> ASPP classifier.
+"""DeepLab-v2's ASPP head and the PLCA authors' released DeepLab-v2 checkpoints.
 
 The ASPP head of DeepLab-v2 is four parallel 3x3 convolutions straight to the
 class scores, with dilations 6, 12, 18 and 24, whose outputs are **summed**
-(no bias, no batch norm, PyTorch's default initialisation).
+(no bias, no batch norm, PyTorch's default initialisation). It reads the
+backbone's last map only, so that map is both its embedding and the feature
+map of PLCA's feature-level association.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
-from plca.models.resnet import DEPTHS, InputNormalizer, ResNet
-from plca.models.weights import load_imagenet_weights
+from plca.models.registry import register_head
+from plca.models.weights import LoadReport, WeightsError, is_counter, load_strict, read_state_dict
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from plca.models.segmentor import Segmentor
 
-BACKBONES: dict[str, int] = {f"resnet{depth}": depth for depth in DEPTHS}
+#: Output channel order of the PLCA authors' released GTA5 -> Cityscapes model.
+PLCA_AUTHORS_CLASS_ORDER: tuple[str, ...] = (
+    "sky", "building", "road", "sidewalk", "fence", "vegetation", "pole", "car", "traffic sign",
+    "person", "bicycle", "motorcycle", "traffic light", "rider", "bus", "wall", "terrain", "truck", "train",
+)
+#: Output channel order of their SYNTHIA -> Cityscapes model: the same, without terrain, truck, train.
+PLCA_AUTHORS_SYNTHIA_CLASS_ORDER: tuple[str, ...] = tuple(
+    name for name in PLCA_AUTHORS_CLASS_ORDER if name not in ("terrain", "truck", "train")
+)
 
 
 class ASPPHead(nn.Module):
@@ -29,61 +41,110 @@ class ASPPHead(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         self.dilations = tuple(dilations)
+        self.embed_channels = in_channels
         self.convs = nn.ModuleList(
             nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d, bias=False) for d in self.dilations
         )
 
-    def forward(self, features: Tensor) -> Tensor:
+    def embed(self, levels: Sequence[Tensor]) -> Tensor:
+        """The backbone's last map ``(B, in_channels, h, w)``: DeepLab-v2 classifies it directly."""
+        return levels[-1]
+
+    def classify(self, features: Tensor) -> Tensor:
+        """Class logits ``(B, num_classes, h, w)`` of features ``(B, in_channels, h, w)``."""
         out = self.convs[0](features)
         for conv in self.convs[1:]:
             out = out + conv(features)
         return out
 
+    def forward(self, features: Tensor | Sequence[Tensor]) -> Tensor:
+        """Logits of a feature map, or of the last of a list of maps."""
+        return self.classify(features if isinstance(features, Tensor) else self.embed(features))
 
-class DeepLabV2(nn.Module):
-    """Segmentation network: RGB 0-255 images in, features and logits at 1/8 resolution out.
 
-    Submodules: ``normalizer`` (:class:`InputNormalizer` of the backbone's style), ``backbone``
-    (:class:`ResNet`) and ``classifier`` (:class:`ASPPHead`).
-    """
-
-    def __init__(self, backbone: ResNet, num_classes: int, dilations: Sequence[int] = (6, 12, 18, 24)) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.style = backbone.style
-        self.normalizer = InputNormalizer(backbone.style)
-        self.backbone = backbone
-        self.classifier = ASPPHead(backbone.out_channels, num_classes, dilations)
-
-    def extract_features(self, images: Tensor) -> Tensor:
-        """Backbone features ``(B, Cf, h, w)`` of RGB 0-255 images ``(B, 3, H, W)`` (float or uint8)."""
-        return self.backbone(self.normalizer(images))
-
-    def classify(self, features: Tensor) -> Tensor:
-        """Class logits ``(B, K, h, w)`` of features ``(B, Cf, h, w)``."""
-        return self.classifier(features)
-
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        """``{'features': (B, Cf, h, w), 'logits': (B, K, h, w)}`` for images ``(B, 3, H, W)``.
-
-        ``h, w`` are about ``H / 8, W / 8``; logits are not upsampled.
-        """
-        features = self.extract_features(images)
-        return {"features": features, "logits": self.classify(features)}
+@register_head("deeplabv2")
+def deeplabv2_head(in_channels: Sequence[int], num_classes: int,
+                   dilations: Sequence[int] = (6, 12, 18, 24)) -> ASPPHead:
+    """DeepLab-v2's summed ASPP on the backbone's last level."""
+    return ASPPHead(in_channels[-1], num_classes, dilations)
 
 
 def build_deeplab_v2(num_classes: int, backbone: str = "resnet101", style: str = "caffe",
-                     pretrained: str | Path | None = None) -> DeepLabV2:
-    """DeepLab-v2 with a ``backbone`` ResNet of the given ``style``, optionally ImageNet-initialised.
+                     pretrained: str | Path | None = None) -> Segmentor:
+    """DeepLab-v2: a ``backbone`` ResNet of the given ``style`` with the ASPP head, optionally ImageNet-initialised.
 
-    ``pretrained`` is a file of ImageNet weights in torchvision's key layout (see
-    :func:`plca.models.weights.load_imagenet_weights`); every backbone tensor must be in it,
-    else :class:`plca.models.weights.WeightsError` is raised.
+    A shorthand for :func:`plca.models.segmentor.build_segmentor` with ``head="deeplabv2"``.
     """
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of: {', '.join(BACKBONES)}")
-    model = DeepLabV2(ResNet(BACKBONES[backbone], style), num_classes)
-    if pretrained is not None:
-        report = load_imagenet_weights(model.backbone, pretrained)
-        log.info("ImageNet weights from %s: %s", pretrained, report)
-    return model
+    from plca.models.segmentor import SegmentorSpec, build_segmentor
+
+    spec = SegmentorSpec(backbone=backbone, head="deeplabv2", style=style,
+                         pretrained=str(pretrained) if pretrained is not None else None)
+    return build_segmentor(spec, num_classes)
+
+
+# --------------------------------------------------------------------------- the authors' checkpoints
+
+
+def _authors_class_order(num_channels: int, path: Path) -> tuple[str, ...]:
+    for order in (PLCA_AUTHORS_CLASS_ORDER, PLCA_AUTHORS_SYNTHIA_CLASS_ORDER):
+        if num_channels == len(order):
+            return order
+    raise WeightsError(
+        f"weights file '{path}': the classifier has {num_channels} output channels; the PLCA authors' "
+        f"models have {len(PLCA_AUTHORS_CLASS_ORDER)} (GTA5) or {len(PLCA_AUTHORS_SYNTHIA_CLASS_ORDER)} (SYNTHIA)"
+    )
+
+
+def is_authors_checkpoint(raw: object) -> bool:
+    """Whether a loaded file looks like the PLCA authors' release: ``{'weights': {...}}``."""
+    return isinstance(raw, dict) and isinstance(raw.get("weights"), dict) and "model" not in raw
+
+
+def load_authors_checkpoint(model: Segmentor, path: str | Path, classes: Sequence[str]) -> LoadReport:
+    """Load a PLCA authors' released checkpoint into a DeepLab-v2 ``model``, reordering its classes to ``classes``.
+
+    Their file is ``{'weights': state_dict}`` with keys ``backbone.<resnet key>`` and
+    ``classifier.0.convs.{0,1,2,3}.0.weight``, output channels in
+    :data:`PLCA_AUTHORS_CLASS_ORDER` (19) or :data:`PLCA_AUTHORS_SYNTHIA_CLASS_ORDER` (16).
+    ``classes`` (``model``'s class order, Cityscapes names) may be any subset of theirs; the
+    channels are picked and permuted accordingly. ``num_batches_tracked`` and an unused
+    ``aux_classifier.*`` are ignored; everything else must match exactly.
+    """
+    path = Path(path)
+    classes = list(classes)
+    if len(classes) != model.num_classes:
+        raise WeightsError(f"{len(classes)} class names given for a model with {model.num_classes} classes")
+    if model.head_name != "deeplabv2" or getattr(model.backbone, "style", None) is None:
+        raise WeightsError(f"weights file '{path}': the PLCA authors' checkpoints are DeepLab-v2 ResNets; "
+                           f"this model is {model.backbone_name} with the {model.head_name} head")
+    if model.backbone.style != "caffe":
+        raise WeightsError(
+            f"weights file '{path}': the PLCA authors' checkpoints have a Caffe-style backbone; "
+            f"build the model with style 'caffe', not {model.backbone.style!r}"
+        )
+    state: dict[str, Tensor] = {}
+    ignored: list[str] = []
+    for key, value in read_state_dict(path).items():
+        if is_counter(key) or key.startswith("aux_classifier."):
+            ignored.append(key)
+        elif key.startswith("classifier.0.convs.") and key.endswith(".0.weight"):
+            branch = key[len("classifier.0.convs."):-len(".0.weight")]
+            state[f"head.convs.{branch}.weight"] = value
+        else:
+            state[key] = value  # backbone keys are named as ours; anything else is reported as unexpected
+
+    head_keys = sorted(k for k in state if k.startswith("head.convs."))
+    if head_keys:
+        order = _authors_class_order(state[head_keys[0]].shape[0], path)
+        lacking = [name for name in classes if name not in order]
+        if lacking:
+            raise WeightsError(
+                f"weights file '{path}' has no output channel for class(es) {', '.join(lacking)}; "
+                f"it predicts: {', '.join(order)}"
+            )
+        index = torch.tensor([order.index(name) for name in classes])
+        for key in head_keys:
+            if state[key].shape[0] != len(order):
+                raise WeightsError(f"weights file '{path}': ASPP branches disagree on the number of classes")
+            state[key] = state[key].index_select(0, index)
+    return load_strict(model, state, path, "DeepLab-v2 model (PLCA authors' layout)", ignored, optional=True)

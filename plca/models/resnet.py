@@ -19,8 +19,13 @@ the first one included (the reference's choice; torchvision's own
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
+
+from plca.models.registry import IMAGENET_RGB, Normalization, register_backbone
+from plca.models.weights import LoadReport, WeightsError, is_counter, load_strict, read_state_dict
 
 STYLES: tuple[str, ...] = ("caffe", "pytorch")
 
@@ -120,10 +125,11 @@ class ResNet(nn.Module):
     """Dilated ResNet backbone without the classification head, output stride 8.
 
     ``forward`` maps images ``(B, 3, H, W)`` (already normalised, see :class:`InputNormalizer`)
-    to layer4 features ``(B, out_channels, h, w)`` with ``h ~ H / 8``: the stem convolution,
-    the max-pool and layer2 each map a size ``n`` to ``ceil(n / 2)``, except the ``"caffe"``
-    max-pool (``ceil_mode=True``), which gives ``floor(n / 2) + 1`` (one more for even ``n``;
-    so a 1024-pixel side gives 129 rather than 128). Parameter and buffer names
+    to the outputs of layer1..layer4, ``[(B, out_channels[k], h_k, w_k)]``, at strides 4, 8, 8, 8
+    (:attr:`strides`); the last one is the feature map of DeepLab-v2, ``h ~ H / 8``: the stem
+    convolution, the max-pool and layer2 each map a size ``n`` to ``ceil(n / 2)``, except the
+    ``"caffe"`` max-pool (``ceil_mode=True``), which gives ``floor(n / 2) + 1`` (one more for
+    even ``n``; so a 1024-pixel side gives 129 rather than 128). Parameter and buffer names
     follow torchvision's layout (``conv1.weight``, ``layer1.0.conv1.weight``, ...,
     ``layer2.0.downsample.0.weight``), without ``fc``.
     """
@@ -141,14 +147,21 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=(style == "caffe"))
-        in_channels = 64
+        in_channels, channels = 64, []
         for index, (planes, count, stride, dilation) in enumerate(
                 zip((64, 128, 256, 512), blocks, STAGE_STRIDES, STAGE_DILATIONS), start=1):
             stage = self._make_stage(block, in_channels, planes, count, stride, dilation)
             self.add_module(f"layer{index}", stage)
             in_channels = planes * block.expansion
-        self.out_channels = in_channels
+            channels.append(in_channels)
+        self.out_channels: tuple[int, ...] = tuple(channels)
+        self.strides: tuple[int, ...] = (4, 8, 8, 8)
         self._init_weights()
+
+    @property
+    def normalization(self) -> Normalization:
+        """The input the weights of this style expect (see :class:`InputNormalizer`)."""
+        return style_normalization(self.style)
 
     def _make_stage(self, block: type[BasicBlock] | type[Bottleneck], in_channels: int, planes: int,
                     count: int, stride: int, dilation: int) -> nn.Sequential:
@@ -169,35 +182,48 @@ class ResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Layer4 features ``(B, out_channels, h, w)`` of normalised images ``(B, 3, H, W)``."""
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Outputs of layer1..layer4 ``[(B, out_channels[k], h_k, w_k)]`` of normalised images ``(B, 3, H, W)``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        return self.layer4(x)
+        levels = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            levels.append(x)
+        return levels
+
+    def load_pretrained(self, path: str | Path, drop_head: bool = False) -> LoadReport:
+        """ImageNet weights in torchvision's key layout, strictly (see :func:`load_resnet_weights`)."""
+        return load_resnet_weights(self, path, drop_head=drop_head)
+
+
+def style_normalization(style: str) -> Normalization:
+    """``"caffe"``: BGR 0-255 minus :data:`CAFFE_MEAN_BGR`, std 1; ``"pytorch"``: ImageNet RGB mean / std."""
+    if check_style(style) == "caffe":
+        return Normalization(bgr=True, mean=CAFFE_MEAN_BGR, std=(1.0, 1.0, 1.0))
+    return IMAGENET_RGB
 
 
 class InputNormalizer(nn.Module):
-    """Maps RGB images in 0-255 ``(B, 3, H, W)`` to the input the backbone style was trained on.
+    """Maps RGB images in 0-255 ``(B, 3, H, W)`` to the input a backbone's weights were trained on.
 
-    ``"caffe"``: channels reversed to BGR, minus :data:`CAFFE_MEAN_BGR`, std 1 (range stays 0-255).
+    Built from a :class:`~plca.models.registry.Normalization` or a ResNet style name:
+    ``"caffe"``: channels reversed to BGR, minus :data:`CAFFE_MEAN_BGR`, std 1 (range stays 0-255);
     ``"pytorch"``: ``(x / 255 - IMAGENET_MEAN_RGB) / IMAGENET_STD_RGB``.
     Integer images are converted to float32. The constants are non-persistent buffers: they
     follow ``.to(device)`` but never appear in state dicts.
     """
 
-    def __init__(self, style: str = "caffe") -> None:
+    def __init__(self, normalization: Normalization | str = "caffe") -> None:
         super().__init__()
-        self.style = check_style(style)
-        self.bgr = style == "caffe"
-        if self.bgr:
-            mean, std = CAFFE_MEAN_BGR, (1.0, 1.0, 1.0)
-        else:  # expressed in 0-255 units: (x / 255 - m) / s == (x - 255 m) / (255 s)
-            mean = tuple(255.0 * m for m in IMAGENET_MEAN_RGB)
-            std = tuple(255.0 * s for s in IMAGENET_STD_RGB)
-        self.register_buffer("mean", _channel_vector(mean), persistent=False)
-        self.register_buffer("std", _channel_vector(std), persistent=False)
+        if isinstance(normalization, str):
+            self.style: str | None = check_style(normalization)
+            normalization = style_normalization(normalization)
+        else:
+            self.style = None
+        self.normalization = normalization
+        self.bgr = normalization.bgr
+        self.register_buffer("mean", _channel_vector(normalization.mean), persistent=False)
+        self.register_buffer("std", _channel_vector(normalization.std), persistent=False)
 
     def forward(self, images: Tensor) -> Tensor:
         """Normalised float images ``(B, 3, H, W)`` from RGB 0-255 images ``(B, 3, H, W)``."""
@@ -212,3 +238,67 @@ class InputNormalizer(nn.Module):
 
 def _channel_vector(values: tuple[float, ...]) -> Tensor:
     return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1)
+
+
+# --------------------------------------------------------------------------- ImageNet weights
+
+
+def _strip_scale(key: str) -> str:
+    # the Caffe ResNet conversion names some tensors with a 'Scale' component, e.g. 'Scale.bn1.weight'
+    return ".".join(part for part in key.split(".") if part != "Scale")
+
+
+def _is_deeplab_coco_head(keys: list[str]) -> bool:
+    # DeepLab-v2's COCO-initialised Caffe ResNet-101 carries its old ASPP classifier as layer5.conv2d_list.*
+    return bool(keys) and all(key.startswith("layer5.") for key in keys) and any(
+        ".conv2d_list." in key for key in keys)
+
+
+def load_resnet_weights(backbone: ResNet, path: str | Path, drop_head: bool = False) -> LoadReport:
+    """Load ImageNet weights in torchvision's key layout into ``backbone``, strictly.
+
+    Accepts torchvision's own files and the Caffe conversion of the reference (whose keys may
+    carry a ``Scale.`` component, removed here). ``fc.*`` and ``num_batches_tracked`` entries are
+    dropped and reported as ignored. The DeepLab COCO-initialised Caffe ResNet-101, which also
+    holds its old classifier as ``layer5.*``, is recognised and named; its classifier is dropped
+    only with ``drop_head`` (``model.drop_pretrained_head``). Any other missing or unexpected key
+    or a shape mismatch raises :class:`WeightsError`. The weights' style (Caffe v1 / torchvision
+    v1.5) cannot be read from the file: it must match the ``style`` the backbone was built with.
+    """
+    path = Path(path)
+    state: dict[str, Tensor] = {}
+    ignored: list[str] = []
+    for key, value in read_state_dict(path).items():
+        name = _strip_scale(key)
+        if name.startswith("fc.") or is_counter(name):
+            ignored.append(key)
+            continue
+        if name in state:
+            raise WeightsError(f"weights file '{path}' has two tensors for '{name}' once 'Scale.' is removed")
+        state[name] = value
+    extra = sorted(key for key in state if key.startswith("layer5."))
+    if _is_deeplab_coco_head(extra):
+        if not drop_head:
+            raise WeightsError(
+                f"weights file '{path}' is the DeepLab COCO-initialised Caffe ResNet-101: besides the backbone it "
+                f"holds DeepLab's old classifier ({len(extra)} tensors layer5.conv2d_list.*, trained for COCO's "
+                f"classes), which this model does not use. Set model.drop_pretrained_head=true to drop those "
+                f"tensors and load the backbone"
+            )
+        for key in extra:
+            del state[key]
+        ignored += [f"{key} (DeepLab COCO classifier)" for key in extra]
+    return load_strict(backbone, state, path, f"ResNet-{backbone.depth} backbone", ignored, optional=True)
+
+
+def _resnet_factory(depth: int):
+    def build(style: str | None = None) -> ResNet:
+        return ResNet(depth, style or "caffe")
+
+    build.__name__ = f"resnet{depth}"
+    build.__doc__ = f"Dilated ResNet-{depth} (output stride 8), style ``caffe`` (default) or ``pytorch``."
+    return build
+
+
+for _depth in DEPTHS:
+    register_backbone(f"resnet{_depth}")(_resnet_factory(_depth))

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from plca.config import Config, ConfigError, build_config, load_config, to_dict
+from plca.config import Config, ConfigError
 from plca.data.labels import palette
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -261,26 +261,11 @@ class PredictSummary:
 
 def load_model_for_inference(checkpoint: str | Path, config_path: str | Path | None = None,
                              overrides: Sequence[str] = ()) -> tuple[nn.Module, Config]:
-    """The model (CPU, eval mode) and its config.
+    """The model (CPU, eval mode) and its config (see :func:`plca.inference.load_for_inference`)."""
+    from plca.inference import load_for_inference
 
-    ``config_path`` may be omitted for a plca export (``.safetensors``) or training checkpoint,
-    which carry their config; ``overrides`` (``key=value``) then apply to that stored config.
-    """
-    from plca.evaluation.run import load_trained_weights
-    from plca.tools.export import build_inference_model, stored_config
-
-    if config_path is not None:
-        config = load_config(config_path, list(overrides))
-    else:
-        config = stored_config(checkpoint)
-        if config is None:
-            raise ConfigError(f"'{checkpoint}' carries no config (e.g. the PLCA authors' release): "
-                              f"give CONFIG.yaml before the options")
-        if overrides:
-            config = build_config(to_dict(config), list(overrides))
-    model = build_inference_model(config)
-    load_trained_weights(model, checkpoint, config.data.classes)
-    return model.eval(), config
+    model, config, _ = load_for_inference(checkpoint, config_path, overrides)
+    return model, config
 
 
 def _batches(loader: Iterator, batch_size: int) -> Iterator[list[tuple[InputImage, np.ndarray | None, str | None]]]:

@@ -11,7 +11,7 @@ from plca.config import AssociationConfig, LossConfig
 from plca.losses.association import association_loss
 from plca.losses.lovasz import lovasz_softmax
 from plca.losses.lsr import lsr_loss
-from plca.methods import build_method
+from plca.methods import MethodContext, build_method
 from plca.models.deeplab import build_deeplab_v2
 
 NUM_CLASSES = 3
@@ -41,20 +41,23 @@ LOSS = LossConfig(lovasz_weight=3.0, lsr_weight=0.01, lsr_threshold=10.0,
                   association=AssociationConfig(feature_weight=0.1, classifier_weight=0.1, impl="dense"))
 
 
+def plca_step(net, loss, source, target):
+    return build_method("plca", net, MethodContext(loss=loss)).training_step(source, target, 0)
+
+
 def test_plca_objective_is_the_weighted_sum_of_its_terms():
     source, target = batches()
     net = model()
-    step = build_method("plca", LOSS).training_step(net, source, target)
+    step = plca_step(net, LOSS, source, target)
 
     # the same objective written out from METHOD.md, with fresh forward passes in train mode
     net2 = model()
     src, tgt = net2(source["image"]), net2(target["image"])
     labels = source["label"]
     up = F.interpolate(src["logits"], size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    up_t = F.interpolate(tgt["logits"], size=target["image"].shape[-2:], mode="bilinear", align_corners=False)
     ce = F.cross_entropy(up, labels, ignore_index=255)
     lovasz = lovasz_softmax(up.softmax(dim=1), labels, ignore_index=255)
-    lsr = lsr_loss(up, 10.0) + lsr_loss(up_t, 10.0)
+    lsr = lsr_loss(src["logits"], 10.0) + lsr_loss(tgt["logits"], 10.0)  # at the logits' own (1/8) resolution
     small = F.interpolate(labels[:, None].float(), size=src["features"].shape[-2:], mode="nearest")[:, 0].long()
     feat = association_loss(src["features"], tgt["features"], small, metric="cos", impl="dense")
     cls = association_loss(src["logits"].softmax(dim=1), tgt["logits"].softmax(dim=1), small, metric="kl",
@@ -73,7 +76,7 @@ def test_plca_objective_is_the_weighted_sum_of_its_terms():
 
 def test_target_labels_are_diagnostic_only():
     source, target = batches(1)
-    method = build_method("plca", LossConfig(association=AssociationConfig(impl="efficient")))
+    loss = LossConfig(association=AssociationConfig(impl="efficient"))
     results = []
     for labels in (target["label"], torch.randint(0, NUM_CLASSES, target["label"].shape), None):
         net = model()
@@ -82,7 +85,7 @@ def test_target_labels_are_diagnostic_only():
             tgt.pop("label")
         else:
             tgt["label"] = labels
-        step = method.training_step(net, source, tgt)
+        step = plca_step(net, loss, source, tgt)
         step.loss.backward()
         results.append((step.loss.detach(), grads(net), step.logs))
     (loss_a, grads_a, logs_a), (loss_b, grads_b, logs_b), (loss_c, grads_c, logs_c) = results
@@ -99,7 +102,7 @@ def test_zero_weights_switch_terms_off():
     source, target = batches(2)
     off = LossConfig(lovasz_weight=0.0, lsr_weight=0.0,
                      association=AssociationConfig(feature_weight=0.0, classifier_weight=0.0))
-    step = build_method("plca", off).training_step(model(), source, target)
+    step = plca_step(model(), off, source, target)
     assert not any(key.startswith(("loss/assoc", "loss/lsr", "loss/source_lovasz")) for key in step.logs)
     assert step.loss.item() == pytest.approx(step.logs["loss/source_ce"].item())
 
@@ -109,3 +112,36 @@ def test_reference_weights_are_the_defaults():
     assert (loss.lovasz_weight, loss.lsr_weight, loss.lsr_threshold) == (3.0, 0.01, 10.0)
     assert (loss.association.feature_weight, loss.association.classifier_weight) == (0.1, 0.1)
     assert loss.association.aggregate and loss.association.alpha == 0.5
+
+
+def test_lsr_is_computed_at_the_logits_own_resolution():
+    source, target = batches(3)
+    only_lsr = LossConfig(lovasz_weight=0.0, lsr_weight=1.0,
+                          association=AssociationConfig(feature_weight=0.0, classifier_weight=0.0))
+    net = model()
+    step = plca_step(net, only_lsr, source, target)
+    with torch.no_grad():
+        src, tgt = net(source["image"]), net(target["image"])
+    assert src["logits"].shape[-1] < source["image"].shape[-1]  # 1/8 of the image
+    native = lsr_loss(src["logits"], 10.0) + lsr_loss(tgt["logits"], 10.0)
+    up = lambda logits, size: F.interpolate(logits, size=size, mode="bilinear", align_corners=False)  # noqa: E731
+    upsampled = (lsr_loss(up(src["logits"], source["image"].shape[-2:]), 10.0)
+                 + lsr_loss(up(tgt["logits"], target["image"].shape[-2:]), 10.0))
+    assert step.logs["loss/lsr"].item() == pytest.approx(native.item(), rel=1e-5)
+    assert abs(native.item() - upsampled.item()) > 1e-4  # the two choices are distinguishable here
+
+
+def test_target_batch_is_forwarded_before_the_source_batch():
+    source, target = batches(4)
+    net = model()
+    seen = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    plca_step(net, LOSS, source, target)
+    assert seen == [tuple(target["image"].shape), tuple(source["image"].shape)]
+    # so the BatchNorm running statistics lean to the source batch, forwarded last
+    bn = net.backbone.bn1
+    reference = model()
+    reference.backbone.bn1.momentum = bn.momentum
+    reference(source["image"])
+    reference(target["image"])
+    assert not torch.allclose(bn.running_mean, reference.backbone.bn1.running_mean)

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plca.models.deeplab import ASPPHead, DeepLabV2, build_deeplab_v2
+from plca.models.deeplab import ASPPHead, build_deeplab_v2
+from plca.models.segmentor import Segmentor
 from plca.models.resnet import ResNet
 
 
@@ -45,7 +46,7 @@ def test_aspp_custom_dilations():
 
 
 @pytest.fixture(scope="module")
-def model() -> DeepLabV2:
+def model() -> Segmentor:
     torch.manual_seed(0)
     return build_deeplab_v2(7, backbone="resnet18", style="caffe").eval()
 
@@ -62,10 +63,10 @@ def test_forward_returns_features_and_logits_at_stride_8(model):
 def test_forward_is_normalise_backbone_classify(model):
     images = torch.rand(1, 3, 40, 48) * 255
     with torch.no_grad():
-        features = model.backbone(model.normalizer(images))
+        features = model.backbone(model.normalizer(images))[-1]
         out = model(images)
         torch.testing.assert_close(out["features"], features)
-        torch.testing.assert_close(out["logits"], model.classifier(features))
+        torch.testing.assert_close(out["logits"], model.head.classify(features))
         torch.testing.assert_close(model.extract_features(images), features)
         torch.testing.assert_close(model.classify(features), out["logits"])
 
@@ -80,7 +81,7 @@ def test_attributes_and_state_dict_layout(model):
     assert model.num_classes == 7 and model.style == "caffe"
     assert model.normalizer.style == "caffe"
     keys = list(model.state_dict())
-    assert "backbone.conv1.weight" in keys and "classifier.convs.3.weight" in keys
+    assert "backbone.conv1.weight" in keys and "head.convs.3.weight" in keys
     assert not any(k.startswith("normalizer.") for k in keys)
 
 
@@ -92,8 +93,8 @@ def test_style_flows_to_normalizer_and_backbone():
 
 def test_resnet101_head_width_on_meta_device():
     with torch.device("meta"):
-        m = DeepLabV2(ResNet(101), 19)
-    assert m.classifier.convs[0].weight.shape == (19, 2048, 3, 3)
+        m = build_deeplab_v2(19, backbone="resnet101")
+    assert m.head.convs[0].weight.shape == (19, 2048, 3, 3)
 
 
 def test_unknown_backbone_is_rejected():

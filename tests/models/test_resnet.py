@@ -72,7 +72,9 @@ def test_known_torchvision_keys_spot_check():
 
 @pytest.mark.parametrize("depth, channels", [(18, 512), (34, 512), (50, 2048), (101, 2048)])
 def test_out_channels(depth, channels):
-    assert meta_resnet(depth).out_channels == channels
+    net = meta_resnet(depth)
+    assert net.out_channels[-1] == channels and net.out_channels == tuple(channels // 8 * k for k in (1, 2, 4, 8))
+    assert net.strides == (4, 8, 8, 8)
 
 
 def test_unknown_depth_and_style_are_rejected_with_the_allowed_values():
@@ -147,9 +149,11 @@ def expected_size(n: int, style: str, bottleneck: bool) -> int:
 @pytest.mark.parametrize("size", [(65, 97), (64, 96), (71, 33)])
 def test_output_stride_8_shapes(depth, style, size):
     net = meta_resnet(depth, style)
-    out = net(torch.empty(2, 3, *size, device="meta"))
+    levels = net(torch.empty(2, 3, *size, device="meta"))
     expected = tuple(expected_size(n, style, depth >= 50) for n in size)
-    assert tuple(out.shape) == (2, net.out_channels, *expected)
+    assert tuple(levels[-1].shape) == (2, net.out_channels[-1], *expected)
+    assert [tuple(level.shape[:2]) for level in levels] == [(2, c) for c in net.out_channels]
+    assert tuple(levels[1].shape[-2:]) == expected and tuple(levels[2].shape[-2:]) == expected  # dilated: stride 8
 
 
 def test_ceil_mode_makes_caffe_output_larger_on_even_stem_sizes():
@@ -165,8 +169,8 @@ def test_real_forward_sizes(depth, style):
     torch.manual_seed(0)
     net = ResNet(depth, style).eval()
     with torch.no_grad():
-        out = net(torch.randn(1, 3, 64, 71))
-    assert out.shape == (1, net.out_channels, expected_size(64, style, depth >= 50),
+        out = net(torch.randn(1, 3, 64, 71))[-1]
+    assert out.shape == (1, net.out_channels[-1], expected_size(64, style, depth >= 50),
                          expected_size(71, style, depth >= 50))
     assert torch.isfinite(out).all()
 
@@ -222,9 +226,12 @@ def test_resnet_forward_is_stem_then_four_stages():
     with torch.no_grad():
         y = F.max_pool2d(F.relu(bn(F.conv2d(x, net.conv1.weight, stride=2, padding=3), net.bn1)),
                          3, stride=2, padding=1, ceil_mode=True)
+        expected = []
         for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
             y = stage(y)
-        torch.testing.assert_close(net(x), y)
+            expected.append(y)
+        for level, reference in zip(net(x), expected, strict=True):
+            torch.testing.assert_close(level, reference)
 
 
 # ---------------------------------------------------------------- input normalisation

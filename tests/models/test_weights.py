@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from plca.data.labels import CITYSCAPES_CLASSES, SYNTHIA16_CLASSES, SYNTHIA13_CLASSES
-from plca.models.deeplab import DeepLabV2, build_deeplab_v2
+from plca.models.deeplab import PLCA_AUTHORS_CLASS_ORDER, build_deeplab_v2, load_authors_checkpoint
 from plca.models.resnet import ResNet
+from plca.models.resnet import load_resnet_weights as load_imagenet_weights
+from plca.models.segmentor import Segmentor
 from plca.models.weights import (
-    PLCA_AUTHORS_CLASS_ORDER,
     LoadReport,
     WeightsError,
-    load_authors_checkpoint,
-    load_imagenet_weights,
     load_safetensors_into,
     read_state_dict,
     save_safetensors,
@@ -99,6 +98,27 @@ def test_unexpected_key_is_an_error(tmp_path, imagenet_state):
     torch.save(dict(imagenet_state, **{"layer5.0.conv1.weight": torch.zeros(1)}), tmp_path / "w.pth")
     with pytest.raises(WeightsError, match=r"unexpected keys \(1\): layer5\.0\.conv1\.weight"):
         load_imagenet_weights(ResNet(18), tmp_path / "w.pth")
+
+
+def test_deeplab_coco_resnet_is_recognised_and_its_classifier_dropped_on_request(tmp_path, imagenet_state):
+    # DeepLab's COCO-initialised Caffe ResNet: 'Scale.'-prefixed keys plus its old ASPP as layer5.conv2d_list.*
+    coco = {f"Scale.{k}" if k.startswith("bn1") else k: v for k, v in imagenet_state.items() if not k.startswith("fc.")}
+    for branch in range(4):
+        coco[f"Scale.layer5.conv2d_list.{branch}.weight"] = torch.randn(21, 512, 3, 3)
+        coco[f"Scale.layer5.conv2d_list.{branch}.bias"] = torch.randn(21)
+    torch.save(coco, tmp_path / "coco.pth")
+    with pytest.raises(WeightsError, match=r"COCO-initialised Caffe ResNet-101.*8 tensors layer5\.conv2d_list.*"
+                                           r"model\.drop_pretrained_head=true"):
+        load_imagenet_weights(ResNet(18), tmp_path / "coco.pth")
+    net = ResNet(18)
+    report = load_imagenet_weights(net, tmp_path / "coco.pth", drop_head=True)
+    assert sum("DeepLab COCO classifier" in key for key in report.ignored) == 8
+    assert_same_tensors({k: v for k, v in imagenet_state.items() if not k.startswith("fc.")}, net.state_dict())
+    # the flag drops nothing else: a foreign key still fails
+    coco["layer6.weight"] = torch.zeros(1)
+    torch.save(coco, tmp_path / "coco2.pth")
+    with pytest.raises(WeightsError, match=r"unexpected keys \(1\): layer6\.weight"):
+        load_imagenet_weights(ResNet(18), tmp_path / "coco2.pth", drop_head=True)
 
 
 def test_shape_mismatch_is_an_error(tmp_path, imagenet_state):
@@ -188,11 +208,11 @@ def test_load_report_str():
 
 # ---------------------------------------------------------------- the authors' checkpoints
 
-def authors_file(model: DeepLabV2, path) -> None:
+def authors_file(model: Segmentor, path) -> None:
     """Save ``model`` in the authors' layout, treating its output channels as in their class order."""
     state = {}
     for key, value in model.state_dict().items():
-        if key.startswith("classifier.convs."):
+        if key.startswith("head.convs."):
             branch = key.split(".")[2]
             key = f"classifier.0.convs.{branch}.0.weight"
         state[key] = value
@@ -254,7 +274,7 @@ def test_authors_checkpoint_with_foreign_keys_or_wrong_style_is_an_error(tmp_pat
     theirs, ours = theirs_and_ours(19, CITYSCAPES_CLASSES)
     state = {("extra.conv.weight" if k == "backbone.conv1.weight" else k): v
              for k, v in theirs.state_dict().items()}
-    state = {(f"classifier.0.convs.{k.split('.')[2]}.0.weight" if k.startswith("classifier.") else k): v
+    state = {(f"classifier.0.convs.{k.split('.')[2]}.0.weight" if k.startswith("head.") else k): v
              for k, v in state.items()}
     torch.save({"weights": state}, tmp_path / "odd.pth")
     with pytest.raises(WeightsError, match=r"missing keys \(1\): backbone\.conv1\.weight.*"

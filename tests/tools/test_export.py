@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from plca.cli import main
 from plca.config import ConfigError, build_config, to_dict
-from plca.evaluation.run import load_trained_weights
+from plca.inference import load_for_inference
 from plca.models.weights import WeightsError
 from plca.tools.export import EXPORT_FORMAT, build_inference_model, export_model, load_exported, read_export_metadata
 
@@ -70,8 +70,12 @@ def test_round_trip_gives_identical_logits(run_dir, tmp_path):
 def test_metadata_holds_format_classes_and_config(run_dir, tmp_path):
     run, _, config = run_dir
     metadata = read_export_metadata(export_model(run, tmp_path / "model.safetensors"))
-    assert metadata["format"] == EXPORT_FORMAT == "plca-deeplabv2"
+    assert metadata["format"] == EXPORT_FORMAT == "plca-segmentor"
     assert json.loads(metadata["classes"]) == CLASSES
+    segmentor = json.loads(metadata["segmentor"])
+    assert (segmentor["backbone"], segmentor["head"], segmentor["style"], segmentor["num_classes"]) == \
+        ("resnet18", "deeplabv2", "pytorch", 3)
+    assert segmentor["normalization"] == {"bgr": False, "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
     assert yaml.safe_load(metadata["config"]) == to_dict(config)
     assert metadata["step"] == "7"
 
@@ -79,8 +83,8 @@ def test_metadata_holds_format_classes_and_config(run_dir, tmp_path):
 def test_evaluate_path_loads_the_export_with_a_config(run_dir, tmp_path):
     run, model, config = run_dir
     path = export_model(run / "checkpoints" / "last.pt", tmp_path / "model.safetensors")
-    fresh = build_inference_model(config)
-    assert load_trained_weights(fresh, path, CLASSES) == "safetensors"
+    fresh, _, file = load_for_inference(path)
+    assert file.kind == "plca export"
     images = torch.rand(1, 3, 32, 32) * 255
     assert torch.equal(logits(fresh, images), logits(model, images))
 
@@ -105,8 +109,8 @@ def test_checkpoint_without_config_needs_one(tmp_path):
 
 def test_clear_errors(tmp_path, run_dir):
     run, _, config = run_dir
-    with pytest.raises(WeightsError, match="best.pt"):
-        export_model(run, tmp_path / "m.safetensors", which="best")
+    with pytest.raises(WeightsError, match="best_on_val.pt"):
+        export_model(run, tmp_path / "m.safetensors", which="best_on_val")
     with pytest.raises(ConfigError, match=".safetensors"):
         export_model(run, tmp_path / "m.pt")
     plain = tmp_path / "plain.safetensors"
@@ -120,5 +124,5 @@ def test_clear_errors(tmp_path, run_dir):
     wrong = tmp_path / "wrong.pt"  # a checkpoint of a 5-class model under a 3-class config
     other = build_config({**to_dict(config), "data": {**to_dict(config)["data"], "classes": CLASSES + ["a", "b"]}})
     torch.save({"model": build_inference_model(other).state_dict(), "config": to_dict(config)}, wrong)
-    with pytest.raises(WeightsError, match="does not match"):
+    with pytest.raises(WeightsError, match="does not fit the resnet18 .* with 3 classes"):
         export_model(wrong, tmp_path / "w.safetensors")

@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     config = tiny_config(tmp / "data")
     model = build_inference_model(config).eval()
     with torch.no_grad():  # a larger classifier makes the classes compete visibly
-        for conv in model.classifier.convs:
+        for conv in model.head.convs:
             conv.weight.mul_(20)
     checkpoint = tmp / "run" / "checkpoints" / "last.pt"
     checkpoint.parent.mkdir(parents=True)
@@ -133,7 +133,7 @@ def test_flip_and_scales_average_probabilities(setup):
 def test_flip_tta_and_sliding_window_run_from_the_cli(setup, tmp_path):
     out = tmp_path / "out"
     rc = main(["predict", "--checkpoint", str(setup["checkpoint"]), "--input", str(setup["inputs"] / "a.png"),
-               "--output", str(out), "--flip", "--tta", "--sliding-window", "--window", "24", "32",
+               "--output", str(out), "--flip", "--aggregate", "--sliding-window", "--window", "24", "32",
                "--scales", "0.75", "1.0", "--no-progress", "--num-workers", "0"])
     assert rc == 0
     assert read(out / "labels" / "a.png").shape == (32, 64)

@@ -1,0 +1,79 @@
+"""The datasets of a run, built from its config, and their files checked before training starts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from plca.data.checks import check_files
+from plca.data.datasets import build_dataset
+from plca.data.io import DatasetError
+from plca.data.transforms import EvalTransform, TrainTransform
+
+
+@dataclass
+class RunDatasets:
+    source: Any
+    target: Any | None
+    val: Any | None
+
+    def named(self) -> dict[str, Any]:
+        return {"source": self.source, "target": self.target, "val": self.val}
+
+
+def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target: bool) -> RunDatasets:
+    """The training source (and target, when the method uses one) with the training transform, and the
+    validation set with the evaluation transform.
+
+    ``data``: :class:`plca.config.DataConfig`; ``train``: :class:`plca.config.TrainConfig`.
+    """
+    transform = TrainTransform(
+        crop_size=tuple(train.crop_size),
+        shorter_side=tuple(train.shorter_side) if train.shorter_side else None,
+        flip=train.flip,
+    )
+    common = dict(classes=data.classes, on_error=data.on_error)
+    source = build_dataset(data.source.format, data.source.root, data.source.split, transform=transform,
+                           seed=train.seed, **common)
+    target = None
+    if uses_target:
+        target = build_dataset(data.target.format, data.target.root, data.target.split, transform=transform,
+                               seed=train.seed + 1, require_labels=False, **common)
+    val = None
+    if data.val is not None:
+        val = build_dataset(data.val.format, data.val.root, data.val.split,
+                            transform=EvalTransform(tuple(eval_size) if eval_size else None),
+                            seed=train.seed, **common)
+    return RunDatasets(source, target, val)
+
+
+def check_run_datasets(datasets: RunDatasets, level: str, on_error: str, rank: int, world_size: int,
+                       logger: logging.Logger, agree: Callable[[bool], bool] = lambda ok: ok) -> None:
+    """Check the files of each dataset before training (each process a share of the samples).
+
+    Bad files are a :class:`DatasetError` naming them under ``on_error="raise"``, and a warning
+    under ``"skip"`` (they are then skipped, and counted, when loaded). ``agree(ok)`` is true on
+    every process iff ``ok`` is true on every process (a collective under DDP).
+    """
+    failed = ""
+    for name, dataset in datasets.named().items():
+        if dataset is None or level == "none":
+            continue
+        started = time.time()
+        report = check_files(dataset, level, indices=range(rank, len(dataset), world_size))
+        if report.resized:
+            logger.warning("%s: %d label(s) differ in size from their image and are resized when loaded "
+                           "(nearest), e.g. %s", dataset.description, len(report.resized), report.resized[0])
+        if not report.ok:
+            if on_error == "skip":
+                logger.warning("%s (data.on_error is skip: these samples are skipped and counted when loaded)",
+                               report.message())
+            elif not failed:
+                failed = (f"{name} data: {report.message()} Or set data.on_error=skip to skip bad samples (they "
+                          f"are counted and logged).")
+        logger.info("checked the files of the %s data (%s) in %.1f s", name, level, time.time() - started)
+    if not agree(not failed):
+        raise DatasetError(failed or "another process found bad dataset files (see its message)")

@@ -1,0 +1,133 @@
+"""A segmentor = input normaliser + backbone + head, built by name from the registries.
+
+Every part of the project that needs a network (training, evaluation, prediction,
+export, the benchmarks) builds it here, with :func:`build_segmentor`. The segmentor
+describes itself (:meth:`Segmentor.describe`), so a checkpoint or an exported file
+can rebuild it without the run's config.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from torch import Tensor, nn
+
+from plca.models.registry import create_backbone, create_head
+from plca.models.resnet import InputNormalizer
+from plca.models.weights import WeightsError
+
+log = logging.getLogger(__name__)
+
+#: Which map the feature-level association reads: the backbone's last level, or the map the
+#: head's classifier reads (its fused embedding; for DeepLab-v2 the two are the same map).
+FEATURE_SOURCES: tuple[str, ...] = ("backbone_last", "head_embedding")
+
+
+class SegmentorOptions(Protocol):
+    """What :func:`build_segmentor` reads; :class:`plca.config.ModelConfig` is one."""
+
+    backbone: str
+    head: str
+    style: str | None
+    pretrained: str | None
+    features: str
+    drop_pretrained_head: bool
+
+
+@dataclass
+class SegmentorSpec:
+    """A plain :class:`SegmentorOptions`, for building a segmentor in code."""
+
+    backbone: str = "resnet101"
+    head: str = "deeplabv2"
+    style: str | None = None
+    pretrained: str | None = None
+    features: str = "backbone_last"
+    drop_pretrained_head: bool = False
+
+
+class Segmentor(nn.Module):
+    """RGB 0-255 images in; the association's feature map and class logits out.
+
+    Submodules: ``normalizer`` (the input the backbone's weights expect, no state),
+    ``backbone`` (a list of maps, finest first) and ``head`` (``embed`` then ``classify``).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, num_classes: int, *, backbone_name: str,
+                 head_name: str, features: str = "backbone_last") -> None:
+        super().__init__()
+        if features not in FEATURE_SOURCES:
+            raise ValueError(f"features must be one of {', '.join(FEATURE_SOURCES)}, got {features!r}")
+        self.num_classes = num_classes
+        self.backbone_name = backbone_name
+        self.head_name = head_name
+        self.features = features
+        self.style: str | None = getattr(backbone, "style", None)
+        self.normalizer = InputNormalizer(self.style or backbone.normalization)
+        self.backbone = backbone
+        self.head = head
+
+    def levels(self, images: Tensor) -> list[Tensor]:
+        """The backbone's maps ``[(B, C_k, H / s_k, W / s_k)]`` of RGB 0-255 images ``(B, 3, H, W)``."""
+        return self.backbone(self.normalizer(images))
+
+    def extract_features(self, images: Tensor) -> Tensor:
+        """The map the classifier reads ``(B, E, h, w)`` (test-time aggregation aggregates it)."""
+        return self.head.embed(self.levels(images))
+
+    def classify(self, embedding: Tensor) -> Tensor:
+        """Class logits ``(B, K, h, w)`` of the head's embedding ``(B, E, h, w)``."""
+        return self.head.classify(embedding)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """``{'features': (B, C, h', w'), 'logits': (B, K, h, w)}`` for images ``(B, 3, H, W)``.
+
+        ``features`` is the map of the feature-level association (:attr:`features` says which);
+        logits are at the head's resolution (1/8 for DeepLab-v2, 1/4 for DAFormer), not upsampled.
+        """
+        levels = self.levels(images)
+        embedding = self.head.embed(levels)
+        features = levels[-1] if self.features == "backbone_last" else embedding
+        return {"features": features, "logits": self.head.classify(embedding)}
+
+    def describe(self) -> dict:
+        """What rebuilds this network: names, style, class count, feature map, input normalisation."""
+        return {
+            "backbone": self.backbone_name,
+            "head": self.head_name,
+            "style": self.style,
+            "num_classes": self.num_classes,
+            "features": self.features,
+            "normalization": self.normalizer.normalization.as_dict(),
+        }
+
+
+def build_segmentor(options: SegmentorOptions, num_classes: int) -> Segmentor:
+    """The segmentor ``options`` describe, with ImageNet weights from ``options.pretrained`` when set.
+
+    Unknown names raise ``ValueError`` listing the registered ones; a weights file that does not
+    fit the backbone raises :class:`~plca.models.weights.WeightsError` naming the file and keys.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    backbone = create_backbone(options.backbone, style=options.style)
+    head = create_head(options.head, backbone.out_channels, num_classes)
+    segmentor = Segmentor(backbone, head, num_classes, backbone_name=options.backbone, head_name=options.head,
+                          features=getattr(options, "features", "backbone_last"))
+    if options.pretrained:
+        report = load_backbone_weights(backbone, options.pretrained,
+                                       drop_head=getattr(options, "drop_pretrained_head", False))
+        log.info("ImageNet weights from %s: %s", options.pretrained, report)
+    return segmentor
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path, drop_head: bool = False):
+    """``backbone.load_pretrained(path)`` (with ``drop_head`` where the backbone knows it)."""
+    if not hasattr(backbone, "load_pretrained"):
+        raise WeightsError(f"backbone {type(backbone).__name__} cannot load weights from '{path}'")
+    if drop_head:
+        return backbone.load_pretrained(path, drop_head=True)
+    return backbone.load_pretrained(path)

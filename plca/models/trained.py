@@ -1,0 +1,150 @@
+"""Trained model files of every kind, read safely and turned back into a segmentor.
+
+Kinds: a plca checkpoint or model file (``.pt``: ``last.pt``, ``final.pt``, ``best_on_val.pt``,
+which describe their segmentor and classes), a plca export (``.safetensors`` whose metadata
+holds the same), and the PLCA authors' released DeepLab-v2 checkpoints (``{'weights': ...}``,
+which describe nothing: the model comes from a config, the class order is theirs).
+A run directory stands for its ``checkpoints/final.pt`` (``last.pt`` for an unfinished run).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from plca.models.deeplab import is_authors_checkpoint, load_authors_checkpoint
+from plca.models.segmentor import Segmentor, SegmentorSpec, build_segmentor
+from plca.models.weights import WeightsError, load_strict
+from plca.serialization import UnreadableFileError, load_torch_file, read_safetensors, read_safetensors_metadata
+
+#: The ``format`` metadata value of a plca export (``plca-deeplabv2`` is the older name, still read).
+EXPORT_FORMAT = "plca-segmentor"
+_EXPORT_FORMATS = (EXPORT_FORMAT, "plca-deeplabv2")
+
+
+@dataclass
+class ModelFile:
+    """What a trained model file says about itself; ``description`` and ``classes`` None when it says nothing."""
+
+    path: Path
+    kind: str  # "plca checkpoint" | "plca export" | "PLCA authors' checkpoint"
+    description: dict | None = None  # Segmentor.describe()
+    classes: list[str] | None = None
+    config: dict | None = None  # the run's config, as plain data
+    step: int | None = None
+    _raw: Any = field(default=None, repr=False)
+
+    def summary(self) -> str:
+        if self.description is None:
+            return f"'{self.path}' ({self.kind})"
+        return describe_model(self.description, self.classes)
+
+
+def describe_model(description: dict, classes=None) -> str:
+    """``'resnet18 (pytorch style) + deeplabv2 head with 9 classes'``."""
+    style = f" ({description['style']} style)" if description.get("style") else ""
+    count = len(classes) if classes is not None else description.get("num_classes")
+    return f"{description['backbone']}{style} + {description['head']} head with {count} classes"
+
+
+def resolve_model_path(source: str | Path, which: str = "final") -> Path:
+    """``source`` itself when it is a file; ``RUN_DIR/checkpoints/<which>.pt`` for a run directory
+    (``which="final"`` falls back to ``last.pt`` when the run has not finished)."""
+    source = Path(source)
+    if source.is_dir():
+        folder = source / "checkpoints"
+        candidates = [folder / f"{which}.pt"] + ([folder / "last.pt"] if which == "final" else [])
+        for path in candidates:
+            if path.is_file():
+                return path
+        found = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
+        hint = f"; it has {', '.join(found)}" if found else "; is this a plca run directory?"
+        raise WeightsError(f"run directory '{source}' has no checkpoints/{which}.pt{hint}")
+    if not source.is_file():
+        raise WeightsError(f"'{source}' is neither a run directory nor a model file")
+    return source
+
+
+def _description_from_config(config: dict) -> tuple[dict, list[str]]:
+    model = config.get("model", {}) or {}
+    classes = list(config.get("data", {}).get("classes", []))
+    backbone = model.get("backbone", "resnet101")
+    style = model.get("style") or ("caffe" if backbone.startswith("resnet") else None)
+    return {"backbone": backbone, "head": model.get("head", "deeplabv2"), "style": style,
+            "num_classes": len(classes), "features": model.get("features", "backbone_last")}, classes
+
+
+def inspect_model_file(path: str | Path) -> ModelFile:
+    """Read a model file's self-description (the weights are memory-mapped, not copied)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            metadata = read_safetensors_metadata(path, "model file")
+            if metadata.get("format") not in _EXPORT_FORMATS:
+                raise WeightsError(f"'{path}' is not a plca export (metadata format is {metadata.get('format')!r}, "
+                                   f"expected '{EXPORT_FORMAT}')")
+            config = yaml.safe_load(metadata["config"]) if "config" in metadata else None
+            if "segmentor" in metadata:
+                description, classes = json.loads(metadata["segmentor"]), json.loads(metadata["classes"])
+            elif config is not None:
+                description, classes = _description_from_config(config)
+            else:
+                raise WeightsError(f"'{path}' is a plca export without a model description")
+            step = int(metadata["step"]) if metadata.get("step") else None
+            return ModelFile(path, "plca export", description, list(classes), config, step)
+        raw = load_torch_file(path, "model file", mmap=True)
+    except UnreadableFileError as error:
+        raise WeightsError(str(error)) from None
+    if is_authors_checkpoint(raw):
+        return ModelFile(path, "PLCA authors' checkpoint", _raw=raw)
+    if not (isinstance(raw, dict) and isinstance(raw.get("model"), dict)):
+        raise WeightsError(f"'{path}' is neither a plca checkpoint, a plca export (.safetensors) nor a PLCA "
+                           f"authors' checkpoint")
+    config = raw.get("config") if isinstance(raw.get("config"), dict) else None
+    if isinstance(raw.get("segmentor"), dict):
+        description, classes = dict(raw["segmentor"]), list(raw.get("classes") or [])
+    elif config is not None:
+        description, classes = _description_from_config(config)
+    else:
+        description, classes = None, None
+    step = int(raw["step"]) if raw.get("step") is not None else None
+    return ModelFile(path, "plca checkpoint", description, classes, config, step, _raw=raw)
+
+
+def spec_of(description: dict) -> SegmentorSpec:
+    return SegmentorSpec(backbone=description["backbone"], head=description["head"], style=description.get("style"),
+                         features=description.get("features", "backbone_last"))
+
+
+def load_model_file(file: ModelFile, description: dict | None = None, classes=None) -> Segmentor:
+    """The segmentor of ``file`` with its weights (CPU, eval mode).
+
+    ``description`` / ``classes`` are needed only for files that carry none (the authors').
+    """
+    description = description or file.description
+    classes = list(classes if classes is not None else (file.classes or []))
+    if description is None:
+        raise WeightsError(f"'{file.path}' does not say which network it holds; give the run's config")
+    model = build_segmentor(spec_of(description), len(classes) or description["num_classes"])
+    if file.kind == "PLCA authors' checkpoint":
+        load_authors_checkpoint(model, file.path, classes)
+    elif file.kind == "plca export":
+        try:
+            tensors = read_safetensors(file.path, "model file")[0]
+        except UnreadableFileError as error:
+            raise WeightsError(str(error)) from None
+        load_strict(model, _legacy_keys(tensors), file.path, describe_model(description, classes), ignored=[])
+    else:
+        load_strict(model, _legacy_keys(file._raw["model"]), file.path, describe_model(description, classes),
+                    ignored=[], optional=True)
+    return model.eval()
+
+
+def _legacy_keys(state: dict) -> dict:
+    # plca 0.1 named DeepLab-v2's head 'classifier'
+    return {("head." + key[len("classifier."):] if key.startswith("classifier.convs.") else key): value
+            for key, value in state.items()}
