@@ -93,7 +93,8 @@ class TrainConfig:
     batch_size: int = 2  # images per domain per process per forward
     accumulation: int = 1  # forwards per update (gradient accumulation)
     crop_size: list[int] = field(default_factory=lambda: [512, 512])  # [h, w]
-    shorter_side: list[int] | None = None  # random shorter side [lo, hi] before cropping; null = no resize
+    shorter_side: list[int] | None = None  # random shorter side [lo, hi] in pixels before cropping; null = no resize
+    scale_range: list[float] | None = None  # or a random ratio [lo, hi] of each image's own size; null = no resize
     flip: bool = True
     optimizer: str = "sgd"  # sgd (the PLCA reference) | adamw (DAFormer: no decay on norm, bias, position)
     lr: float = 2.5e-4
@@ -431,6 +432,10 @@ def validate(config: Config) -> None:
     check(len(train.crop_size) == 2 and min(train.crop_size) > 0, "train.crop_size must be [h, w] > 0")
     check(train.shorter_side is None or (len(train.shorter_side) == 2 and 0 < train.shorter_side[0] <= train.shorter_side[1]),
           "train.shorter_side must be null or [lo, hi] with 0 < lo <= hi")
+    check(train.scale_range is None or (len(train.scale_range) == 2 and 0 < train.scale_range[0] <= train.scale_range[1]),
+          "train.scale_range must be null or [lo, hi] with 0 < lo <= hi")
+    check(train.scale_range is None or train.shorter_side is None,
+          "train.scale_range and train.shorter_side are two ways to resize: set one of them (the other null)")
     check(train.lr > 0, "train.lr must be > 0")
     check(train.optimizer in ("sgd", "adamw"), f"train.optimizer must be sgd or adamw, got {train.optimizer!r}")
     check(len(train.betas) == 2 and all(0 <= b < 1 for b in train.betas), "train.betas must be [b1, b2] in [0, 1)")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from plca.config import ConfigError, build_config, load_config, parse_override, save_config, to_dict
+from plca.config import ConfigError, build_config, load_config, parse_override, read_config_file, save_config, to_dict
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -92,8 +92,9 @@ def test_save_and_reload_round_trip(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     config = load_config(path)
-    raw = yaml.safe_load(path.read_text())
+    raw = read_config_file(path)
     assert config.method == raw["method"]
+    assert "_base_" not in raw
 
 
 def test_reference_hyperparameters_in_shipped_configs():
@@ -110,3 +111,66 @@ def test_reference_hyperparameters_in_shipped_configs():
     synthia = load_config(Path(CONFIGS[0]).parent / "synthia2cityscapes_plca.yaml")
     assert tuple(synthia.data.classes) == SYNTHIA16_CLASSES
     assert synthia.train.iters == 8 * 372 and synthia.train.poly_iters == 10 * 372
+
+
+def test_base_files_compose_and_the_file_overrides_its_bases(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.yaml").write_text("model: {backbone: resnet18, style: pytorch}\ntrain: {iters: 5}\n")
+    (tmp_path / "base" / "data.yaml").write_text(yaml.safe_dump(MINIMAL) + "train: {iters: 6, lr: 0.5}\n")
+    (tmp_path / "run.yaml").write_text("_base_: [base/model.yaml, base/data.yaml]\ntrain: {lr: 0.25}\n")
+    config = load_config(tmp_path / "run.yaml", ["train.seed=3"])
+    assert config.model.backbone == "resnet18" and config.data.classes == ["road", "car"]
+    assert config.train.iters == 6  # the later base wins over the earlier one
+    assert config.train.lr == 0.25  # the file wins over its bases
+    assert config.train.seed == 3  # and the command line over everything
+    (tmp_path / "loop.yaml").write_text("_base_: loop.yaml\n")
+    with pytest.raises(ConfigError, match="include each other"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("_base_: [nowhere.yaml]\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml' does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_method_defaults_sit_below_what_the_user_gives():
+    source_only = build_config(MINIMAL)
+    assert source_only.loss.association.feature_weight == 0.0 and source_only.loss.lsr_weight == 0.0
+    plca = build_config(MINIMAL, ["method=plca", "data.target.root=/t"])
+    assert plca.loss.association.feature_weight == 0.1 and plca.loss.lsr_weight == 0.01
+    given = build_config(MINIMAL, ["loss.lsr_weight=0.5"])
+    assert given.loss.lsr_weight == 0.5
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.momentum=1.0", "train.momentum"),
+    ("train.momentum=-0.1", "train.momentum"),
+    ("train.weight_decay=-1e-4", "train.weight_decay"),
+    ("train.poly_power=-1", "train.poly_power"),
+    ("loss.lovasz_weight=-1", "loss.lovasz_weight"),
+    ("loss.association.feature_weight=-0.1", "loss.association.feature_weight"),
+    ("train.seed=-1", "train.seed"),
+    ("train.flip=1", "train.flip"),
+    ("model.backbone=resnet152", "model.backbone"),
+    ("model.head=fcn", "model.head"),
+    ("model.style=caffe", "model.style"),  # with a MiT-like backbone below
+    ("train.optimizer=adam", "train.optimizer"),
+    ("device=tpu", "device"),
+])
+def test_values_that_cannot_be_right_are_refused(override, fragment):
+    extra = ["model.backbone=resnet18"] if fragment != "model.style" else []
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        build_config(MINIMAL, extra + [override] + (["model.backbone=mit_b0"] if fragment == "model.style" else []))
+
+
+def test_numbers_written_as_strings_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL) + "train: {lr: 1e-3, weight_decay: 5e-4}\n")  # YAML reads 1e-3 as a string
+    config = load_config(path)
+    assert config.train.lr == pytest.approx(1e-3) and config.train.weight_decay == pytest.approx(5e-4)
+    assert build_config(MINIMAL, ["train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
+
+
+def test_a_binary_file_is_not_a_config(tmp_path):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="weights.pth"):
+        load_config(path)

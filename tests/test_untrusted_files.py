@@ -1,4 +1,4 @@
-"""Untrusted files (issue: reliability, item 4): every command that reads a checkpoint or weights
+"""Untrusted files: every command that reads a checkpoint or weights
 refuses a pickle that carries code, says so, and never runs the code."""
 
 import json

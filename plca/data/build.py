@@ -30,10 +30,12 @@ def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target
 
     ``data``: :class:`plca.config.DataConfig`; ``train``: :class:`plca.config.TrainConfig`.
     """
+    resize = {"scale_range": tuple(train.scale_range)} if train.scale_range else {}
     transform = TrainTransform(
         crop_size=tuple(train.crop_size),
         shorter_side=tuple(train.shorter_side) if train.shorter_side else None,
         flip=train.flip,
+        **resize,
     )
     common = dict(classes=data.classes, on_error=data.on_error)
     source = build_dataset(data.source.format, data.source.root, data.source.split, transform=transform,

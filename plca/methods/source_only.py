@@ -14,6 +14,8 @@ from plca.methods.registry import register_method
 class SourceOnly(Method):
     name = "source_only"
     uses_target = False
+    # it computes no LSR and no association: say so in its saved config
+    config_defaults = {"loss": {"lsr_weight": 0.0, "association": {"feature_weight": 0.0, "classifier_weight": 0.0}}}
 
     def training_step(self, source: dict, target: dict | None, step: int) -> StepOutput:
         output = self.segment(source["image"])

@@ -1,4 +1,4 @@
-"""Checkpoint writes that fail or are cut short (issue: reliability, items 2 and 5): the previous
+"""Checkpoint writes that fail or are cut short: the previous
 checkpoint always survives, the error says so, and the run can be resumed from it."""
 
 import errno

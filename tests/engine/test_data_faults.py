@@ -1,4 +1,4 @@
-"""Bad data never kills a run silently or late (issue: reliability, item 1).
+"""Bad data never kills a run silently or late.
 
 Before training: every file of every dataset is checked, and a label of the wrong size, a label
 with unknown ids, an unreadable file or an empty split stops the run at once with a message naming

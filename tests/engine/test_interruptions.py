@@ -1,4 +1,4 @@
-"""Killed, terminated and numerically broken runs lose nothing (issue: reliability)."""
+"""Killed, terminated and numerically broken runs lose nothing."""
 
 import json
 import os

@@ -1,5 +1,5 @@
-"""The data stream's memory stays flat over a long run with worker processes (issue: reliability,
-item 5); the measurement is bench/loader_memory.py's."""
+"""The data stream's memory stays flat over a long run with worker processes; the measurement is
+bench/loader_memory.py's."""
 
 import importlib.util
 from pathlib import Path

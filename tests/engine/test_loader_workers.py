@@ -1,6 +1,6 @@
 """The DataLoader worker processes of the training stream: a failed sample comes back as the dataset's
 own error, skips are reported with each batch, signals meant for the run do not kill the workers,
-and closing the stream stops them (issue: reliability, items 1 and 2)."""
+and closing the stream stops them."""
 
 import os
 import signal

@@ -1,4 +1,4 @@
-"""Numerical faults during training (issue: reliability, item 3): a non-finite gradient behind a finite
+"""Numerical faults during training: a non-finite gradient behind a finite
 loss is caught too, a skipped step leaves no trace in the model (BatchNorm statistics included),
 and the counts survive a resume. (NaN losses and the stop after too many in a row:
 tests/engine/test_interruptions.py.)"""
