@@ -131,21 +131,48 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     report = check_dataset(args.format, args.root, classes=args.classes, split=args.split,
                            write_cache=args.write_cache, stats_path=args.stats, workers=args.workers,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, unlabelled=args.unlabelled, crop_size=args.crop_size,
+                           shorter_side=args.shorter_side, scale_range=args.scale_range)
     print(format_findings(report))
     return 2 if report.errors else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from plca.tools.report import ReportError, write_report
+    from plca.tools.sweep_table import SweepError
 
     try:
-        path = write_report(args.run_dirs, args.output, names=args.names)
-    except ReportError as error:
+        path = write_report(args.run_dirs, args.output, names=args.names, flag_range=args.flag_range)
+    except (ReportError, SweepError) as error:
         print(f"plca report: error: {error}", file=sys.stderr)
         return 2
     print(f"report written to {path}")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from plca.tools.sweep import SlurmOptions, SweepError, parse_slurm_args, run_sweep
+
+    config_path, overrides = _split_config_and_overrides(args.args)
+    # key=value words right after --seeds are overrides, not seeds
+    seeds = [value for value in args.seeds if "=" not in value]
+    overrides += [value for value in args.seeds if "=" in value]
+    try:
+        if config_path is None:
+            raise SweepError("plca sweep needs a CONFIG.yaml first")
+        slurm = SlurmOptions(partition=args.partition, gpus_per_node=args.gpus_per_node, nodes=args.nodes,
+                             time_min=args.time, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
+                             folder=args.slurm_folder, additional=parse_slurm_args(args.slurm_arg or []))
+        outcome = run_sweep(config_path, seeds, args.grid or [], overrides, launcher=args.launcher,
+                            nproc_per_node=args.nproc_per_node, slurm=slurm, flag_range=args.flag_range,
+                            wait=not args.no_wait, dry_run=args.dry_run)
+    except SweepError as error:
+        print(f"plca sweep: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("plca sweep: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    return outcome.exit_code
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -232,15 +259,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="check only this split (default: every file)")
     p.add_argument("--write-cache", metavar="DIR", help="write each label as a class-index PNG under DIR")
     p.add_argument("--stats", metavar="FILE.json", help="write per-class pixel and image counts")
+    p.add_argument("--unlabelled", action="store_true",
+                   help="the split(s) are a target's training images: labels are not required")
+    p.add_argument("--crop-size", nargs=2, type=int, metavar=("H", "W"),
+                   help="the run's train.crop_size: warn if it is larger than the images")
+    p.add_argument("--shorter-side", nargs=2, type=int, metavar=("LO", "HI"),
+                   help="the run's train.shorter_side: warn if it is far from the images' own size")
+    p.add_argument("--scale-range", nargs=2, type=float, metavar=("LO", "HI"),
+                   help="the run's train.scale_range (ratios of each image's own size)")
     p.add_argument("--workers", type=int, default=4, help="reading threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("report", help="plots and a Markdown comparison table of one or more runs")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--output", required=True, help="folder for the PNGs and report.md")
-    p.add_argument("--names", nargs="+", help="labels for the runs in the plots (default: the folder names)")
+    p = sub.add_parser("report", help="plots and Markdown tables of runs, or of sweeps (mean +- sd over seeds)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR",
+                   help="run directories, or sweep directories (they hold a manifest.json)")
+    p.add_argument("--output", help="folder for the PNGs and report.md (default: DIR/report for one run or "
+                                    "sweep, else report/ in the folder that holds them all)")
+    p.add_argument("--names", nargs="+", help="labels for the runs in the plots (default: short names from "
+                                              "what differs between their configs)")
+    p.add_argument("--flag-range", type=float, default=10.0, metavar="POINTS",
+                   help="sweeps: flag a class whose IoU spans more than POINTS across seeds (default 10)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sweep", help="train every --grid combination x every seed; a manifest, then a table "
+                                     "of mean +- sd over seeds")
+    p.add_argument("args", nargs="*", metavar="CONFIG.yaml [key=value ...]",
+                   help="config then overrides shared by all runs; output_dir=DIR is the sweep directory")
+    p.add_argument("--seeds", nargs="+", default=["0"], metavar="SEED", help="seeds, e.g. 0 1 2 (default 0)")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                   help="a config key and its values (repeat --grid for more keys; commas inside [...] do not "
+                        "split), e.g. --grid train.lr=0.01,0.02")
+    p.add_argument("--launcher", choices=["local", "slurm", "submitit-local"], default="local",
+                   help="local: one run after another here (default); slurm: one Slurm job per run through "
+                        "submitit; submitit-local: submitit's local executor (to try the Slurm path here)")
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="processes (GPUs) per run, through torch.distributed.run (default 1; on Slurm: "
+                        "--gpus-per-node)")
+    p.add_argument("--flag-range", type=float, default=10.0, metavar="POINTS",
+                   help="flag a class whose IoU spans more than POINTS across seeds (default 10)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their commands; run nothing")
+    slurm = p.add_argument_group("Slurm (--launcher slurm)")
+    slurm.add_argument("--partition", help="Slurm partition")
+    slurm.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node, one process each (default 1)")
+    slurm.add_argument("--nodes", type=int, default=1, help="nodes per run (default 1)")
+    slurm.add_argument("--time", type=int, default=24 * 60, metavar="MINUTES",
+                       help="time limit of each job in minutes (default 1440); a job that reaches it is "
+                            "requeued and resumes")
+    slurm.add_argument("--cpus-per-task", type=int, help="CPUs per node (data loading workers)")
+    slurm.add_argument("--mem-gb", type=float, help="memory per node in GB")
+    slurm.add_argument("--slurm-folder", metavar="DIR", help="submitit's job files and logs (default SWEEP_DIR/slurm)")
+    slurm.add_argument("--slurm-arg", action="append", metavar="KEY=VALUE",
+                       help="any other sbatch option, e.g. --slurm-arg account=mylab --slurm-arg constraint=a100")
+    slurm.add_argument("--no-wait", action="store_true",
+                       help="submit and exit; run the same command again later to collect the results")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("export", help="save a trained model as one .safetensors file that carries its config")
     p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")

@@ -425,6 +425,14 @@ def validate(config: Config) -> None:
           f"model.style caffe is for the ResNet backbones only; {model.backbone} has its own input normalisation "
           f"(leave model.style null)")
     check(model.features in FEATURE_SOURCES, f"model.features must be one of {', '.join(FEATURE_SOURCES)}")
+    if model.backbone.startswith("timm:"):
+        from plca.models.timm_backbone import check_model_name, import_timm
+
+        try:
+            import_timm()
+            check_model_name(model.backbone.partition(":")[2])
+        except (ImportError, ValueError) as error:
+            raise ConfigError(f"model.backbone '{model.backbone}': {error}") from None
 
     train = config.train
     check(train.iters > 0, "train.iters must be > 0")

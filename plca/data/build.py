@@ -8,10 +8,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from plca.data.checks import check_files
+from plca.data.checks import check_enough_samples, check_files
 from plca.data.datasets import build_dataset
 from plca.data.io import DatasetError
-from plca.data.transforms import EvalTransform, TrainTransform
+from plca.data.transforms import EvalTransform, TrainTransform, crop_larger_than_images
 
 
 @dataclass
@@ -24,9 +24,11 @@ class RunDatasets:
         return {"source": self.source, "target": self.target, "val": self.val}
 
 
-def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target: bool) -> RunDatasets:
+def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target: bool,
+                       world_size: int = 1) -> RunDatasets:
     """The training source (and target, when the method uses one) with the training transform, and the
-    validation set with the evaluation transform.
+    validation set with the evaluation transform. A training set smaller than one batch for every
+    process is a :class:`DatasetError`.
 
     ``data``: :class:`plca.config.DataConfig`; ``train``: :class:`plca.config.TrainConfig`.
     """
@@ -44,6 +46,9 @@ def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target
     if uses_target:
         target = build_dataset(data.target.format, data.target.root, data.target.split, transform=transform,
                                seed=train.seed + 1, require_labels=False, **common)
+    for name, dataset in (("source", source), ("target", target)):
+        if dataset is not None:
+            check_enough_samples(dataset, train.batch_size, world_size, name)
     val = None
     if data.val is not None:
         val = build_dataset(data.val.format, data.val.root, data.val.split,
@@ -53,12 +58,14 @@ def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target
 
 
 def check_run_datasets(datasets: RunDatasets, level: str, on_error: str, rank: int, world_size: int,
-                       logger: logging.Logger, agree: Callable[[bool], bool] = lambda ok: ok) -> None:
+                       logger: logging.Logger, agree: Callable[[bool], bool] = lambda ok: ok,
+                       train=None) -> None:
     """Check the files of each dataset before training (each process a share of the samples).
 
     Bad files are a :class:`DatasetError` naming them under ``on_error="raise"``, and a warning
     under ``"skip"`` (they are then skipped, and counted, when loaded). ``agree(ok)`` is true on
-    every process iff ``ok`` is true on every process (a collective under DDP).
+    every process iff ``ok`` is true on every process (a collective under DDP). With ``train``
+    (:class:`plca.config.TrainConfig`), a crop larger than the training images is a warning.
     """
     failed = ""
     for name, dataset in datasets.named().items():
@@ -66,6 +73,13 @@ def check_run_datasets(datasets: RunDatasets, level: str, on_error: str, rank: i
             continue
         started = time.time()
         report = check_files(dataset, level, indices=range(rank, len(dataset), world_size))
+        if train is not None and name in ("source", "target") and rank == 0:
+            warning = crop_larger_than_images(
+                tuple(train.crop_size), report.image_sizes,
+                shorter_side=tuple(train.shorter_side) if train.shorter_side else None,
+                scale_range=tuple(train.scale_range) if train.scale_range else None)
+            if warning:
+                logger.warning("%s data: %s", name, warning)
         if report.resized:
             logger.warning("%s: %d label(s) differ in size from their image and are resized when loaded "
                            "(nearest), e.g. %s", dataset.description, len(report.resized), report.resized[0])

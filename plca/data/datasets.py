@@ -12,26 +12,41 @@ Formats (``build_dataset(format, root, split, classes)``):
 - ``synthetic``: the embedded two-domain data (generated on first use), read as ``folder``.
 
 For ``gta5`` and ``synthia`` the split is the file ``ROOT/<split>.txt`` (one name per line) if it
-exists, else ``all`` or ``train`` means every image. Every reader maps its raw label ids to
-indices of the run's ``classes`` (255 = ignore); classes the run does not use become 255.
+exists, else ``all`` or ``train`` means every image. Split files are read by
+:func:`plca.data.io.read_split_file`. Every reader maps its raw label ids to indices of the run's
+``classes`` (255 = ignore) with one :class:`LabelMap`; classes the run does not use become 255.
 
 Everything a constructor can check without decoding images (folders, split files, every
-listed file) is checked up front and reported as a :class:`~plca.data.io.DatasetError`.
+listed file) is checked up front. :func:`build_dataset` raises the first problem as a
+:class:`~plca.data.io.DatasetError`; :func:`scan_dataset` (used by ``plca prepare``) runs the same
+readers but records every problem as a :class:`~plca.data.checks.Finding`, with the files.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from plca.data.io import DatasetError, read_image, read_label, read_synthia_label
+from plca.data.checks import Finding
+from plca.data.io import (
+    IMAGE_SUFFIXES,
+    DatasetError,
+    duplicate_names,
+    read_image,
+    read_label,
+    read_split_file,
+    read_synthia_label,
+    read_text_lines,
+)
 from plca.data.labels import (
     CITYSCAPES_CLASSES,
     IGNORE_INDEX,
@@ -43,13 +58,30 @@ from plca.data.labels import (
 )
 from plca.data.transforms import resize_label, to_tensors
 
-__all__ = ["DATASET_FORMATS", "Sample", "SegmentationDataset", "build_dataset"]
+__all__ = [
+    "DATASET_FORMATS", "DatasetScan", "LabelMap", "Sample", "SegmentationDataset", "build_dataset",
+    "dataset_splits", "guess_format", "read_classes_file", "scan_dataset", "unpaired_labels",
+]
 
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
 LabelReader = Callable[[Path], np.ndarray]
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_MISSING_SHOWN = 5  # missing files named in an error message
+_SHOWN = 5  # files named in an error message
+_FORMAT_NAMES = {"gta5": "GTA5", "synthia": "SYNTHIA", "cityscapes": "Cityscapes", "folder": "folder-format",
+                 "synthetic": "synthetic"}
+#: Per format: the folder that must exist, and the layout in words.
+_LAYOUTS = {
+    "gta5": ("images", "images/ and labels/ (e.g. images/00001.png, labels/00001.png)"),
+    "synthia": ("RGB", "RGB/ and GT/LABELS/"),
+    "cityscapes": ("leftImg8bit", "leftImg8bit/<split>/<city>/ and gtFine/<split>/<city>/"),
+    "folder": ("images", "images/, labels/ and one <split>.txt per split"),
+    "synthetic": ("images", "images/, labels/ and one <split>.txt per split"),
+}
+#: Formats whose splits may be a target's unlabelled images (plca prepare notes a split without labels).
+_TARGET_FORMATS = ("folder", "synthetic", "cityscapes")
+_GTA5_NAME = re.compile(r"\d{5}\.png")
+_CITYSCAPES_IMAGE = "_leftImg8bit.png"
+_CITYSCAPES_LABEL = "_gtFine_labelIds.png"
 
 
 @dataclass(frozen=True)
@@ -170,153 +202,61 @@ class SegmentationDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# Label readers: raw label file -> (H, W) uint8 class indices. Classes, not closures, so that
+# The label reader: raw label file -> (H, W) uint8 class indices. A class, not a closure, so that
 # datasets pickle into DataLoader worker processes under any start method.
 
 
-class _LookupLabels:
-    """8-bit label ids mapped through a ``(256,)`` lookup table; ``known`` ``(256,) bool`` marks the ids of
-    the format's table (an id outside it is mapped to ignore when loading, and reported by :func:`check_files`)."""
+class LabelMap:
+    """Raw label ids read by ``decode`` and mapped through a lookup ``table`` to class indices.
 
-    def __init__(self, table: np.ndarray, known: np.ndarray | None = None) -> None:
+    ``decode(path)`` returns ``(H, W)`` raw ids (uint8, or uint16 for SYNTHIA) and ``table``
+    (one entry per possible raw id, uint8) maps them to class indices of the run (255 = ignore).
+    ``known`` (bool, same length) marks the ids of the format's table and ``known_text`` says
+    which they are, in words. An id outside it is mapped to ignore when loading, or, with
+    ``reject_unknown``, raises :class:`DatasetError` (the folder format, whose ids are the
+    class indices themselves). :func:`~plca.data.checks.check_files` reports such ids in any case.
+    ``any_mode``: the label file may be any PNG (SYNTHIA's multi-channel labels); ``bit_depth``:
+    the PNG bit depth the files must have (SYNTHIA: 16), checked by ``check_files``.
+    """
+
+    def __init__(self, decode: Callable[[Path], np.ndarray], table: np.ndarray, known: np.ndarray,
+                 known_text: str, *, reject_unknown: bool = False, any_mode: bool = False,
+                 bit_depth: int | None = None) -> None:
+        if table.shape != known.shape:
+            raise ValueError(f"table {table.shape} and known {known.shape} must have one entry per raw id each")
+        self.decode = decode
         self.table = table
-        self.known = np.ones(256, dtype=bool) if known is None else known
+        self.known = known
+        self.known_text = known_text
+        self.reject_unknown = reject_unknown
+        self.any_mode = any_mode
+        self.bit_depth = bit_depth
+        self._first_unknown = int(np.argmin(known)) if not known.all() else len(known)
 
     def __call__(self, path: Path) -> np.ndarray:
-        return self.table[read_label(path)]
+        raw = self.decode(path)
+        if self.reject_unknown and raw.size and int(raw.max()) >= self._first_unknown:
+            bad = self.unknown_ids(np.flatnonzero(np.bincount(raw.ravel(), minlength=1)))
+            if bad.size:
+                shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if bad.size > 10 else "")
+                raise DatasetError(f"{path}: label values {shown} are outside the {self.known_text}; check "
+                                   f"data.classes or the label file")
+        return self.table[raw]
 
-    read_raw = staticmethod(read_label)
+    def read_raw(self, path: Path) -> np.ndarray:
+        """The raw ids of the label file at ``path``, unmapped."""
+        return self.decode(path)
+
+    def to_classes(self, raw: np.ndarray) -> np.ndarray:
+        """Raw ids -> ``uint8`` class indices (ids outside the format's table -> 255)."""
+        return self.table[raw]
 
     def unknown_ids(self, ids: np.ndarray) -> np.ndarray:
         """The raw ids among ``ids`` (distinct values) that are not in the format's table."""
         return ids[~self.known[ids]]
 
     def describe_known(self) -> str:
-        return "Cityscapes label ids 0..33 (are these *_labelIds.png files, not train ids, colours or instances?)"
-
-
-class _SynthiaLabels:
-    """SYNTHIA's 16-bit class ids mapped through a ``(65536,)`` lookup table."""
-
-    multichannel = True  # the labels are multi-channel PNGs; the class id is the first channel
-
-    def __init__(self, table: np.ndarray, known: np.ndarray | None = None) -> None:
-        self.table = table
-        self.known = np.ones(65536, dtype=bool) if known is None else known
-
-    def __call__(self, path: Path) -> np.ndarray:
-        return self.table[read_synthia_label(path)]
-
-    read_raw = staticmethod(read_synthia_label)
-
-    def unknown_ids(self, ids: np.ndarray) -> np.ndarray:
-        return ids[~self.known[ids]]
-
-    def describe_known(self) -> str:
-        return "SYNTHIA class ids 0..22 (are these the GT/LABELS files of SYNTHIA-RAND-CITYSCAPES?)"
-
-
-class _IndexLabels:
-    """Class indices stored directly (255 = ignore); any other value ``>= num_classes`` is an error."""
-
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-
-    def __call__(self, path: Path) -> np.ndarray:
-        label = read_label(path)
-        if label.size and int(label.max()) >= self.num_classes:
-            counts = np.bincount(label.ravel(), minlength=256)
-            bad = self.unknown_ids(np.flatnonzero(counts))
-            if bad.size:
-                shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if bad.size > 10 else "")
-                raise DatasetError(
-                    f"{path}: label values {shown} are not class indices; with {self.num_classes} classes a "
-                    f"folder-format label holds 0..{self.num_classes - 1} or 255 (ignore). Check data.classes "
-                    f"or the label file"
-                )
-        return label
-
-    read_raw = staticmethod(read_label)
-
-    def unknown_ids(self, ids: np.ndarray) -> np.ndarray:
-        return ids[(ids >= self.num_classes) & (ids != IGNORE_INDEX)]
-
-    def describe_known(self) -> str:
-        return f"class indices 0..{self.num_classes - 1} of data.classes, or 255 (ignore)"
-
-
-# ----------------------------------------------------------------------------------------------
-# Listing files and checking them up front.
-
-
-def _require_root(root: Path, fmt: str) -> None:
-    if not root.is_dir():
-        raise DatasetError(f"{root}: {fmt} dataset root folder not found; check the path")
-
-
-def _require_dir(path: Path, what: str, hint: str) -> None:
-    if not path.is_dir():
-        raise DatasetError(f"{path}: {what} folder not found; {hint}")
-
-
-def _read_split_file(path: Path) -> list[str]:
-    """Names listed in ``path``: one per line; blank lines and ``#`` comments ignored."""
-    names = []
-    for line in path.read_text().splitlines():
-        name = line.split("#", 1)[0].strip()
-        if not name:
-            continue
-        if name.lower().endswith(_IMAGE_SUFFIXES):
-            name = name.rsplit(".", 1)[0]  # tolerate lists of file names
-        names.append(name)
-    if not names:
-        raise DatasetError(f"{path}: the split file lists no samples; write one name per line")
-    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
-    if duplicates:
-        raise DatasetError(f"{path}: names listed more than once: {', '.join(duplicates[:_MISSING_SHOWN])}"
-                           f"{' ...' if len(duplicates) > _MISSING_SHOWN else ''}; list each sample once")
-    return names
-
-
-def _split_names(root: Path, split: str, image_dir: Path) -> list[str]:
-    """gta5 / synthia: names of ``ROOT/<split>.txt``, else every PNG of ``image_dir`` for ``all`` / ``train``."""
-    split_file = root / f"{split}.txt"
-    if split_file.is_file():
-        return _read_split_file(split_file)
-    if split not in ("all", "train"):
-        found = ", ".join(sorted(p.stem for p in root.glob("*.txt"))) or "none"
-        raise DatasetError(f"{split_file}: split file not found (split files in {root}: {found}); without a "
-                           f"split file use split 'all' (or 'train') for every image")
-    names = sorted(p.stem for p in image_dir.glob("*.png"))
-    if not names:
-        raise DatasetError(f"{image_dir}: no .png images found; check the dataset root")
-    return names
-
-
-def _report_missing(paths: Sequence[Path], total: int, what: str, where: str) -> None:
-    if paths:
-        shown = ", ".join(str(p) for p in paths[:_MISSING_SHOWN]) + (" ..." if len(paths) > _MISSING_SHOWN else "")
-        raise DatasetError(f"{len(paths)} of {total} {what} of {where} are missing: {shown}; "
-                           f"check the dataset root and split, or complete the download")
-
-
-def _pair_samples(names: Sequence[str], image_of: Callable[[str], Path], label_of: Callable[[str], Path] | None,
-                  require_labels: bool, where: str) -> list[Sample]:
-    """Samples of ``names``; reports missing images (and missing label files if ``require_labels``)."""
-    images = [image_of(name) for name in names]
-    _report_missing([image for image in images if not image.is_file()], len(names), "images", where)
-    labels: list[Path | None] = [None] * len(names)
-    if label_of is not None:
-        labels = [label_of(name) for name in names]
-        missing = [label for label in labels if not label.is_file()]
-        if require_labels:
-            _report_missing(missing, len(names), "label files", where)
-        labels = [label if label.is_file() else None for label in labels]
-    return [Sample(name, image, label) for name, image, label in zip(names, images, labels)]
-
-
-def _cityscapes_table(classes: Sequence[str], fmt: str) -> np.ndarray:
-    return _remap(classes, fmt)[cityscapes_id_to_train_id()]
+        return self.known_text
 
 
 def _remap(classes: Sequence[str], fmt: str) -> np.ndarray:
@@ -326,122 +266,353 @@ def _remap(classes: Sequence[str], fmt: str) -> np.ndarray:
         raise DatasetError(f"data.classes for the '{fmt}' format: {error}") from None
 
 
+def _cityscapes_labels(classes: Sequence[str], fmt: str) -> LabelMap:
+    return LabelMap(read_label, _remap(classes, fmt)[cityscapes_id_to_train_id()], cityscapes_known_ids(),
+                    "Cityscapes label ids 0..33 (are these *_labelIds.png files, not train ids, colours or "
+                    "instances?)")
+
+
+def _synthia_labels(classes: Sequence[str]) -> LabelMap:
+    return LabelMap(read_synthia_label, _remap(classes, "synthia")[synthia_id_to_train_id()], synthia_known_ids(),
+                    "SYNTHIA class ids 0..22 (are these the GT/LABELS files of SYNTHIA-RAND-CITYSCAPES?)",
+                    any_mode=True, bit_depth=16)
+
+
+def _index_labels(num_classes: int) -> LabelMap:
+    known = np.zeros(256, dtype=bool)
+    known[:num_classes] = True
+    known[IGNORE_INDEX] = True
+    table = np.where(known, np.arange(256), IGNORE_INDEX).astype(np.uint8)
+    return LabelMap(read_label, table, known, f"class indices 0..{num_classes - 1} of data.classes, or 255 (ignore)",
+                    reject_unknown=True)
+
+
 # ----------------------------------------------------------------------------------------------
-# One reader per format: (root, split, classes, require_labels) -> (samples, label reader, options).
+# Listing a split's files: every problem raised at once (build_dataset) or recorded (scan_dataset).
 
 
-def _gta5(root: Path, split: str, classes: Sequence[str], require_labels: bool) -> tuple:
-    _require_root(root, "gta5")
-    hint = "a GTA5 root holds images/ and labels/ (e.g. images/00001.png, labels/00001.png)"
-    _require_dir(root / "images", "GTA5 images", hint)
-    has_labels = (root / "labels").is_dir()
-    if require_labels:
-        _require_dir(root / "labels", "GTA5 labels", hint)
-    names = _split_names(root, split, root / "images")
-    samples = _pair_samples(names, lambda n: root / "images" / f"{n}.png",
-                            (lambda n: root / "labels" / f"{n}.png") if has_labels else None,
-                            require_labels, f"GTA5 split '{split}' in {root}")
-    return (samples, _LookupLabels(_cityscapes_table(classes, "gta5"), cityscapes_known_ids()),
-            {"resize_mismatched_labels": True})
+class _Stop(Exception):
+    """The listing cannot go on (the problem is recorded)."""
 
 
-def _synthia(root: Path, split: str, classes: Sequence[str], require_labels: bool) -> tuple:
-    _require_root(root, "synthia")
-    hint = "a SYNTHIA-RAND-CITYSCAPES root holds RGB/ and GT/LABELS/"
-    _require_dir(root / "RGB", "SYNTHIA RGB", hint)
+class _Issues:
+    """Problems found while listing: ``strict`` raises the first that makes the split unusable."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.findings: list[Finding] = []
+
+    def error(self, message: str, items: Sequence[str] = (), paths: Sequence[Path] = (), todo: str = "") -> None:
+        """A problem of the split: raised when strict (naming ``paths``, else ``items``), else recorded."""
+        if self.strict:
+            shown = [str(path) for path in paths] or list(items)
+            listed = ": " + ", ".join(shown[:_SHOWN]) + (" ..." if len(shown) > _SHOWN else "") if shown else ""
+            raise DatasetError(f"{message}{listed}" + (f"; {todo}" if todo else ""))
+        self.findings.append(Finding("error", message + (f"; {todo}" if todo else ""), list(items)))
+
+    def fatal(self, message: str) -> NoReturn:
+        """A problem after which the split cannot be listed: raised when strict, else recorded and listing stops."""
+        self.error(message)
+        raise _Stop
+
+    def record(self, level: str, message: str, items: Sequence[str] = ()) -> None:
+        """A finding that never stops a build: recorded only when listing for ``plca prepare``."""
+        if not self.strict:
+            self.findings.append(Finding(level, message, list(items)))
+
+
+@dataclass
+class _Listing:
+    samples: list[Sample]
+    label_reader: LabelMap
+    options: dict = field(default_factory=dict)
+
+
+def _entries(root: Path) -> str:
+    """The top-level entries of ``root`` in words (folders with a trailing /)."""
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return "it cannot be listed"
+    if not names:
+        return "it is empty"
+    shown = [f"{name}/" if (root / name).is_dir() else name for name in names[:8]]
+    return "it holds " + ", ".join(shown) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+def _not_gta5_names(images: Path) -> str | None:
+    """An image among the first entries of ``images`` not named NNNNN.png (GTA5's names), or None."""
+    with os.scandir(images) as entries:
+        for _, entry in zip(range(50), entries):
+            if not _GTA5_NAME.fullmatch(entry.name):
+                return entry.name
+    return None
+
+
+def _not_gta5(root: Path) -> str | None:
+    """Why ``root`` (with ``images/``) does not look like GTA5, or None."""
+    if (root / "classes.txt").exists():
+        return "it has a classes.txt"
+    odd = _not_gta5_names(root / "images")
+    return f"its images are not all named NNNNN.png (e.g. images/{odd})" if odd is not None else None
+
+
+def guess_format(root: str | Path) -> str | None:
+    """The format whose folders ``root`` has (``cityscapes``, ``synthia``, ``gta5``, ``folder``), or None.
+
+    GTA5 and the folder format share ``images/`` and ``labels/``; GTA5's images are all named
+    ``NNNNN.png`` and it has no ``classes.txt``.
+    """
+    root = Path(root)
+    if (root / "leftImg8bit").is_dir():
+        return "cityscapes"
+    if (root / "RGB").is_dir():
+        return "synthia"
+    if (root / "images").is_dir():
+        return "folder" if _not_gta5(root) else "gta5"
+    return None
+
+
+def _not_this_format(fmt: str, root: Path) -> str:
+    """One line: ``root`` lacks the image folder of ``fmt``, and what it looks like instead."""
+    folder, layout = _LAYOUTS[fmt]
+    name = _FORMAT_NAMES[fmt]
+    guess = guess_format(root)
+    if guess is not None and guess != fmt:
+        instead = f"it looks like a {_FORMAT_NAMES[guess]} dataset (plca prepare {guess} {root})"
+    else:
+        instead = _entries(root)
+    return (f"{root} does not look like a {name} dataset: {root / folder}: folder not found (a {name} root holds "
+            f"{layout}); {instead}")
+
+
+def _require_root(root: Path, fmt: str, issues: _Issues) -> None:
+    if not root.is_dir():
+        state = "it is a file" if root.exists() else "it does not exist"
+        issues.fatal(f"{root}: {_FORMAT_NAMES[fmt]} dataset root folder not found ({state}); check the path")
+
+
+def _require_images(root: Path, fmt: str, issues: _Issues) -> Path:
+    folder = root / _LAYOUTS[fmt][0]
+    if not folder.is_dir():
+        issues.fatal(_not_this_format(fmt, root))
+    return folder
+
+
+def _label_folder(folder: Path, fmt: str, what: str, hint: str, require_labels: bool, issues: _Issues) -> bool:
+    """Whether the label ``folder`` exists; its absence is a problem if ``require_labels``.
+
+    Listing for ``plca prepare``, the folder and Cityscapes formats (whose splits may be a
+    target's unlabelled images) get a note instead.
+    """
+    if folder.is_dir():
+        return True
+    if not require_labels:
+        return False
+    if fmt in _TARGET_FORMATS and not issues.strict:
+        issues.record("note", f"there is no label folder {folder}: its images were checked as unlabelled target "
+                              f"images (they cannot serve as a source or for validation)")
+        return False
+    issues.error(f"{folder}: {what} folder not found; {hint}; without a label folder the images can serve only "
+                 f"as unlabelled (target) data")
+    return False
+
+
+def _read_split(path: Path, issues: _Issues) -> list[str]:
+    """The names of split file ``path``; an unreadable or empty file stops, duplicates are reported."""
+    try:
+        names = read_split_file(path)
+    except DatasetError as error:
+        issues.fatal(str(error))
+    if not names:
+        issues.fatal(f"{path}: the split file lists no samples; write one name per line")
+    duplicates = duplicate_names(names)
+    if duplicates:
+        issues.error(f"{path}: names listed more than once", duplicates, todo="list each sample once")
+    return list(dict.fromkeys(names))
+
+
+def _split_files(root: Path) -> list[Path]:
+    return [path for path in sorted(root.glob("*.txt")) if path.name != "classes.txt"]
+
+
+def _split_names(root: Path, split: str, image_dir: Path, every_image: bool,
+                 issues: _Issues) -> tuple[list[str], Path | None]:
+    """Names of ``ROOT/<split>.txt`` (and that file), else, if ``every_image`` and the split is ``all`` or
+    ``train``, every PNG of ``image_dir`` (and None)."""
+    split_file = root / f"{split}.txt"
+    if split_file.is_file():
+        return _read_split(split_file, issues), split_file
+    found = ", ".join(path.stem for path in _split_files(root)) or "none"
+    if not every_image:
+        guess = guess_format(root) if not _split_files(root) else None
+        looks = (f"; {root} looks like a {_FORMAT_NAMES[guess]} dataset (plca prepare {guess} {root})"
+                 if guess not in (None, "folder") else "")
+        issues.fatal(f"{split_file}: split file not found (splits in {root}: {found}); write one image name "
+                     f"(without extension) per line{looks}")
+    if split not in ("all", "train"):
+        issues.fatal(f"{split_file}: split file not found (split files in {root}: {found}); without a split file use "
+                     f"split 'all' (or 'train') for every image")
+    names = sorted(path.stem for path in image_dir.glob("*.png"))
+    if not names:
+        issues.fatal(f"{image_dir}: no .png images found; check the dataset root")
+    return names, None
+
+
+def _pair(names: Sequence[str], image_of: Callable[[str], Path | None], label_of: Callable[[str], Path] | None,
+          require_labels: bool, where: str, image_dir: Path, label_dir: Path, issues: _Issues,
+          listed_in: Path | None = None, labels_optional: bool = False) -> list[Sample]:
+    """Samples of ``names`` that have an image, reporting the missing images and (if ``require_labels``) labels.
+
+    ``labels_optional`` (listing for ``plca prepare`` a target-capable format): a split none of whose
+    images has a label gets a note instead.
+    """
+    images = [image_of(name) for name in names]
+    missing = [(name, path) for name, path in zip(names, images) if path is None or not path.is_file()]
+    if missing:
+        source = f"listed in {listed_in}" if listed_in is not None else f"of {where}"
+        paths = [path or image_dir / f"{name}.(png|jpg|jpeg)" for name, path in missing]
+        issues.error(f"{len(missing)} of {len(names)} images {source} are missing from {image_dir}",
+                     [name for name, _ in missing], paths,
+                     todo="check the dataset root and split, or complete the download")
+    pairs = [(name, path) for name, path in zip(names, images) if path is not None and path.is_file()]
+    if label_of is None:
+        return [Sample(name, path, None) for name, path in pairs]
+    labels = [label_of(name) for name, _ in pairs]
+    absent = [label for label in labels if not label.is_file()]
+    if absent and require_labels:
+        if len(absent) == len(labels) and labels_optional and not issues.strict:
+            issues.record("note", f"none of the {len(labels)} images of {where} has a label in {label_dir}: they "
+                                  f"were checked as unlabelled target images")
+        else:
+            issues.error(f"{len(absent)} of {len(labels)} label files of {where} are missing from {label_dir} "
+                         f"(these images have no label)", [label.name for label in absent], absent,
+                         todo="check the dataset root and split, or complete the download")
+    return [Sample(name, path, label if label.is_file() else None) for (name, path), label in zip(pairs, labels)]
+
+
+# ----------------------------------------------------------------------------------------------
+# One reader per format: (root, split, classes, require_labels, issues) -> listing.
+
+
+def _gta5(root: Path, split: str, classes: Sequence[str], require_labels: bool, issues: _Issues) -> _Listing:
+    reader = _cityscapes_labels(classes, "gta5")
+    _require_root(root, "gta5", issues)
+    images = _require_images(root, "gta5", issues)
+    has_labels = _label_folder(root / "labels", "gta5", "GTA5 labels",
+                               "a GTA5 root holds images/ and labels/ (e.g. images/00001.png, labels/00001.png)",
+                               require_labels, issues)
+    odd = None if issues.strict else _not_gta5(root)
+    if odd is not None:
+        issues.record("warning", f"{root} does not look like a GTA5 dataset: {odd}; it looks like a folder-format "
+                                 f"dataset (plca prepare folder {root} --classes ...)")
+    names, split_file = _split_names(root, split, images, True, issues)
+    samples = _pair(names, lambda n: images / f"{n}.png", (lambda n: root / "labels" / f"{n}.png") if has_labels
+                    else None, require_labels, f"GTA5 split '{split}' in {root}", images, root / "labels", issues,
+                    split_file)
+    return _Listing(samples, reader, {"resize_mismatched_labels": True})
+
+
+def _synthia(root: Path, split: str, classes: Sequence[str], require_labels: bool, issues: _Issues) -> _Listing:
+    reader = _synthia_labels(classes)
+    _require_root(root, "synthia", issues)
+    images = _require_images(root, "synthia", issues)
     labels = root / "GT" / "LABELS"
-    has_labels = labels.is_dir()
-    if require_labels:
-        _require_dir(labels, "SYNTHIA GT/LABELS", hint)
-    names = _split_names(root, split, root / "RGB")
-    samples = _pair_samples(names, lambda n: root / "RGB" / f"{n}.png",
-                            (lambda n: labels / f"{n}.png") if has_labels else None,
-                            require_labels, f"SYNTHIA split '{split}' in {root}")
-    table = _remap(classes, "synthia")[synthia_id_to_train_id()]
-    return samples, _SynthiaLabels(table, synthia_known_ids()), {}
+    has_labels = _label_folder(labels, "synthia", "SYNTHIA GT/LABELS",
+                               "a SYNTHIA-RAND-CITYSCAPES root holds RGB/ and GT/LABELS/", require_labels, issues)
+    names, split_file = _split_names(root, split, images, True, issues)
+    samples = _pair(names, lambda n: images / f"{n}.png", (lambda n: labels / f"{n}.png") if has_labels else None,
+                    require_labels, f"SYNTHIA split '{split}' in {root}", images, labels, issues, split_file)
+    return _Listing(samples, reader)
 
 
-def _cityscapes(root: Path, split: str, classes: Sequence[str], require_labels: bool) -> tuple:
-    _require_root(root, "cityscapes")
-    images_root = root / "leftImg8bit"
-    _require_dir(images_root, "Cityscapes leftImg8bit", "a Cityscapes root holds leftImg8bit/ and gtFine/")
+def _cityscapes(root: Path, split: str, classes: Sequence[str], require_labels: bool, issues: _Issues) -> _Listing:
+    reader = _cityscapes_labels(classes, "cityscapes")
+    _require_root(root, "cityscapes", issues)
+    images_root = _require_images(root, "cityscapes", issues)
     if not (images_root / split).is_dir():
         found = ", ".join(sorted(p.name for p in images_root.iterdir() if p.is_dir())) or "none"
-        raise DatasetError(f"{images_root / split}: Cityscapes split '{split}' not found (splits there: {found})")
+        issues.fatal(f"{images_root / split}: Cityscapes split '{split}' not found (splits there: {found})")
     labels_root = root / "gtFine" / split
-    if require_labels:
-        _require_dir(labels_root, f"Cityscapes gtFine/{split}",
-                     "the labels come from gtFine_trainvaltest.zip, extracted next to leftImg8bit/")
-    suffix = "_leftImg8bit.png"
-    images = sorted((images_root / split).glob(f"*/*{suffix}"))
+    has_labels = _label_folder(labels_root, "cityscapes", f"Cityscapes gtFine/{split}",
+                               "the labels come from gtFine_trainvaltest.zip, extracted next to leftImg8bit/",
+                               require_labels, issues)
+    images = sorted((images_root / split).glob(f"*/*{_CITYSCAPES_IMAGE}"))
     if not images:
-        raise DatasetError(f"{images_root / split}: no <city>/*{suffix} images found; check the dataset root")
-    by_name = {path.name[:-len(suffix)]: path for path in images}
+        issues.fatal(f"{images_root / split}: no <city>/*{_CITYSCAPES_IMAGE} images found; check the dataset root")
+    by_name = {path.name[:-len(_CITYSCAPES_IMAGE)]: path for path in images}
 
     def label_of(name: str) -> Path:
-        return labels_root / by_name[name].parent.name / f"{name}_gtFine_labelIds.png"
+        return labels_root / by_name[name].parent.name / f"{name}{_CITYSCAPES_LABEL}"
 
-    samples = _pair_samples(list(by_name), by_name.__getitem__, label_of if labels_root.is_dir() else None,
-                            require_labels, f"Cityscapes split '{split}' in {root}")
-    return samples, _LookupLabels(_cityscapes_table(classes, "cityscapes"), cityscapes_known_ids()), {}
+    samples = _pair(list(by_name), by_name.get, label_of if has_labels else None, require_labels,
+                    f"Cityscapes split '{split}' in {root}", images_root / split, labels_root, issues,
+                    labels_optional=True)
+    return _Listing(samples, reader)
 
 
-def _find_image(images: Path, name: str) -> Path:
-    """``images/name.<suffix>`` for the one image suffix that exists (the name shows all when none does)."""
-    found = [images / f"{name}{suffix}" for suffix in _IMAGE_SUFFIXES if (images / f"{name}{suffix}").is_file()]
+def _find_image(images: Path, name: str, ambiguous: list[str]) -> Path | None:
+    """``images/name.<suffix>`` for the one image suffix that exists (None if none does); several
+    are added to ``ambiguous`` and the first is used."""
+    found = [images / f"{name}{suffix}" for suffix in IMAGE_SUFFIXES if (images / f"{name}{suffix}").is_file()]
     if not found:
-        found = [images / f"{name}{suffix.upper()}" for suffix in _IMAGE_SUFFIXES
+        found = [images / f"{name}{suffix.upper()}" for suffix in IMAGE_SUFFIXES
                  if (images / f"{name}{suffix.upper()}").is_file()]
     if len(found) > 1:
-        raise DatasetError(f"{images}: several images named '{name}' ({', '.join(p.name for p in found)}); "
-                           f"keep one")
-    return found[0] if found else images / f"{name}.(png|jpg|jpeg)"
+        ambiguous.append(" / ".join(path.name for path in found))
+    return found[0] if found else None
 
 
-def _check_classes_file(root: Path, classes: Sequence[str]) -> None:
+def read_classes_file(path: str | Path) -> list[str]:
+    """The class names a folder dataset's ``classes.txt`` lists, one per line, in label-index order."""
+    return [name for _, name in read_text_lines(path)]
+
+
+def _check_classes_file(root: Path, classes: Sequence[str], issues: _Issues) -> None:
     """A folder dataset may carry ``classes.txt``; its labels are indices into that list."""
     path = root / "classes.txt"
     if not path.is_file():
         return
-    listed = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        listed = read_classes_file(path)
+    except DatasetError as error:
+        issues.fatal(str(error))
     if listed != list(classes):
-        raise DatasetError(
-            f"{path}: this dataset's label values index the classes [{', '.join(listed)}], but the run's "
-            f"classes are [{', '.join(classes)}]; set data.classes to the list in classes.txt (same order)"
-        )
+        issues.error(f"{path}: this dataset's label values index the classes [{', '.join(listed)}], but the run's "
+                     f"classes are [{', '.join(classes)}]; set data.classes (plca prepare: --classes) to the list in "
+                     f"classes.txt (same order)")
 
 
-def _folder(root: Path, split: str, classes: Sequence[str], require_labels: bool) -> tuple:
-    _require_root(root, "folder")
-    hint = "a folder-format root holds images/, labels/ and one <split>.txt per split"
-    _require_dir(root / "images", "images", hint)
-    has_labels = (root / "labels").is_dir()
-    if require_labels:
-        _require_dir(root / "labels", "labels", hint)
-    _check_classes_file(root, classes)
-    split_file = root / f"{split}.txt"
-    if not split_file.is_file():
-        found = ", ".join(sorted(p.stem for p in root.glob("*.txt") if p.name != "classes.txt")) or "none"
-        raise DatasetError(f"{split_file}: split file not found (splits in {root}: {found}); "
-                           f"write one image name (without extension) per line")
-    names = _read_split_file(split_file)
-    samples = _pair_samples(names, lambda n: _find_image(root / "images", n),
-                            (lambda n: root / "labels" / f"{n}.png") if has_labels else None,
-                            require_labels, f"split '{split}' in {root}")
-    return samples, _IndexLabels(len(classes)), {}
+def _folder(root: Path, split: str, classes: Sequence[str], require_labels: bool, issues: _Issues) -> _Listing:
+    reader = _index_labels(len(classes))
+    _require_root(root, "folder", issues)
+    images = _require_images(root, "folder", issues)
+    has_labels = _label_folder(root / "labels", "folder", "labels",
+                               "a folder-format root holds images/, labels/ and one <split>.txt per split",
+                               require_labels, issues)
+    _check_classes_file(root, classes, issues)
+    names, split_file = _split_names(root, split, images, False, issues)
+    ambiguous: list[str] = []
+    samples = _pair(names, lambda n: _find_image(images, n, ambiguous),
+                    (lambda n: root / "labels" / f"{n}.png") if has_labels else None, require_labels,
+                    f"split '{split}' in {root}", images, root / "labels", issues, split_file, labels_optional=True)
+    if ambiguous:
+        issues.error(f"{images}: several images share one name (which one is meant is ambiguous)", ambiguous,
+                     todo="keep one")
+    return _Listing(samples, reader)
 
 
-def _synthetic(root: Path, split: str, classes: Sequence[str], require_labels: bool) -> tuple:
+def _synthetic(root: Path, split: str, classes: Sequence[str], require_labels: bool, issues: _Issues) -> _Listing:
     from plca.data.synthetic import ensure_generated
 
     try:
         ensure_generated(root)
     except ValueError as error:
-        raise DatasetError(str(error)) from None
-    return _folder(root, split, classes, require_labels)
+        issues.fatal(str(error))
+    return _folder(root, split, classes, require_labels, issues)
 
 
-_READERS: dict[str, Callable[[Path, str, Sequence[str], bool], tuple]] = {
+_READERS: dict[str, Callable[[Path, str, Sequence[str], bool, _Issues], _Listing]] = {
     "gta5": _gta5,
     "synthia": _synthia,
     "cityscapes": _cityscapes,
@@ -453,6 +624,22 @@ _READERS: dict[str, Callable[[Path, str, Sequence[str], bool], tuple]] = {
 DATASET_FORMATS: tuple[str, ...] = tuple(_READERS)
 
 
+def _check_arguments(format: str, classes: Sequence[str]) -> None:
+    if format not in _READERS:
+        raise DatasetError(f"unknown dataset format '{format}'; known formats: {', '.join(DATASET_FORMATS)}")
+    if isinstance(classes, str) or not classes or not all(isinstance(name, str) for name in classes):
+        raise DatasetError(f"classes must be a non-empty list of class names, got {classes!r}")
+    if len(classes) >= IGNORE_INDEX:
+        raise DatasetError(f"at most {IGNORE_INDEX - 1} classes are supported (255 is the ignore label), "
+                           f"got {len(classes)}")
+
+
+def _make(format: str, root: Path, split: str, classes: Sequence[str], listing: _Listing, transform: Transform | None,
+          seed: int, on_error: str) -> SegmentationDataset:
+    return SegmentationDataset(listing.samples, classes, listing.label_reader, transform, seed=seed, on_error=on_error,
+                               description=f"{format} split '{split}' in {root}", **listing.options)
+
+
 def build_dataset(format: str, root: str | Path, split: str, classes: Sequence[str],
                   transform: Transform | None = None, *, seed: int = 0, on_error: str = "raise",
                   require_labels: bool = True) -> SegmentationDataset:
@@ -462,14 +649,73 @@ def build_dataset(format: str, root: str | Path, split: str, classes: Sequence[s
     split); its samples' labels are then all 255. Raises :class:`DatasetError` for an unknown
     format, a missing folder or split, an empty split or listed files that do not exist.
     """
-    if format not in _READERS:
-        raise DatasetError(f"unknown dataset format '{format}'; known formats: {', '.join(DATASET_FORMATS)}")
-    if isinstance(classes, str) or not classes or not all(isinstance(name, str) for name in classes):
-        raise DatasetError(f"classes must be a non-empty list of class names, got {classes!r}")
-    if len(classes) >= IGNORE_INDEX:
-        raise DatasetError(f"at most {IGNORE_INDEX - 1} classes are supported (255 is the ignore label), "
-                           f"got {len(classes)}")
+    _check_arguments(format, classes)
     root = Path(root).expanduser()
-    samples, label_reader, options = _READERS[format](root, split, classes, require_labels)
-    return SegmentationDataset(samples, classes, label_reader, transform, seed=seed, on_error=on_error,
-                               description=f"{format} split '{split}' in {root}", **options)
+    listing = _READERS[format](root, split, classes, require_labels, _Issues(strict=True))
+    return _make(format, root, split, classes, listing, transform, seed, on_error)
+
+
+@dataclass
+class DatasetScan:
+    """What :func:`scan_dataset` found: the dataset of the samples it could list (None if none), and
+    every layout problem, with the files (``Finding.level``: ``error``, ``warning`` or ``note``)."""
+
+    dataset: SegmentationDataset | None
+    findings: list[Finding]
+
+
+def scan_dataset(format: str, root: str | Path, split: str, classes: Sequence[str],
+                 require_labels: bool = True) -> DatasetScan:
+    """The readers of :func:`build_dataset`, recording every problem instead of raising the first.
+
+    Missing images or labels of some samples are recorded and those samples left out (missing
+    labels: kept without a label); a split that cannot be listed at all gives ``dataset=None``.
+    For ``plca prepare``: splits of the folder / Cityscapes formats without any label get a
+    note, not an error, as a target's training split has no labels. Raises
+    :class:`DatasetError` only for an unknown format or bad ``classes``.
+    """
+    _check_arguments(format, classes)
+    root = Path(root).expanduser()
+    issues = _Issues(strict=False)
+    try:
+        listing = _READERS[format](root, split, classes, require_labels, issues)
+    except _Stop:
+        return DatasetScan(None, issues.findings)
+    dataset = _make(format, root, split, classes, listing, None, 0, "raise") if listing.samples else None
+    return DatasetScan(dataset, issues.findings)
+
+
+def dataset_splits(format: str, root: str | Path) -> list[str]:
+    """The splits a dataset folder has: its split files (gta5 and synthia: ``all``, every image,
+    first), Cityscapes' ``train`` and ``val`` folders."""
+    root = Path(root).expanduser()
+    if format == "cityscapes":
+        return [split for split in ("train", "val") if (root / "leftImg8bit" / split).is_dir()]
+    files = [path.stem for path in _split_files(root)] if root.is_dir() else []
+    if format in ("gta5", "synthia"):
+        return ["all"] + [name for name in files if name != "all"]
+    return files
+
+
+def unpaired_labels(format: str, root: str | Path, splits: Sequence[str] = ()) -> list[Path]:
+    """Label files of the dataset in ``root`` that have no image (a sign of an incomplete download).
+
+    gta5 / synthia / folder: every PNG of the label folder whose name no image has; Cityscapes:
+    the ``*_gtFine_labelIds.png`` of ``splits`` without their ``*_leftImg8bit.png``.
+    """
+    root = Path(root).expanduser()
+    if format == "cityscapes":
+        found = []
+        for split in splits:
+            labels = sorted((root / "gtFine" / split).glob(f"*/*{_CITYSCAPES_LABEL}"))
+            found += [path for path in labels if not (root / "leftImg8bit" / split / path.parent.name /
+                                                      f"{path.name[:-len(_CITYSCAPES_LABEL)]}{_CITYSCAPES_IMAGE}"
+                                                      ).is_file()]
+        return found
+    image_dir = root / _LAYOUTS.get(format, ("images",))[0]
+    label_dir = root / "GT" / "LABELS" if format == "synthia" else root / "labels"
+    if not image_dir.is_dir() or not label_dir.is_dir():
+        return []
+    suffixes = IMAGE_SUFFIXES if format in ("folder", "synthetic") else (".png",)
+    stems = {path.stem for path in image_dir.iterdir() if path.suffix.lower() in suffixes}
+    return [path for path in sorted(label_dir.glob("*.png")) if path.stem not in stems]

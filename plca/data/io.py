@@ -1,11 +1,14 @@
-"""Reading images and label maps from disk, with errors that name the file.
+"""Reading images, label maps and split files from disk, with errors that name the file.
 
-Three readers, one per kind of file:
+One reader per kind of file:
 
-- :func:`read_image`: any image Pillow decodes (PNG, JPEG, ...) as ``(H, W, 3) uint8`` RGB;
-- :func:`read_label`: an 8-bit single-channel label PNG (grey or palette) as ``(H, W) uint8`` ids;
+- :func:`read_image`: any image Pillow decodes (PNG, JPEG, TIFF, ...) as ``(H, W, 3) uint8`` RGB,
+  whatever its mode (see :func:`read_image` for each mode's conversion; modes without a faithful
+  8-bit RGB conversion are refused by name);
+- :func:`read_label`: an 8-bit single-channel label PNG (grey, palette or 1-bit) as ``(H, W) uint8`` ids;
 - :func:`read_synthia_label`: SYNTHIA's 16-bit multi-channel label PNGs, whose first channel is
-  the class id, as ``(H, W) uint16``.
+  the class id, as ``(H, W) uint16``;
+- :func:`read_split_file`: the sample names listed in a split file (UTF-8 text, one per line).
 
 Pillow keeps only the high byte of each sample of a 16-bit colour PNG (it has no 48/64-bit
 image mode), which turns SYNTHIA's class ids (< 256, so all in the low byte) into zeros. So
@@ -20,14 +23,22 @@ Every failure is a :class:`DatasetError` whose message names the file, the probl
 
 from __future__ import annotations
 
+import codecs
 import struct
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["DatasetError", "read_image", "read_label", "read_synthia_label", "write_png_16bit"]
+__all__ = [
+    "DatasetError", "IMAGE_SUFFIXES", "ImageModeError", "duplicate_names", "image_mode_problem", "png_header",
+    "read_image", "read_label", "read_split_file", "read_synthia_label", "read_text_lines", "write_png_16bit",
+]
+
+#: Image file suffixes a split file's names may carry (dropped) and the folder format looks for.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: PNG colour type -> (Pillow mode, channels) for the types read by :func:`read_synthia_label`.
@@ -37,13 +48,50 @@ _RAW_16BIT = {"L": ("L;16B", "L;16"), "RGB": ("RGB;16B", "RGB;16L"), "RGBA": ("R
 # What Pillow raises for files it cannot decode (truncated, corrupt, not an image, too large).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
 
+#: Image modes :func:`read_image` converts, and how (the others are refused by name).
+_IMAGE_MODES = {
+    "RGB": "as stored",
+    "RGBA": "alpha dropped", "RGBX": "padding channel dropped",
+    "L": "grey repeated to 3 channels", "LA": "alpha dropped, grey repeated",
+    "1": "1-bit: 0 -> 0, 1 -> 255",
+    "P": "through its palette (alpha dropped)", "PA": "through its palette (alpha dropped)",
+    "CMYK": "Pillow's CMYK -> RGB conversion", "YCbCr": "Pillow's YCbCr -> RGB conversion",
+    "I;16": "16-bit grey scaled to 8 bits (65535 -> 255)", "I;16B": "16-bit grey scaled to 8 bits",
+    "I;16L": "16-bit grey scaled to 8 bits", "I;16N": "16-bit grey scaled to 8 bits",
+    "I": "32-bit integer grey holding 16-bit values (0..65535), scaled to 8 bits",
+}
+_REFUSED_MODES = {"F": "32-bit floating point", "LAB": "CIELab colour", "HSV": "HSV colour",
+                  "I;16S": "signed 16-bit", "La": "premultiplied alpha", "RGBa": "premultiplied alpha"}
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
 
 class DatasetError(ValueError):
     """A dataset file or folder is missing, unreadable or holds unexpected values."""
 
 
+class ImageModeError(DatasetError):
+    """An image whose mode (e.g. 32-bit float) has no faithful 8-bit RGB conversion."""
+
+
+def image_mode_problem(mode: str) -> str | None:
+    """Why an image of Pillow ``mode`` cannot be read as 8-bit RGB, or None if :func:`read_image` converts it."""
+    if mode in _IMAGE_MODES:
+        return None
+    what = _REFUSED_MODES.get(mode, "an unusual mode")
+    return (f"image mode '{mode}' ({what}) has no faithful 8-bit RGB conversion; save the image as 8-bit RGB "
+            f"(PNG or JPEG)")
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """The image at ``path`` as ``(H, W, 3) uint8`` RGB (grey, RGBA and palette images converted).
+    """The image at ``path`` as ``(H, W, 3) uint8`` RGB.
+
+    Conversions by Pillow mode: ``RGB`` as stored; ``L`` grey repeated to three channels; ``1``
+    (1-bit) 0 / 255; ``P`` through its palette; ``RGBA``, ``LA``, ``PA``: the alpha channel is
+    dropped (the stored colour is kept, not composited on any background); ``CMYK`` and ``YCbCr``
+    by Pillow's conversion; 16-bit grey (``I;16*``, and ``I`` whose values fit in 16 bits) scaled
+    by its bit depth, ``round(v * 255 / 65535)``. 16-bit RGB(A) PNGs arrive from Pillow as 8-bit
+    (their high bytes). Any other mode (``F``, ``LAB``, ``I`` beyond 16 bits, ...) raises
+    :class:`DatasetError` naming the file and the mode.
 
     The file is decoded completely here, so a truncated or corrupt file raises
     :class:`DatasetError` now rather than yielding a partly grey image. EXIF orientation is
@@ -52,25 +100,54 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as image:
+            problem = image_mode_problem(image.mode)
+            if problem is not None:
+                raise ImageModeError(f"{path}: {problem}")
             image.load()
-            if image.mode == "P" and "transparency" in image.info:
-                image = image.convert("RGBA")  # avoids Pillow's warning for palette transparency
-            return np.array(image.convert("RGB"), dtype=np.uint8)
+            rgb = _to_rgb(image, path)
+            return rgb if rgb.flags.writeable else rgb.copy()  # torch wants writable arrays
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file not found") from None
     except _DECODE_ERRORS as error:
+        if isinstance(error, DatasetError):
+            raise
         raise DatasetError(
             f"{path}: cannot decode the image ({error}); the file is truncated or corrupt, "
             f"re-extract or re-download it (or remove it from the split)"
         ) from None
 
 
+def _to_rgb(image: Image.Image, path: Path) -> np.ndarray:
+    """``(H, W, 3) uint8`` of a loaded image whose mode is one of :data:`_IMAGE_MODES`."""
+    mode = image.mode
+    if mode in ("RGB", "RGBA", "RGBX"):
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8)[:, :, :3])
+    if mode in ("P", "PA"):
+        return np.ascontiguousarray(np.asarray(image.convert("RGBA"), dtype=np.uint8)[:, :, :3])
+    if mode in ("CMYK", "YCbCr"):
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    values = np.asarray(image)
+    if mode == "LA":
+        grey = values[:, :, 0]
+    elif mode == "L":
+        grey = values
+    elif mode == "1":
+        grey = values.astype(np.uint8) * 255
+    else:  # 16-bit grey, or "I" holding 16-bit values
+        if values.size and (int(values.min()) < 0 or int(values.max()) > 65535):
+            raise ImageModeError(f"{path}: image mode '{mode}' with values {int(values.min())}..{int(values.max())}, "
+                               f"beyond 16 bits: there is no faithful 8-bit RGB conversion; save the image as "
+                               f"8-bit RGB (PNG or JPEG)")
+        grey = ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return np.repeat(grey.astype(np.uint8, copy=False)[:, :, None], 3, axis=2)
+
+
 def read_label(path: str | Path) -> np.ndarray:
     """The single-channel label map at ``path`` as ``(H, W) uint8`` ids.
 
     8-bit grey (``L``) and palette (``P``) PNGs are read as stored ids (a palette image's
-    indices, not its colours). A 16-bit grey PNG is accepted when every id is below 256.
-    Colour (RGB / RGBA) labels raise :class:`DatasetError`.
+    indices, not its colours); a 1-bit image as ids 0 and 1. A 16-bit grey PNG is accepted
+    when every id is below 256. Colour (RGB / RGBA) labels raise :class:`DatasetError`.
     """
     path = Path(path)
     try:
@@ -85,7 +162,7 @@ def read_label(path: str | Path) -> np.ndarray:
             f"{path}: cannot decode the label ({error}); the file is truncated or corrupt, "
             f"re-extract or re-download it (or remove it from the split)"
         ) from None
-    if mode in ("L", "P"):
+    if mode in ("L", "P", "1"):
         return ids.astype(np.uint8, copy=False)
     if mode.startswith("I") and ids.ndim == 2:
         if ids.size and (ids.min() < 0 or ids.max() > 255):
@@ -98,6 +175,65 @@ def read_label(path: str | Path) -> np.ndarray:
         f"{path}: label image has mode '{mode}', but a single-channel index PNG is expected "
         f"(8-bit grey or palette, one label id per pixel); convert colour-coded labels to ids first"
     )
+
+
+def png_header(path: str | Path) -> tuple[int, int, int, int] | None:
+    """``(width, height, bit depth, colour type)`` from a PNG's IHDR chunk; None if the file is not a PNG."""
+    with open(path, "rb") as handle:
+        head = handle.read(33)
+    if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"), head[24], head[25]
+
+
+def read_text_lines(path: str | Path) -> list[tuple[int, str]]:
+    """``(line number, text)`` of each non-blank line of the UTF-8 text file ``path``, stripped of spaces.
+
+    A UTF-8 byte-order mark is skipped and Windows / old Mac line endings are accepted; ``#``
+    starts a comment that runs to the end of the line. A file that is not UTF-8 raises a one-line
+    :class:`DatasetError` naming the file, the line and the byte offset of the first bad byte.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read the file ({error})") from None
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = start + error.start
+        line = data.count(b"\n", 0, offset) + 1
+        utf16 = " (it looks like UTF-16)" if data.startswith(_UTF16_BOMS) else ""
+        raise DatasetError(f"{path}: line {line} (byte offset {offset}, byte 0x{data[offset]:02x}) is not UTF-8 "
+                           f"text{utf16}; save the file as UTF-8") from None
+    lines = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            lines.append((number, line))
+    return lines
+
+
+def read_split_file(path: str | Path) -> list[str]:
+    """The sample names a split file lists, in file order: one per line (see :func:`read_text_lines`).
+
+    An image suffix (``.png``, ``.jpg``, ``.jpeg``) on a name is dropped, so lists of file names
+    work too. Duplicates are kept: the caller reports them (:func:`duplicate_names`).
+    """
+    names = []
+    for _, name in read_text_lines(path):
+        if name.lower().endswith(IMAGE_SUFFIXES):
+            name = name.rsplit(".", 1)[0]
+        names.append(name)
+    return names
+
+
+def duplicate_names(names: list[str]) -> list[str]:
+    """The names listed more than once, sorted."""
+    return sorted(name for name, count in Counter(names).items() if count > 1)
 
 
 def read_synthia_label(path: str | Path) -> np.ndarray:

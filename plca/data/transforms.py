@@ -8,13 +8,17 @@ label (h, w) torch.int64)``. Normalisation happens on the device, in the model's
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable, Mapping
+
 import numpy as np
 import torch
 from PIL import Image
 
 from plca.data.labels import IGNORE_INDEX
 
-__all__ = ["EvalTransform", "TrainTransform", "resize_image", "resize_label", "to_tensors"]
+__all__ = ["EvalTransform", "TrainTransform", "crop_larger_than_images", "resize_image", "resize_label",
+           "resize_warnings", "to_tensors"]
 
 
 def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +63,23 @@ def _pair_of_positive_ints(value, name: str) -> tuple[int, int]:
     return first, second
 
 
+def _ordered(pair: tuple, value, name: str) -> tuple:
+    if pair[0] > pair[1]:
+        raise ValueError(f"{name} must be (lo, hi) with lo <= hi, got {value!r}")
+    return pair
+
+
+def _ratio_range(value) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value)
+        ok = bool(np.isfinite([low, high]).all()) and 0 < low
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"scale_range must be two positive ratios (lo, hi), got {value!r}")
+    return _ordered((low, high), value, "scale_range")
+
+
 def _shorter_side_size(height: int, width: int, shorter: int) -> tuple[int, int]:
     """``(h, w)`` with the shorter side ``shorter`` and the aspect ratio kept (rounded half up)."""
     if height <= width:
@@ -66,33 +87,49 @@ def _shorter_side_size(height: int, width: int, shorter: int) -> tuple[int, int]
     return max(1, int(height * shorter / width + 0.5)), shorter
 
 
+def _ratio_size(height: int, width: int, ratio: float) -> tuple[int, int]:
+    """``(h, w)`` of an image scaled by ``ratio`` (rounded half up, at least 1)."""
+    return max(1, int(height * ratio + 0.5)), max(1, int(width * ratio + 0.5))
+
+
 class TrainTransform:
     """Random rescale, horizontal flip and crop, applied identically to image and label.
 
-    1. If ``shorter_side = (lo, hi)``: resize so the shorter side is a random integer in
-       ``[lo, hi]`` (inclusive), bilinear for the image, nearest for the label.
+    1. Rescale (bilinear for the image, nearest for the label), one of:
+       ``shorter_side = (lo, hi)``: the shorter side becomes a random integer in ``[lo, hi]``
+       (inclusive); ``scale_range = (lo, hi)``: both sides are multiplied by one random ratio
+       drawn uniformly from ``[lo, hi]``, relative to each image's own size (mmsegmentation's
+       ``ratio_range`` without a fixed base scale). Neither: no rescale.
     2. If ``flip``: mirror left-right with probability 0.5.
     3. Pad bottom / right (image with 0, label with 255) up to ``crop_size = (h, w)`` if smaller,
        then crop a random ``(h, w)`` window.
 
-    Random numbers are drawn from ``rng`` in this fixed order: shorter side, flip, crop top, crop left.
+    Random numbers are drawn from ``rng`` in this fixed order: shorter side or ratio, flip, crop
+    top, crop left.
     """
 
     def __init__(self, crop_size: tuple[int, int], shorter_side: tuple[int, int] | None = None,
-                 flip: bool = True) -> None:
+                 flip: bool = True, scale_range: tuple[float, float] | None = None) -> None:
         self.crop_size = _pair_of_positive_ints(crop_size, "crop_size")
-        self.shorter_side = None if shorter_side is None else _pair_of_positive_ints(shorter_side, "shorter_side")
-        if self.shorter_side is not None and self.shorter_side[0] > self.shorter_side[1]:
-            raise ValueError(f"shorter_side must be (lo, hi) with lo <= hi, got {shorter_side!r}")
+        if shorter_side is not None and scale_range is not None:
+            raise ValueError(f"shorter_side {shorter_side!r} and scale_range {scale_range!r} are two ways to rescale: "
+                             f"give one of them (the other null)")
+        self.shorter_side = None if shorter_side is None else _ordered(
+            _pair_of_positive_ints(shorter_side, "shorter_side"), shorter_side, "shorter_side")
+        self.scale_range = None if scale_range is None else _ratio_range(scale_range)
         self.flip = bool(flip)
 
     def __call__(self, image: np.ndarray, label: np.ndarray,
                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(H, W, 3) uint8``, ``(H, W) uint8`` -> ``(3, h, w) uint8``, ``(h, w) int64``; ``(h, w) = crop_size``."""
         _check_pair(image, label)
+        size = None
         if self.shorter_side is not None:
             shorter = int(rng.integers(self.shorter_side[0], self.shorter_side[1] + 1))
             size = _shorter_side_size(*image.shape[:2], shorter)
+        elif self.scale_range is not None:
+            size = _ratio_size(*image.shape[:2], float(rng.uniform(*self.scale_range)))
+        if size is not None:
             image, label = resize_image(image, size), resize_label(label, size)
         if self.flip and rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
@@ -108,7 +145,100 @@ class TrainTransform:
         return to_tensors(image, label)
 
     def __repr__(self) -> str:
-        return f"TrainTransform(crop_size={self.crop_size}, shorter_side={self.shorter_side}, flip={self.flip})"
+        return (f"TrainTransform(crop_size={self.crop_size}, shorter_side={self.shorter_side}, "
+                f"scale_range={self.scale_range}, flip={self.flip})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Whether a configured rescale / crop suits the images: warnings, never errors.
+
+#: A rescale beyond these factors of an image's own size is probably meant for other images.
+MAX_UPSCALE = 2.0
+MIN_DOWNSCALE = 0.25
+
+
+def _counted(image_sizes: Mapping[tuple[int, int], int] | Iterable[tuple[int, int]]) -> Counter:
+    if isinstance(image_sizes, Mapping):
+        return Counter({tuple(size): int(count) for size, count in image_sizes.items()})
+    return Counter(tuple(size) for size in image_sizes)
+
+
+def _smallest_size(height: int, width: int, shorter_side: tuple[int, int] | None,
+                   scale_range: tuple[float, float] | None) -> tuple[int, int]:
+    """``(h, w)`` of an image at the smallest rescale the configuration draws."""
+    if shorter_side is not None:
+        return _shorter_side_size(height, width, shorter_side[0])
+    if scale_range is not None:
+        return _ratio_size(height, width, scale_range[0])
+    return height, width
+
+
+def _rescale_text(shorter_side, scale_range) -> str:
+    if shorter_side is not None:
+        return f"even at the smallest train.shorter_side ({shorter_side[0]})"
+    if scale_range is not None:
+        return f"even at the smallest train.scale_range ratio ({scale_range[0]:g})"
+    return "and no rescale is configured (train.shorter_side / train.scale_range)"
+
+
+def crop_larger_than_images(crop_size: tuple[int, int],
+                            image_sizes: Mapping[tuple[int, int], int] | Iterable[tuple[int, int]],
+                            shorter_side: tuple[int, int] | None = None,
+                            scale_range: tuple[float, float] | None = None) -> str | None:
+    """A warning if the crop is larger than some images (after the smallest configured rescale), else None.
+
+    ``crop_size`` and the ``image_sizes`` are ``(height, width)``; ``image_sizes`` is either a
+    mapping size -> number of images (e.g. :attr:`~plca.data.checks.FileCheckReport.image_sizes`)
+    or an iterable of sizes. Such crops are padded (image 0, label 255 = ignore), so part of each
+    teaches nothing: worth a warning, not an error.
+    """
+    crop_h, crop_w = _pair_of_positive_ints(crop_size, "crop_size")
+    sizes = _counted(image_sizes)
+    small = {}
+    for size, count in sizes.items():
+        height, width = _smallest_size(*size, shorter_side, scale_range)
+        if height < crop_h or width < crop_w:
+            small[size] = count
+    if not small:
+        return None
+    smallest = min(small, key=lambda size: size[0] * size[1])
+    return (f"the crop {crop_w}x{crop_h} (train.crop_size [{crop_h}, {crop_w}]) is larger than "
+            f"{sum(small.values())} of {sum(sizes.values())} images (e.g. {smallest[1]}x{smallest[0]}) "
+            f"{_rescale_text(shorter_side, scale_range)}: those crops are padded with ignored pixels; lower "
+            f"train.crop_size or rescale the images up")
+
+
+def resize_warnings(image_sizes: Mapping[tuple[int, int], int] | Iterable[tuple[int, int]],
+                    crop_size: tuple[int, int] | None = None, shorter_side: tuple[int, int] | None = None,
+                    scale_range: tuple[float, float] | None = None) -> list[str]:
+    """Warnings when the configured rescale is far from the images' own size (an upscale beyond
+    :data:`MAX_UPSCALE` or a downscale below :data:`MIN_DOWNSCALE`), or the crop is larger than
+    images (see :func:`crop_larger_than_images`). ``image_sizes`` as there, ``(height, width)``."""
+    sizes = _counted(image_sizes)
+    if not sizes:
+        return []
+    found = []
+    shorter = [min(size) for size in sizes]
+    if shorter_side is not None:
+        high, low = shorter_side[1] / min(shorter), shorter_side[0] / max(shorter)
+        sides = f"{min(shorter)}" if min(shorter) == max(shorter) else f"{min(shorter)}..{max(shorter)}"
+        what = f"train.shorter_side [{shorter_side[0]}, {shorter_side[1]}] (the images' shorter side is {sides} px)"
+    elif scale_range is not None:
+        high, low = scale_range[1], scale_range[0]
+        what = f"train.scale_range [{scale_range[0]:g}, {scale_range[1]:g}] (ratios of each image's own size)"
+    else:
+        high = low = 1.0
+        what = ""
+    if high > MAX_UPSCALE:
+        found.append(f"{what} upscales images up to {high:.1f}x: is the rescale meant for images of another size?")
+    if low < MIN_DOWNSCALE:
+        found.append(f"{what} downscales images down to {low:.2f}x: is the rescale meant for images of another "
+                        f"size?")
+    if crop_size is not None:
+        crop = crop_larger_than_images(crop_size, sizes, shorter_side, scale_range)
+        if crop is not None:
+            found.append(crop)
+    return found
 
 
 class EvalTransform:

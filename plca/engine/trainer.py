@@ -305,13 +305,14 @@ class _Session:
 
     def _datasets(self) -> RunDatasets:
         config, info = self.config, self.info
-        datasets = build_run_datasets(config.data, config.train, config.eval.size, self.method.uses_target)
+        datasets = build_run_datasets(config.data, config.train, config.eval.size, self.method.uses_target,
+                                      info.world_size)
         self.logger.info("run dir %s | %s on %d process(es), %s | source %d images%s%s", self.run_dir, config.method,
                          info.world_size, info.device, len(datasets.source),
                          f", target {len(datasets.target)}" if datasets.target is not None else "",
                          f", val {len(datasets.val)}" if datasets.val is not None else "")
         check_run_datasets(datasets, self.data_check, config.data.on_error, info.rank, info.world_size,
-                           self.logger, agree=lambda ok: all_true(ok, info.device))
+                           self.logger, agree=lambda ok: all_true(ok, info.device), train=config.train)
         return datasets
 
     def _wrap_for_ddp(self) -> nn.Module | None:

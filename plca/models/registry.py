@@ -4,7 +4,8 @@ A **backbone** is an ``nn.Module`` that maps *normalised* images ``(B, 3, H, W)`
 list of feature maps, finest first (``levels[k]`` has ``out_channels[k]`` channels and
 is about ``H / strides[k]`` high). It carries:
 
-- ``out_channels: tuple[int, ...]`` and ``strides: tuple[int, ...]``, one per level;
+- ``out_channels: tuple[int, ...]`` and ``strides: tuple[float, ...]``, one per level (a ViT
+  pyramid of patch 14 has strides 3.5, 7, 14, 28);
 - ``normalization: Normalization``, the input its weights expect (the segmentor builds
   its input normaliser from it);
 - ``load_pretrained(path) -> LoadReport``: load ImageNet weights from a local file in

@@ -110,3 +110,75 @@ def test_levels_and_subsets(tmp_path):
     assert not check_files(dataset, indices=[2]).ok
     with pytest.raises(ValueError, match="level"):
         check_files(dataset, level="everything")
+
+
+def test_full_level_decodes_images_and_headers_find_unconvertible_modes(tmp_path):
+    write_folder(tmp_path, splits={"train": 3})
+    truncated = tmp_path / "images" / "train_0000.png"
+    truncated.write_bytes(truncated.read_bytes()[:200])  # the header survives
+    floating = tmp_path / "images" / "train_0001.png"
+    Image.fromarray(np.zeros((32, 64), np.float32)).save(floating, format="TIFF")  # a TIFF named .png
+    dataset = build_dataset("folder", tmp_path, "train", SUBSET)
+    headers = check_files(dataset, level="headers")
+    assert list(headers.problems) == ["image_mode"] and "mode 'F'" in headers.problems["image_mode"][0]
+    full = check_files(dataset, level="full")
+    assert full.problems["image_data"] == [f"{truncated} (" + full.files[0].reason + ")"]
+    assert "truncated or corrupt" in full.files[0].reason
+    assert str(floating) in full.problems["image_mode"][0]
+    assert "cannot be decoded completely" in full.message() and "8-bit RGB" in full.message()
+
+
+def test_synthia_label_saved_as_8_bit_is_found_from_the_header(tmp_path):
+    write_synthia(tmp_path, n=2)
+    label = tmp_path / "GT" / "LABELS" / "0000001.png"
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(label)
+    report = check_files(build_dataset("synthia", tmp_path, "all", SYNTHIA16_CLASSES), level="headers")
+    assert report.problems == {"depth": [f"{label} (8-bit)"]} and "16-bit" in report.message()
+
+
+def test_statistics_sizes_and_decoded_labels(tmp_path):
+    written = write_gta5(tmp_path, n=3, size=(16, 24))
+    small = write_gta5(tmp_path / "small", n=1, size=(8, 12))
+    (tmp_path / "small" / "images" / "00001.png").rename(tmp_path / "images" / "00004.png")
+    (tmp_path / "small" / "labels" / "00001.png").rename(tmp_path / "labels" / "00004.png")
+    dataset = build_dataset("gta5", tmp_path, "all", SUBSET)
+    seen = {}
+    report = check_files(dataset, on_label=lambda sample, label: seen.setdefault(sample.name, label))
+    assert report.ok and report.labelled == 4 and report.image_sizes == {(16, 24): 3, (8, 12): 1}
+    raw = {name: sample.label for name, sample in written.items()}
+    raw["00004"] = small["00001"].label
+    cityscapes_id = {"sky": 23, "road": 7, "car": 26}
+    for name, ids in raw.items():
+        expected = np.full(ids.shape, 255, np.uint8)
+        for index, class_name in enumerate(SUBSET):
+            expected[ids == cityscapes_id[class_name]] = index
+        np.testing.assert_array_equal(seen[name], expected)
+    every = np.concatenate([ids.ravel() for ids in raw.values()])
+    assert report.class_pixels.tolist() == [int((every == cityscapes_id[c]).sum()) for c in SUBSET] + [
+        int((~np.isin(every, list(cityscapes_id.values()))).sum())]
+    assert report.class_images.tolist() == [sum(int((ids == cityscapes_id[c]).any()) for ids in raw.values())
+                                            for c in SUBSET]
+
+
+def test_labels_without_a_class_of_the_run_are_a_remark_not_a_problem(tmp_path):
+    write_gta5(tmp_path, n=2)
+    Image.fromarray(np.full((32, 64), 11, np.uint8)).save(tmp_path / "labels" / "00002.png")  # building only
+    report = check_files(build_dataset("gta5", tmp_path, "all", SUBSET))
+    assert report.ok and len(report.all_ignored) == 1 and "00002.png" in report.all_ignored[0]
+
+
+def test_check_enough_samples(tmp_path):
+    from plca.data.checks import check_enough_samples
+    from plca.data.io import DatasetError
+
+    write_folder(tmp_path, splits={"train": 3})
+    dataset = build_dataset("folder", tmp_path, "train", SUBSET)
+    check_enough_samples(dataset, batch_size=3)
+    check_enough_samples(dataset, batch_size=1, world_size=3)
+    with pytest.raises(DatasetError) as info:
+        check_enough_samples(dataset, batch_size=2, world_size=2, name="source")
+    message = str(info.value)
+    assert "source data" in message and "split 'train'" in message and "has 3 sample(s)" in message
+    assert "2 per process x 2 processes = 4" in message and "train.batch_size" in message
+    with pytest.raises(DatasetError, match=r"has 3 sample\(s\), fewer than one batch \(4 per process\)"):
+        check_enough_samples(dataset, batch_size=4)

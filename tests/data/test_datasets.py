@@ -417,3 +417,121 @@ def test_segmentation_dataset_validates(tmp_path):
     assert dataset[-1]["name"] == "train_0001" and dataset[-1]["index"] == 1
     with pytest.raises(ValueError, match="seed"):
         build_dataset("folder", tmp_path, "train", SUBSET, seed=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Split files read robustly; one label reader for every format
+
+
+def test_split_file_with_bom_crlf_and_stray_spaces(tmp_path):
+    write_folder(tmp_path, splits={"train": 3})
+    (tmp_path / "mine.txt").write_bytes(b"\xef\xbb\xbf train_0002 \r\n\ttrain_0000.png\r\n")
+    dataset = build_dataset("folder", tmp_path, "mine", SUBSET)
+    assert [s.name for s in dataset.samples] == ["train_0002", "train_0000"]
+
+
+def test_split_file_not_utf8_is_one_line_naming_file_and_line(tmp_path):
+    write_gta5(tmp_path, n=2)
+    (tmp_path / "latin.txt").write_bytes(b"00001\n0000\xe92\n")
+    with pytest.raises(DatasetError) as info:
+        build_dataset("gta5", tmp_path, "latin", SUBSET)
+    message = str(info.value)
+    assert str(tmp_path / "latin.txt") in message and "line 2 (byte offset 10" in message and "\n" not in message
+
+
+def test_one_label_map_for_every_format(tmp_path):
+    from plca.data.datasets import LabelMap
+    from plca.data.io import read_label, read_synthia_label
+
+    write_gta5(tmp_path / "gta", n=1)
+    write_synthia(tmp_path / "synthia", n=1)
+    write_folder(tmp_path / "folder", splits={"train": 1})
+    readers = [build_dataset("gta5", tmp_path / "gta", "all", SUBSET).label_reader,
+               build_dataset("synthia", tmp_path / "synthia", "all", SUBSET).label_reader,
+               build_dataset("folder", tmp_path / "folder", "train", SUBSET).label_reader]
+    assert all(type(reader) is LabelMap for reader in readers)
+    assert [reader.decode for reader in readers] == [read_label, read_synthia_label, read_label]
+    assert readers[1].table.shape == (65536,) and readers[1].bit_depth == 16 and readers[1].any_mode
+    assert [reader.reject_unknown for reader in readers] == [False, False, True]
+    copy = pickle.loads(pickle.dumps(readers[1]))
+    label = tmp_path / "synthia" / "GT" / "LABELS" / "0000000.png"
+    np.testing.assert_array_equal(copy(label), readers[1](label))
+
+
+def test_16bit_grey_image_is_read_scaled(tmp_path):
+    write_gta5(tmp_path, n=1, size=(4, 4))
+    grey = np.full((4, 4), 65535, np.uint16)
+    grey[0] = 32768
+    Image.fromarray(grey).save(tmp_path / "images" / "00001.png")
+    image = build_dataset("gta5", tmp_path, "all", SUBSET)[0]["image"]
+    assert image[:, 1:].eq(255).all() and image[:, 0].eq(128).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# scan_dataset: the same readers, every problem recorded with its files
+
+
+def test_scan_records_every_problem_and_keeps_the_good_samples(tmp_path):
+    from plca.data.datasets import scan_dataset
+
+    write_folder(tmp_path, splits={"train": 4})
+    (tmp_path / "train.txt").write_text("train_0000\ntrain_0001\nghost\ntrain_0001\ntrain_0002\ntrain_0003\n")
+    (tmp_path / "labels" / "train_0002.png").unlink()
+    with pytest.raises(DatasetError, match="more than once"):
+        build_dataset("folder", tmp_path, "train", SUBSET)  # the strict reader stops at the first
+    scan = scan_dataset("folder", tmp_path, "train", SUBSET)
+    assert [f.level for f in scan.findings] == ["error"] * 3
+    duplicated, no_image, no_label = scan.findings
+    assert "train.txt: names listed more than once" in duplicated.message and duplicated.items == ["train_0001"]
+    assert f"1 of 5 images listed in {tmp_path / 'train.txt'}" in no_image.message and no_image.items == ["ghost"]
+    assert "1 of 4 label files" in no_label.message and no_label.items == ["train_0002.png"]
+    dataset = scan.dataset
+    assert [s.name for s in dataset.samples] == ["train_0000", "train_0001", "train_0002", "train_0003"]
+    assert dataset.samples[2].label is None and dataset.samples[3].label is not None
+
+
+def test_scan_of_an_unlistable_split(tmp_path):
+    from plca.data.datasets import scan_dataset
+
+    scan = scan_dataset("gta5", tmp_path / "nowhere", "all", SUBSET)
+    assert scan.dataset is None and len(scan.findings) == 1 and "does not exist" in scan.findings[0].message
+
+
+def test_wrong_format_says_what_the_folder_looks_like(tmp_path):
+    from plca.data.datasets import guess_format
+
+    write_cityscapes(tmp_path / "cs", splits=("val",), n_per_city=1)
+    write_gta5(tmp_path / "gta", n=1)
+    write_synthia(tmp_path / "synthia", n=1)
+    write_folder(tmp_path / "folder", splits={"train": 1})
+    assert [guess_format(tmp_path / name) for name in ("cs", "gta", "synthia", "folder")] == [
+        "cityscapes", "gta5", "synthia", "folder"]
+    assert guess_format(tmp_path) is None
+    with pytest.raises(DatasetError) as info:
+        build_dataset("gta5", tmp_path / "cs", "all", SUBSET)
+    message = str(info.value)
+    assert "does not look like a GTA5 dataset" in message and "looks like a Cityscapes dataset" in message
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "README").write_text("")
+    with pytest.raises(DatasetError, match="it holds README"):
+        build_dataset("synthia", tmp_path / "other", "all", SUBSET)
+    with pytest.raises(DatasetError, match="looks like a GTA5 dataset"):
+        build_dataset("folder", tmp_path / "gta", "train", SUBSET)  # no split file, GTA5's names
+
+
+def test_splits_and_unpaired_labels(tmp_path):
+    from plca.data.datasets import dataset_splits, unpaired_labels
+
+    write_gta5(tmp_path / "gta", n=3)
+    (tmp_path / "gta" / "val.txt").write_text("00001\n")
+    (tmp_path / "gta" / "images" / "00002.png").unlink()
+    assert dataset_splits("gta5", tmp_path / "gta") == ["all", "val"]
+    assert unpaired_labels("gta5", tmp_path / "gta") == [tmp_path / "gta" / "labels" / "00002.png"]
+    write_cityscapes(tmp_path / "cs", splits=("train", "val"), n_per_city=1)
+    image = next((tmp_path / "cs" / "leftImg8bit" / "val").glob("*/*.png"))
+    image.unlink()
+    assert dataset_splits("cityscapes", tmp_path / "cs") == ["train", "val"]
+    orphans = unpaired_labels("cityscapes", tmp_path / "cs", ["train", "val"])
+    assert [p.name for p in orphans] == [image.name.replace("_leftImg8bit", "_gtFine_labelIds")]
+    write_folder(tmp_path / "folder", splits={"a": 1, "b": 1}, class_names=["x", "y", "z"])
+    assert dataset_splits("folder", tmp_path / "folder") == ["a", "b"]

@@ -132,7 +132,7 @@ def test_read_label_grey_and_palette_are_ids(tmp_path):
     palette_image = Image.fromarray(ids)
     palette_image.putpalette([(7 * i) % 256 for i in range(768)])  # colours unrelated to the ids
     palette_image.save(tmp_path / "palette.png")
-    assert Image.open(tmp_path / "palette.png").mode == "P"
+    assert mode_of(tmp_path / "palette.png") == "P"
     np.testing.assert_array_equal(read_label(tmp_path / "palette.png"), ids)
 
 
@@ -241,3 +241,151 @@ def test_read_synthia_label_errors_name_the_file(tmp_path):
         assert str(path) in str(info.value), name
     with pytest.raises(DatasetError, match="not found"):
         read_synthia_label(tmp_path / "missing.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# read_image: every mode Pillow writes, converted to 8-bit RGB (or refused by name)
+
+
+def mode_of(path) -> str:
+    with Image.open(path) as image:
+        return image.mode
+
+
+def test_read_image_16bit_grey_is_scaled_by_its_bit_depth(tmp_path):
+    """A 16-bit grey PNG (Pillow mode I;16): v -> round(v * 255 / 65535), not clipped to white."""
+    values = np.array([[0, 128, 257, 32767], [32768, 40000, 65280, 65535]], np.uint16)
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    assert mode_of(tmp_path / "grey16.png") == "I;16"
+    expected = np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert expected[1, 3] == 255 and expected[0, 2] == 1
+    np.testing.assert_array_equal(read_image(tmp_path / "grey16.png"), np.repeat(expected[:, :, None], 3, axis=2))
+
+
+def test_read_image_32bit_integer_grey(tmp_path):
+    """Mode I holding 16-bit values is scaled like I;16; values beyond 16 bits are refused by name."""
+    values = np.array([[0, 257, 65535]], np.int32)
+    Image.fromarray(values).save(tmp_path / "int.tif")
+    assert mode_of(tmp_path / "int.tif") == "I"
+    np.testing.assert_array_equal(read_image(tmp_path / "int.tif")[0, :, 0], [0, 1, 255])
+    Image.fromarray(np.array([[0, 70000]], np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(DatasetError, match="mode 'I'") as info:
+        read_image(tmp_path / "wide.tif")
+    assert str(tmp_path / "wide.tif") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_read_image_1bit(tmp_path):
+    bits = np.array([[True, False, True], [False, False, True]])
+    Image.fromarray(bits).save(tmp_path / "bits.png")
+    assert mode_of(tmp_path / "bits.png") == "1"
+    np.testing.assert_array_equal(read_image(tmp_path / "bits.png")[:, :, 1], bits.astype(np.uint8) * 255)
+
+
+def test_read_image_grey_alpha_drops_the_alpha(tmp_path):
+    rng = np.random.default_rng(8)
+    grey_alpha = rng.integers(0, 256, size=(3, 5, 2), dtype=np.uint8)
+    Image.fromarray(grey_alpha, mode="LA").save(tmp_path / "la.png")
+    assert mode_of(tmp_path / "la.png") == "LA"
+    np.testing.assert_array_equal(read_image(tmp_path / "la.png"), np.repeat(grey_alpha[:, :, :1], 3, axis=2))
+
+
+def test_read_image_palette_with_transparency_keeps_the_palette_colours(tmp_path):
+    indices = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    colours = np.array([[10, 20, 30], [40, 50, 60], [200, 100, 0]], np.uint8)
+    image = Image.fromarray(indices, mode="L").convert("P")
+    image.putpalette(colours.ravel().tolist())
+    image.save(tmp_path / "p.png", transparency=1)  # index 1 transparent: its colour is kept (alpha dropped)
+    with Image.open(tmp_path / "p.png") as stored:
+        assert stored.mode == "P" and "transparency" in stored.info
+    np.testing.assert_array_equal(read_image(tmp_path / "p.png"), colours[indices])
+
+
+def test_read_image_rgba_with_transparent_pixels_keeps_their_colour(tmp_path):
+    rgba = np.array([[[255, 0, 0, 0], [0, 255, 0, 128], [0, 0, 255, 255]]], np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.png"), rgba[:, :, :3])
+
+
+def test_read_image_cmyk(tmp_path):
+    """CMYK (TIFF, lossless) through Pillow's conversion: pure inks give the expected colours."""
+    cmyk = np.array([[[0, 0, 0, 0], [255, 0, 0, 0], [0, 255, 0, 0], [0, 0, 255, 0], [0, 255, 255, 0],
+                      [0, 0, 0, 255]]], np.uint8)
+    Image.fromarray(cmyk, mode="CMYK").save(tmp_path / "cmyk.tif")
+    assert mode_of(tmp_path / "cmyk.tif") == "CMYK"
+    expected = [[255, 255, 255], [0, 255, 255], [255, 0, 255], [255, 255, 0], [255, 0, 0], [0, 0, 0]]
+    np.testing.assert_array_equal(read_image(tmp_path / "cmyk.tif")[0], expected)
+    Image.fromarray(cmyk, mode="CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    assert np.abs(read_image(tmp_path / "cmyk.jpg")[0].astype(int) - expected).max() <= 40  # lossy, same colours
+
+
+def test_read_image_refuses_float_images_by_name(tmp_path):
+    Image.fromarray(np.array([[0.0, 0.5]], np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(DatasetError, match=r"mode 'F' \(32-bit floating point\)") as info:
+        read_image(tmp_path / "float.tif")
+    assert str(tmp_path / "float.tif") in str(info.value)
+
+
+def test_image_mode_problem():
+    from plca.data.io import image_mode_problem
+
+    for mode in ("RGB", "RGBA", "L", "LA", "1", "P", "CMYK", "I;16", "I"):
+        assert image_mode_problem(mode) is None, mode
+    assert "'F'" in image_mode_problem("F") and "'LAB'" in image_mode_problem("LAB")
+
+
+def test_read_label_1bit_is_ids_0_and_1(tmp_path):
+    bits = np.array([[True, False], [False, True]])
+    Image.fromarray(bits).save(tmp_path / "mask.png")
+    out = read_label(tmp_path / "mask.png")
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, bits.astype(np.uint8))
+
+
+def test_png_header(tmp_path):
+    from plca.data.io import png_header
+
+    write_png_16bit(tmp_path / "x.png", np.zeros((3, 5, 3), np.uint16))
+    assert png_header(tmp_path / "x.png") == (5, 3, 16, 2)
+    Image.fromarray(np.zeros((4, 2), np.uint8)).save(tmp_path / "y.png")
+    assert png_header(tmp_path / "y.png") == (2, 4, 8, 0)
+    Image.fromarray(np.zeros((4, 2, 3), np.uint8)).save(tmp_path / "z.jpg")
+    assert png_header(tmp_path / "z.jpg") is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Split files
+
+
+def test_read_split_file_bom_line_endings_spaces_comments_suffixes(tmp_path):
+    from plca.data.io import read_split_file
+
+    path = tmp_path / "train.txt"
+    path.write_bytes(b"\xef\xbb\xbf# header\r\n  a \r\n\tb.png\t\r\n\r\nc.JPG  # note\r\nd e\rf\n")
+    assert read_split_file(path) == ["a", "b", "c", "d e", "f"]
+
+
+def test_read_split_file_duplicates_are_kept_for_the_caller(tmp_path):
+    from plca.data.io import duplicate_names, read_split_file
+
+    (tmp_path / "s.txt").write_text("b\na\nb\nc\na.png\n")
+    names = read_split_file(tmp_path / "s.txt")
+    assert names == ["b", "a", "b", "c", "a"] and duplicate_names(names) == ["a", "b"]
+
+
+def test_read_split_file_not_utf8_names_the_line_and_byte(tmp_path):
+    from plca.data.io import read_split_file
+
+    path = tmp_path / "val.txt"
+    path.write_bytes(b"first\nsecond\ncaf\xe9\n")  # Latin-1 e acute at byte 16, line 3
+    with pytest.raises(DatasetError) as info:
+        read_split_file(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: line 3 (byte offset 16") and "not UTF-8" in message and "\n" not in message
+    path.write_bytes(b"\xef\xbb\xbfok\n\xff\n")  # the offset counts the byte-order mark
+    with pytest.raises(DatasetError, match=r"line 2 \(byte offset 6"):
+        read_split_file(path)
+    path.write_bytes("a\nb\n".encode("utf-16"))
+    with pytest.raises(DatasetError, match="UTF-16"):
+        read_split_file(path)
+    with pytest.raises(DatasetError, match="not found"):
+        read_split_file(tmp_path / "missing.txt")

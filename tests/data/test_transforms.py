@@ -134,3 +134,109 @@ def test_transform_rejects_mismatched_inputs():
         TrainTransform((4, 4))(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9), np.uint8), np.random.default_rng(0))
     with pytest.raises(ValueError, match="image"):
         EvalTransform()(np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
+# scale_range: a random ratio of each image's own size
+
+
+def resized_extent(out_label: torch.Tensor) -> tuple[int, int]:
+    """``(h, w)`` of the resized image inside a larger, padded crop (no flip): the non-255 block."""
+    valid = (out_label != 255).numpy()
+    height, width = int(valid.any(axis=1).sum()), int(valid.any(axis=0).sum())
+    assert valid[:height, :width].all() and not valid[height:].any() and not valid[:, width:].any()
+    return height, width
+
+
+@pytest.mark.parametrize("size", [(20, 40), (30, 18)])
+def test_scale_range_resizes_by_a_ratio_of_each_images_own_size(size):
+    image, label = column_ramp(*size)
+    low, high = 0.5, 1.5
+    transform = TrainTransform((80, 80), scale_range=(low, high), flip=False)
+    heights = []
+    for seed in range(200):
+        height, width = resized_extent(transform(image, label, np.random.default_rng(seed))[1])
+        # One ratio r in [lo, hi] for both sides: h = round(H r), w = round(W r).
+        r_low = max((height - 0.5) / size[0], (width - 0.5) / size[1], low)
+        r_high = min((height + 0.5) / size[0], (width + 0.5) / size[1], high)
+        assert r_low <= r_high, (height, width)
+        heights.append(height)
+    assert min(heights) <= round(size[0] * low) + 1 and max(heights) >= round(size[0] * high) - 1  # range covered
+    assert len(set(heights)) > 10
+
+
+def test_scale_range_keeps_image_and_label_aligned_and_labels_nearest():
+    image, label = column_ramp(30, 60)
+    label = (label // 10 * 40).astype(np.uint8)
+    image[:, :, 0] = label
+    transform = TrainTransform((24, 24), scale_range=(0.6, 1.7), flip=True)
+    for seed in range(20):
+        out_image, out_label = transform(image, label, np.random.default_rng(seed))
+        lab = out_label.numpy()
+        assert set(np.unique(lab).tolist()) <= {0, 40, 80, 120, 160, 200, 255}
+        red = out_image[0].numpy().astype(int)
+        # Inside each plateau of the image (equal to both neighbours), the label has the same value.
+        inner = np.zeros_like(lab, dtype=bool)
+        inner[:, 1:-1] = (red[:, 1:-1] == red[:, :-2]) & (red[:, 1:-1] == red[:, 2:])
+        inner &= lab != 255
+        assert inner.sum() > 100 and (red[inner] == lab[inner]).mean() > 0.97
+
+
+def test_scale_range_is_deterministic_given_the_rng():
+    image, label = column_ramp(40, 50)
+    transform = TrainTransform((16, 16), scale_range=(0.5, 2.0))
+    first = transform(image, label, np.random.default_rng([1, 2, 3]))
+    second = transform(image, label, np.random.default_rng([1, 2, 3]))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    # The ratio is the first draw: the same generator state gives the size a plain uniform draw predicts.
+    big = TrainTransform((200, 200), scale_range=(0.5, 2.0), flip=False)
+    ratio = np.random.default_rng(7).uniform(0.5, 2.0)
+    assert resized_extent(big(image, label, np.random.default_rng(7))[1]) == (int(40 * ratio + 0.5),
+                                                                              int(50 * ratio + 0.5))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"shorter_side": (10, 20), "scale_range": (0.5, 2.0)}, "one of them"),
+    ({"scale_range": (2.0, 0.5)}, "lo <= hi"),
+    ({"scale_range": (0.0, 1.0)}, "positive"),
+    ({"scale_range": (0.5,)}, "two positive"),
+    ({"scale_range": "big"}, "two positive"),
+])
+def test_scale_range_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainTransform((8, 8), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Warnings about a rescale / crop that does not suit the images
+
+
+def test_crop_larger_than_images_without_resize():
+    from plca.data.transforms import crop_larger_than_images
+
+    sizes = {(300, 400): 2, (600, 800): 5}  # (h, w): count
+    message = crop_larger_than_images((512, 512), sizes)
+    assert "512x512" in message and "2 of 7 images" in message and "400x300" in message
+    assert "no rescale is configured" in message
+    assert crop_larger_than_images((256, 256), sizes) is None
+    assert crop_larger_than_images((512, 512), [(600, 800), (700, 900)]) is None  # an iterable of sizes
+    assert crop_larger_than_images((512, 512), sizes, shorter_side=(512, 600)) is None  # upscaled enough
+    assert crop_larger_than_images((512, 512), sizes, scale_range=(1.75, 2.0)) is None
+    message = crop_larger_than_images((512, 512), sizes, scale_range=(0.5, 2.0))
+    assert "7 of 7 images" in message and "scale_range ratio (0.5)" in message
+
+
+def test_resize_warnings():
+    from plca.data.transforms import resize_warnings
+
+    cityscapes = {(1024, 2048): 10}
+    assert resize_warnings(cityscapes, (730, 730), shorter_side=(760, 988)) == []
+    assert resize_warnings(cityscapes, (512, 512), scale_range=(0.5, 2.0)) == []
+    small = {(256, 512): 3, (300, 500): 1}
+    found = resize_warnings(small, (730, 730), shorter_side=(760, 988))
+    assert len(found) == 1 and "upscales images up to 3.9x" in found[0]  # 988 / 256
+    found = resize_warnings(cityscapes, (64, 64), shorter_side=(100, 200))
+    assert len(found) == 1 and "downscales images down to 0.10x" in found[0]
+    found = resize_warnings(small, (730, 730))
+    assert len(found) == 1 and "larger than 4 of 4 images" in found[0]
+    assert resize_warnings({}, (730, 730)) == []

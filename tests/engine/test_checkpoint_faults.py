@@ -153,7 +153,7 @@ def test_full_disk_during_training_stops_the_run_and_keeps_the_last_checkpoint(d
     assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
     assert "resumed from" in capsys.readouterr().err
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 4
-    assert os.listdir(run_dir / "checkpoints") == ["last.pt"]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["final.pt", "last.pt"]  # the temporary file is gone
 
 
 @pytest.mark.slow

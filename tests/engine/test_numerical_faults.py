@@ -40,14 +40,14 @@ def _poison(monkeypatch, bad_calls, how):
     original = SourceOnly.training_step
     calls = {"n": 0}
 
-    def step(self, model, source, target=None):
+    def step(self, source, target, step_index):
         bad = calls["n"] in bad_calls
         calls["n"] += 1
         if bad and how == "nan_input":  # NaN through the whole forward: BatchNorm statistics too
             source = {**source, "image": source["image"] * float("nan")}
-        output = original(self, model, source, target)
+        output = original(self, source, target, step_index)
         if bad and how == "inf_gradient":
-            weight = next(model.parameters())
+            weight = next(self.student.parameters())
             output.loss = output.loss + _InfiniteGradient.apply(weight.sum())
         return output
 

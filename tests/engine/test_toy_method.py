@@ -51,12 +51,21 @@ def toy_config(data_root: Path, out: Path, run_name: str):
     return type(config)(**{**config.__dict__, "method": "toy_teacher"})
 
 
-def worker(data_root: str, out: str, run_name: str) -> None:
-    """Run in a subprocess: train the toy method (slowly enough to be killed mid-run)."""
+def worker(data_root: str, out: str, run_name: str, resume: bool = False) -> None:
+    """Run in a subprocess (one thread, as every run of the test): train the toy method, or resume it."""
     from plca.engine.trainer import train
 
     torch.set_num_threads(1)
-    train(toy_config(Path(data_root), Path(out), run_name), progress=False)
+    train(toy_config(Path(data_root), Path(out), run_name), resume=Path(out) / run_name if resume else None,
+          progress=False)
+
+
+def start_worker(data_root: Path, out: Path, run_name: str, resume: bool = False) -> subprocess.Popen:
+    here = Path(__file__).parent
+    code = (f"import sys; sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]; import test_toy_method as t; "
+            f"t.worker({str(data_root)!r}, {str(out)!r}, {run_name!r}, {resume})")
+    return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def method_state(run_dir: Path) -> dict:
@@ -69,21 +78,18 @@ def method_state(run_dir: Path) -> dict:
 def test_toy_method_with_a_teacher_resumes_exactly_after_sigkill(tmp_path):
     from dataset_writers import write_folder
     from plca.engine.checkpoint import load_checkpoint
-    from plca.engine.trainer import train
 
     data = tmp_path / "data"
     write_folder(data, classes_count=3, splits={"train": 8}, size=(40, 56), seed=0)
-    full = train(toy_config(data, tmp_path / "runs", "full"), progress=False)
-    expected = method_state(full.run_dir)
+    full = start_worker(data, tmp_path / "runs", "full")
+    assert full.wait(timeout=300) == 0, full.communicate()
+    expected = method_state(tmp_path / "runs" / "full")
     assert int(expected["updates"]) == 6
     assert any(k.startswith("teacher.") for k in expected) and any(k.startswith("student.") for k in expected)
     assert any(not torch.equal(expected[k], expected["student." + k[len("teacher."):]])
                for k in expected if k.startswith("teacher.") and expected[k].is_floating_point())
 
-    code = (f"import sys; sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parent.parent)!r}]; "
-            f"import test_toy_method as t; t.worker({str(data)!r}, {str(tmp_path / 'runs')!r}, 'killed')")
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_worker(data, tmp_path / "runs", "killed")
     run_dir = tmp_path / "runs" / "killed"
     deadline = time.time() + 240
     while True:
@@ -101,8 +107,9 @@ def test_toy_method_with_a_teacher_resumes_exactly_after_sigkill(tmp_path):
     assert 2 <= killed_at <= 6
     assert int(method_state(run_dir)["updates"]) == killed_at
 
-    resumed = train(toy_config(data, tmp_path / "runs", "killed"), resume=run_dir, progress=False)
-    assert resumed.step == 6
+    resumed = start_worker(data, tmp_path / "runs", "killed", resume=True)
+    assert resumed.wait(timeout=300) == 0, resumed.communicate()
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 6
     state = method_state(run_dir)
     assert state.keys() == expected.keys()
     for key in expected:

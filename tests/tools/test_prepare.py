@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from plca.cli import main
+from plca.config import ConfigError
 from plca.data.labels import SYNTHIA16_CLASSES
 from plca.tools.prepare import check_dataset, format_findings, png_header
 
@@ -93,7 +94,7 @@ def check(fmt, root, **kwargs):
 
 
 def only(report, level):
-    findings = report.errors if level == "error" else report.warnings
+    findings = {"error": report.errors, "warning": report.warnings, "note": report.notes}[level]
     assert len(findings) == 1, format_findings(report)
     return findings[0]
 
@@ -201,11 +202,11 @@ def test_split_file_names_a_missing_sample(tmp_path):
     assert "val.txt" in finding.message and finding.items == ["ghost"]
 
 
-def test_folder_without_labels_is_a_target_only_warning(tmp_path):
+def test_folder_without_labels_is_a_target_only_note(tmp_path):
     make_folder(tmp_path)
     shutil.rmtree(tmp_path / "labels")
     report = check("folder", tmp_path, classes=["road", "car", "sky"])
-    assert "unlabelled target" in only(report, "warning").message and not report.errors
+    assert "unlabelled target" in only(report, "note").message and not report.errors and not report.warnings
 
 
 def test_missing_dataset_folder(tmp_path, capsys):
@@ -247,3 +248,148 @@ def test_synthia_statistics_use_the_16_bit_first_channel(tmp_path):
     for raw, name in ((1, "sky"), (3, "road"), (8, "car")):
         assert report.stats["classes"][name]["pixels"] == int((all_ids == raw).sum())
     assert report.stats["classes"]["person"]["pixels"] == 0
+
+
+# --------------------------------------------------------------------------- image modes
+
+
+def test_unusual_image_modes_are_converted_and_pass(tmp_path):
+    make_gta5(tmp_path)
+    Image.fromarray(RNG.integers(0, 65536, size=(32, 64), dtype=np.uint16)).save(tmp_path / "images" / "00001.png")
+    Image.fromarray(RNG.integers(0, 256, size=(32, 64, 2), dtype=np.uint8), mode="LA").save(
+        tmp_path / "images" / "00002.png")
+    Image.fromarray(RNG.integers(0, 2, size=(32, 64)).astype(bool)).save(tmp_path / "images" / "00003.png")
+    report = check("gta5", tmp_path)
+    assert report.findings == [], format_findings(report)
+
+
+def test_image_in_an_unconvertible_mode_is_an_error_naming_file_and_mode(tmp_path, capsys):
+    make_gta5(tmp_path)
+    Image.fromarray(np.zeros((32, 64), np.float32)).save(tmp_path / "images" / "00002.png", format="TIFF")
+    finding = only(check("gta5", tmp_path), "error")
+    assert "8-bit RGB" in finding.message and len(finding.items) == 1
+    assert finding.items[0].startswith("00002.png (") and "mode 'F'" in finding.items[0]
+    assert main(["prepare", "gta5", str(tmp_path), "--no-progress"]) == 2
+    assert "mode 'F'" in capsys.readouterr().out
+
+
+def test_cmyk_jpeg_in_a_folder_dataset_passes(tmp_path):
+    make_folder(tmp_path)
+    Image.fromarray(RNG.integers(0, 256, size=(32, 64, 4), dtype=np.uint8), mode="CMYK").save(
+        tmp_path / "images" / "b.jpg")
+    assert check("folder", tmp_path, classes=["road", "car", "sky"]).findings == []
+
+
+# --------------------------------------------------------------------------- split files
+
+
+def test_split_file_with_bom_windows_line_endings_and_spaces(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "train.txt").write_bytes(b"\xef\xbb\xbf a \r\nb\t\r\n")
+    report = check("folder", tmp_path, classes=["road", "car", "sky"])
+    assert report.findings == [] and report.checked == 3
+
+
+def test_split_file_not_utf8(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "val.txt").write_bytes(b"# caf\xe9\nc\n")
+    finding = only(check("folder", tmp_path, classes=["road", "car", "sky"]), "error")
+    assert f"{tmp_path / 'val.txt'}: line 1 (byte offset 5" in finding.message and "UTF-8" in finding.message
+
+
+def test_split_file_duplicates(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "train.txt").write_text("a\nb\na\n")
+    finding = only(check("folder", tmp_path, classes=["road", "car", "sky"]), "error")
+    assert "train.txt" in finding.message and "more than once" in finding.message and finding.items == ["a"]
+
+
+# --------------------------------------------------------------------------- the wrong format
+
+
+def test_wrong_format_is_one_line_saying_what_the_folder_looks_like(tmp_path, capsys):
+    make_cityscapes(tmp_path)
+    finding = only(check("gta5", tmp_path), "error")
+    assert finding.message.startswith(f"{tmp_path} does not look like a GTA5 dataset")
+    assert "looks like a Cityscapes dataset" in finding.message and "\n" not in finding.message
+    assert main(["prepare", "synthia", str(tmp_path), "--no-progress"]) == 2
+    assert "does not look like a SYNTHIA dataset" in capsys.readouterr().out
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.md").write_text("")
+    finding = only(check("cityscapes", tmp_path / "other"), "error")
+    assert "does not look like a Cityscapes dataset" in finding.message and "it holds notes.md" in finding.message
+
+
+def test_folder_dataset_checked_as_gta5_is_flagged(tmp_path):
+    make_folder(tmp_path)
+    report = check("gta5", tmp_path, classes=["road", "car", "sky"])
+    looks = [f for f in report.warnings if "does not look like a GTA5 dataset" in f.message]
+    assert len(looks) == 1 and "looks like a folder-format dataset" in looks[0].message
+    finding = only(check("folder", tmp_path / "nowhere", classes=["road"]), "error")
+    assert "does not exist" in finding.message
+
+
+def test_gta5_checked_as_folder_says_it_looks_like_gta5(tmp_path):
+    make_gta5(tmp_path)
+    finding = only(check("folder", tmp_path, classes=["road", "car", "sky"]), "error")
+    assert "split file not found" in finding.message and "looks like a GTA5 dataset" in finding.message
+
+
+# --------------------------------------------------------------------------- unlabelled splits
+
+
+def test_split_without_any_label_is_a_note(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "labels" / "c.png").unlink()  # val (c) has no label, train (a, b) has
+    report = check("folder", tmp_path, classes=["road", "car", "sky"])
+    assert not report.errors and not report.warnings
+    assert "split 'val'" in only(report, "note").message and "unlabelled" in only(report, "note").message
+    assert report.stats["images"] == 2
+
+
+def test_some_labels_missing_is_an_error_unless_unlabelled(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "labels" / "a.png").unlink()
+    finding = only(check("folder", tmp_path, classes=["road", "car", "sky"]), "error")
+    assert "have no label" in finding.message and finding.items == ["a.png"]
+    report = check("folder", tmp_path, classes=["road", "car", "sky"], split="train", unlabelled=True)
+    assert not report.errors and not report.warnings and report.checked == 2
+    assert "unlabelled" in only(report, "note").message
+
+
+def test_gta5_without_labels_when_told_unlabelled(tmp_path):
+    make_gta5(tmp_path)
+    shutil.rmtree(tmp_path / "labels")
+    report = check("gta5", tmp_path, unlabelled=True)
+    assert not report.errors and not report.warnings and report.checked == 3 and report.stats is None
+
+
+# --------------------------------------------------------------------------- sizes and the configured resize
+
+
+def test_image_sizes_are_reported(tmp_path):
+    make_gta5(tmp_path)
+    Image.fromarray(RNG.integers(0, 256, size=(40, 80, 3), dtype=np.uint8)).save(tmp_path / "images" / "00003.png")
+    Image.fromarray(random_ids([7], size=(40, 80))).save(tmp_path / "labels" / "00003.png")
+    report = check("gta5", tmp_path)
+    assert report.findings == [] and report.image_sizes == {(32, 64): 2, (40, 80): 1}
+    text = format_findings(report)
+    assert "64x32 (2), 80x40 (1)" in text and "min / median / max: 32 / 32 / 40 px" in text
+
+
+def test_resize_far_from_the_image_size_and_crop_larger_than_images_are_warnings(tmp_path):
+    make_gta5(tmp_path)
+    finding = only(check("gta5", tmp_path, crop_size=(48, 48)), "warning")
+    assert "larger than 3 of 3 images" in finding.message and "no rescale" in finding.message
+    finding = only(check("gta5", tmp_path, crop_size=(16, 16), shorter_side=(100, 120)), "warning")
+    assert "upscales images up to 3.8x" in finding.message  # 120 / 32
+    assert check("gta5", tmp_path, crop_size=(16, 16), scale_range=(0.5, 2.0)).findings == []
+    with pytest.raises(ConfigError, match="one of them"):
+        check("gta5", tmp_path, shorter_side=(10, 20), scale_range=(0.5, 2.0))
+
+
+def test_cityscapes_label_without_image(tmp_path):
+    make_cityscapes(tmp_path)
+    (tmp_path / "leftImg8bit" / "val" / "frankfurt" / "frankfurt_000001_000019_leftImg8bit.png").unlink()
+    finding = only(check("cityscapes", tmp_path), "error")
+    assert "have no image" in finding.message and finding.items == ["frankfurt_000001_000019_gtFine_labelIds.png"]
