@@ -21,10 +21,29 @@ def setup_logger(run_dir: Path | None, is_main: bool) -> logging.Logger:
     console.setFormatter(fmt)
     logger.addHandler(console)
     if run_dir is not None and is_main:
-        handler = logging.FileHandler(run_dir / "train.log")
+        handler = _RunLogHandler(run_dir / "train.log")
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     return logger
+
+
+class _RunLogHandler(logging.FileHandler):
+    """``train.log``; a failed write (a full disk) is said once on stderr instead of a traceback per record."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, delay=True)
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: ARG002
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            print(f"plca: cannot write {self.baseFilename} ({getattr(error, 'strerror', None) or error}); "
+                  f"the log goes on on the console only", file=sys.stderr)
 
 
 class ScalarWindow:

@@ -61,7 +61,7 @@ from plca.engine.image_grids import log_image_grid
 from plca.engine.loader import batch_stream
 from plca.engine.logger import ScalarWindow, TensorBoard, setup_logger
 from plca.engine.optim import effective_warmup, optimizer_from_config, scheduled_lr, set_lr
-from plca.engine.run_dir import RunLock, check_resume_config, create_unique, default_run_name
+from plca.engine.run_dir import RunDirError, RunLock, check_resume_config, create_unique, default_run_name
 from plca.engine.state import TrainState
 from plca.engine.update import UpdateOutcome, update
 from plca.evaluation.evaluator import evaluate
@@ -274,13 +274,18 @@ class _Session:
                 return self._already_finished()
         barrier()
         if info.is_main:
-            save_config(config, self.run_dir / "config.yaml")
+            try:
+                save_config(config, self.run_dir / "config.yaml")
+                (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+                for name in ("scalars.jsonl", "eval_history.jsonl"):
+                    _truncate_jsonl(self.run_dir / name, self.state.step)
+            except OSError as error:
+                raise RunDirError(f"cannot write to the run directory '{self.run_dir}': "
+                                  f"{error.strerror or error}{_free_space(self.run_dir)}") from None
             _record_run(self.run_dir, config, self.argv, self.started, None, logger)
-            for name in ("scalars.jsonl", "eval_history.jsonl"):
-                _truncate_jsonl(self.run_dir / name, self.state.step)
             for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):
                 stale.unlink(missing_ok=True)  # left by a checkpoint write cut short (the checkpoint is intact)
-        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        barrier()
         self.board = TensorBoard(self.run_dir / "tb" if info.is_main else None)
         self.datasets = self._datasets()
         self.ddp = self._wrap_for_ddp()
@@ -369,6 +374,9 @@ class _Session:
                     raise
                 except Exception as error:  # noqa: BLE001
                     self._fail_between_steps(error, "between updates")
+                if not stopping and any_true(stop.received is not None, self.info.device):
+                    self._save_last()  # the signal came during the logging or the validation of this step
+                    stopping = True
                 if stopping:
                     self.logger.warning("stopped by a signal at step %d; checkpoint saved", state.step)
                     raise TrainingInterrupted(f"stopped by signal {stop.received or 'on another process'} at step "
@@ -554,6 +562,13 @@ class _Session:
                              "(final model), checkpoints/last.pt (to resume)%s", state.step, self.run_dir,
                              ", checkpoints/best_on_val.pt (oracle selection)" if metrics is not None else "")
         return RunResult(self.run_dir, state.step, metrics, model)
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f" ({shutil.disk_usage(folder).free / 2**30:.2f} GiB free there)"
+    except OSError:
+        return ""
 
 
 def _append_jsonl(path: Path, record: dict, logger) -> None:
