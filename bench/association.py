@@ -5,6 +5,8 @@ dense reference against the memory-linear implementation, and how far apart thei
     python bench/association.py --metric cos --size 92x183 --channels 2048 --json cos.json
     python bench/association.py --metric kl --classes 19 --size 32x64
     python bench/association.py --part aggregate --impls dense,efficient:blockwise,efficient:sdpa
+    python bench/association.py --metric cos --size 128x128 --channels 256   # 1/4 map of a 512x512 crop
+    python bench/association.py --part flips --size 32x32 --channels 256 --seeds 5   # bf16 vs float32
 
 What one measurement is: every impl gets its own **fresh subprocess** (multiprocessing "spawn", so
 no impl inherits another's memory), which builds the random inputs (below) and waits. The parent
@@ -48,6 +50,16 @@ dense needs about 11 GiB (more for kl, whose way back is a second matrix, not a 
 script prints this estimate and the memory available and runs dense anyway: if the OS kills the
 subprocess, its row says so and the others still run.
 
+Precision (``--similarity-dtype``, ``--part flips``). ``--similarity-dtype`` sets the products'
+precision of the loss and aggregation runs (``float32``, the default of the loss, or ``bfloat16``).
+``--part flips`` times nothing: in this process, for ``--seeds`` seeds, it runs the association
+(``--impls``' first impl, aggregation as ``--aggregate``) on seeded inputs (``--inputs random``:
+Gaussian features / softmax of Gaussian logits; ``structured``: the class maps above) three ways:
+float32 products (the reference), bfloat16 products of the same inputs, and float32 products of the
+inputs rounded to bfloat16 (what a network run under autocast hands over). For the last two it
+reports the share of valid source pixels whose ``j(i)``, ``i'(i)`` or positive flag differs from
+the reference, and the loss's relative difference; mean, min and max over the seeds.
+
 JSON (``--json``): with one metric ``{"dense": {"seconds", "peak_mb", ...}, "efficient": {...},
 "max_rel_diff": float, "ratios": {...}, "settings": {...}}``; with ``--metric both`` an object
 ``{"cos": <that>, "kl": <that>}``.
@@ -71,6 +83,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from plca.data.labels import IGNORE_INDEX
+
 IMPL_CHOICES = ("dense", "efficient", "efficient:blockwise", "efficient:sdpa")
 CELL = 8  # pixels per side of a class cell in the random label maps
 IGNORE_FRACTION = 0.05
@@ -82,7 +96,7 @@ IDLE_SECONDS = 0.5  # pause before each run: OpenMP threads spin-wait for a whil
 class Settings:
     """One benchmark configuration; everything a worker subprocess needs to rebuild the inputs."""
 
-    part: str  # "loss" or "aggregate"
+    part: str  # "loss", "aggregate" or "flips"
     metric: str  # "cos" or "kl"
     height: int
     width: int
@@ -96,6 +110,9 @@ class Settings:
     device: str
     threads: int | None
     seed: int
+    similarity_dtype: str = "float32"
+    reduction: str = "pooled"
+    inputs: str = "structured"  # "structured" (class maps) or "random"; the flips part only
 
     @property
     def pixels(self) -> int:
@@ -131,7 +148,11 @@ def make_inputs(settings: Settings) -> dict[str, Tensor]:
     target_labels = label_maps(settings, generator)
     source = class_maps(source_labels, settings, generator)
     target = class_maps(target_labels, settings, generator)
-    source_labels[torch.rand(source_labels.shape, generator=generator) < IGNORE_FRACTION] = 255
+    if settings.inputs == "random":
+        source, target = (torch.randn(source.shape, generator=generator) for _ in range(2))
+        if settings.metric == "kl":
+            source, target = (2 * source).softmax(dim=1), (2 * target).softmax(dim=1)
+    source_labels[torch.rand(source_labels.shape, generator=generator) < IGNORE_FRACTION] = IGNORE_INDEX
     weight = torch.randn(target.shape, generator=generator)
     device = torch.device(settings.device)
     return {"source": source.to(device).requires_grad_(True), "target": target.to(device).requires_grad_(True),
@@ -155,21 +176,26 @@ def forward_backward(impl: str, inputs: dict[str, Tensor], settings: Settings) -
     result: dict[str, Tensor | float] = {}
     if settings.part == "aggregate":
         if backend:
-            aggregated = efficient_spatial_aggregate(target, settings.metric, settings.alpha, backend=backend)
+            aggregated = efficient_spatial_aggregate(target, settings.metric, settings.alpha, backend=backend,
+                                                     similarity_dtype=settings.similarity_dtype)
         else:
-            aggregated = spatial_aggregate(target, settings.metric, settings.alpha, impl=impl)
+            aggregated = spatial_aggregate(target, settings.metric, settings.alpha, impl=impl,
+                                           similarity_dtype=settings.similarity_dtype)
         loss = (aggregated * inputs["weight"]).sum()
         loss.backward()
         result["grad_target"] = target.grad
     else:
         labels = inputs["labels"]
         if backend:
-            check_inputs(source, target, labels, None, settings.metric, "efficient", settings.alpha)
+            check_inputs(source, target, labels, None, settings.metric, "efficient", settings.alpha,
+                         settings.reduction, settings.similarity_dtype)
             out = efficient_associate(source, target, labels, settings.metric, settings.aggregate, settings.alpha,
-                                      255, None, aggregate_backend=backend)
+                                      IGNORE_INDEX, None, aggregate_backend=backend, reduction=settings.reduction,
+                                      similarity_dtype=settings.similarity_dtype)
         else:
             out = associate(source, target, labels, metric=settings.metric, aggregate=settings.aggregate,
-                            alpha=settings.alpha, impl=impl)
+                            alpha=settings.alpha, impl=impl, reduction=settings.reduction,
+                            similarity_dtype=settings.similarity_dtype)
         loss = out.loss
         loss.backward()
         result["positive_ratio"] = float(out.positive_ratio)
@@ -432,6 +458,60 @@ def print_table(result: dict, settings: Settings) -> None:
         print(f"peak measured as {result[impls[0]]['peak_measured_as']}")
 
 
+# --------------------------------------------------------------------------- bf16 flips
+
+
+def flip_rates(impl: str, settings: Settings, seeds: int) -> dict:
+    """How often reduced precision changes the cycles, per variant: ``{"bfloat16 products": ..., "bfloat16
+    inputs": ...}``, each ``{"j", "i_prime", "cycle", "positive", "loss_rel_diff"}`` as ``{"mean", "min",
+    "max"}`` over ``seeds`` seeds (see the module docstring)."""
+    from plca.losses.association import associate
+
+    def run(source: Tensor, target: Tensor, labels: Tensor, similarity_dtype: str):
+        with torch.no_grad():
+            out = associate(source, target, labels, settings.metric, settings.aggregate, settings.alpha,
+                            impl=impl.partition(":")[0], similarity_dtype=similarity_dtype)
+        positive = labels.reshape(labels.shape[0], -1).gather(1, out.i_prime.clamp(min=0))
+        positive = positive == labels.reshape(labels.shape[0], -1)
+        return out, positive
+
+    samples: dict[str, dict[str, list[float]]] = {}
+    for seed in range(settings.seed, settings.seed + seeds):
+        inputs = make_inputs(Settings(**{**asdict(settings), "seed": seed}))
+        source, target, labels = inputs["source"].detach(), inputs["target"].detach(), inputs["labels"]
+        valid = labels.reshape(labels.shape[0], -1) != IGNORE_INDEX
+        count = max(int(valid.sum()), 1)
+        reference, reference_positive = run(source, target, labels, "float32")
+        variants = {
+            "bfloat16 products": run(source, target, labels, "bfloat16"),
+            "bfloat16 inputs": run(source.bfloat16(), target.bfloat16(), labels, "float32"),
+        }
+        for name, (out, positive) in variants.items():
+            j = (out.j != reference.j) & valid
+            i_prime = (out.i_prime != reference.i_prime) & valid
+            changed_positive = (positive != reference_positive) & valid
+            values = {"j": j, "i_prime": i_prime, "cycle": j | i_prime, "positive": changed_positive}
+            record = samples.setdefault(name, {key: [] for key in (*values, "loss_rel_diff")})
+            for key, flags in values.items():
+                record[key].append(int(flags.sum()) / count)
+            scale = max(abs(reference.loss.item()), 1e-30)
+            record["loss_rel_diff"].append(abs(out.loss.item() - reference.loss.item()) / scale)
+    return {name: {key: {"mean": statistics.fmean(v), "min": min(v), "max": max(v)} for key, v in record.items()}
+            for name, record in samples.items()}
+
+
+def print_flips(result: dict, settings: Settings, seeds: int) -> None:
+    aggregate = "on" if settings.aggregate else "off"
+    print(f"\nbfloat16 against float32, metric {settings.metric}, {settings.inputs} inputs, {settings.height}x"
+          f"{settings.width} (N = M = {settings.pixels}), C = {settings.channels}, aggregate {aggregate}, "
+          f"{seeds} seeds: share of valid source pixels that change (mean [min, max])")
+    print(f"{'variant':<20}{'j(i)':>27}{'i_prime(i)':>27}{'either':>27}{'positive':>27}{'loss rel diff':>16}")
+    for name, record in result.items():
+        cells = [f"{record[key]['mean']:.4f} [{record[key]['min']:.4f}, {record[key]['max']:.4f}]"
+                 for key in ("j", "i_prime", "cycle", "positive")]
+        print(f"{name:<20}" + "".join(f"{cell:>27}" for cell in cells) + f"{record['loss_rel_diff']['mean']:>16.1e}")
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -464,8 +544,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--aggregate", action=argparse.BooleanOptionalAction, default=True,
                         help="spatial aggregation of the target before the association (default on)")
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--part", choices=["loss", "aggregate"], default="loss",
-                        help="the whole association loss, or spatial aggregation alone")
+    parser.add_argument("--part", choices=["loss", "aggregate", "flips"], default="loss",
+                        help="the whole association loss, spatial aggregation alone, or how often bfloat16 "
+                             "changes the cycles (no timing)")
+    parser.add_argument("--similarity-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="precision of the products in the loss and aggregation parts (default float32)")
+    parser.add_argument("--reduction", choices=["pooled", "pairs"], default="pooled",
+                        help="batch reduction of the loss (default pooled, the reference's)")
+    parser.add_argument("--inputs", choices=["random", "structured"], default="random",
+                        help="inputs of --part flips: Gaussian, or the class maps of the loss part (default random)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of --part flips (default 5)")
     parser.add_argument("--impls", type=parse_impls, default=["dense", "efficient"],
                         help=f"comma-separated, first one is the reference; from {', '.join(IMPL_CHOICES)}")
     parser.add_argument("--repeats", type=int, default=3)
@@ -475,8 +563,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results to this file")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.seeds < 1:
+        parser.error("--repeats and --seeds must be >= 1 and --warmup >= 0")
 
     metrics = ["cos", "kl"] if args.metric == "both" else [args.metric]
     results = {}
@@ -484,10 +572,18 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings(part=args.part, metric=metric, height=args.size[0], width=args.size[1],
                             channels=args.channels if metric == "cos" else args.classes, classes=args.classes,
                             batch=args.batch, aggregate=args.aggregate, alpha=args.alpha, repeats=args.repeats,
-                            warmup=args.warmup, device=args.device, threads=args.threads, seed=args.seed)
+                            warmup=args.warmup, device=args.device, threads=args.threads, seed=args.seed,
+                            similarity_dtype=args.similarity_dtype, reduction=args.reduction,
+                            inputs=args.inputs if args.part == "flips" else "structured")
         print(f"{metric}: {settings.part}, {settings.height}x{settings.width}, C = {settings.channels}", flush=True)
-        results[metric] = benchmark(args.impls, settings)
-        print_table(results[metric], settings)
+        if settings.part == "flips":
+            if settings.threads:
+                torch.set_num_threads(settings.threads)
+            results[metric] = flip_rates(args.impls[0], settings, args.seeds)
+            print_flips(results[metric], settings, args.seeds)
+        else:
+            results[metric] = benchmark(args.impls, settings)
+            print_table(results[metric], settings)
         sys.stdout.flush()
     if args.json:
         payload = results[metrics[0]] if len(metrics) == 1 else results

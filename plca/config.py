@@ -75,6 +75,8 @@ class AssociationConfig:
     aggregate: bool = True  # spatial aggregation of the target map before associating
     alpha: float = 0.5
     impl: str = "efficient"  # efficient | dense
+    reduction: str = "pooled"  # pooled: one mean over the positives of the whole batch (the reference) | pairs
+    similarity_dtype: str = "float32"  # float32 products even under AMP (bf16 flips top-1 cycles) | autocast
 
 
 @dataclass
@@ -473,6 +475,9 @@ def validate(config: Config) -> None:
         check(value >= 0, f"loss.association.{key} must be >= 0, got {value}")
     check(0.0 <= loss.association.alpha <= 1.0, "loss.association.alpha must be in [0, 1]")
     check(loss.association.impl in ("efficient", "dense"), "loss.association.impl must be efficient or dense")
+    check(loss.association.reduction in ("pooled", "pairs"), "loss.association.reduction must be pooled or pairs")
+    check(loss.association.similarity_dtype in ("float32", "autocast", "bfloat16"),
+          "loss.association.similarity_dtype must be float32, autocast or bfloat16")
     check(config.device == "auto" or config.device == "cpu" or config.device.split(":")[0] == "cuda",
           f"device '{config.device}' is unknown; use auto, cpu, cuda or cuda:N")
     if config.method_options is not None and hasattr(config.method_options, "validate"):

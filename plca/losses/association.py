@@ -10,8 +10,11 @@ Public API: :func:`spatial_aggregate`, :func:`associate`, :func:`association_los
   numbers computed over blocks of rows, memory linear in the pixel count.
 
 Notation: a source map has ``N = Hs * Ws`` pixels, a target map ``M = Ht * Wt``.
-Source image ``b`` is paired with target image ``b``; the batch loss is the mean
-over the pairs of each pair's loss.
+Source image ``b`` is paired with target image ``b``. Over a batch the loss is, by default
+(``reduction="pooled"``), the mean over the positives of *all* pairs pooled together, as the
+reference computes it (one binary cross-entropy over the masked products of the whole batch):
+a pair with many positives weighs more than one with few. ``reduction="pairs"`` is the mean
+over the pairs of each pair's own mean (a pair without positives counts as 0).
 
 Conventions shared by both implementations:
 
@@ -20,157 +23,56 @@ Conventions shared by both implementations:
 - ``cos`` normalises vectors with :func:`torch.nn.functional.normalize` (eps 1e-12);
 - the per-pixel loss is ``min(-log P_ST(i, j) - log P_TS(j, i'), 100)`` in log space,
   mirroring the clamp of :func:`torch.nn.functional.binary_cross_entropy`;
-- under ``torch.autocast`` the matrix products may run in reduced precision, every
-  statistic (std, softmax, logsumexp) and the loss are float32.
+- precision (``similarity_dtype``): by default (``"float32"``) every matrix product, those of
+  the similarities and those of the spatial aggregation, runs in float32 (float64 for float64
+  inputs) even under ``torch.autocast``: inputs are cast up and the products run with autocast
+  disabled, because bfloat16 similarities flip the top-1 association ``j(i)`` / ``i'(i)`` of a
+  noticeable share of the pixels. On CUDA a float32 matmul may still use TF32 when the user enables
+  it globally (``torch.backends.cuda.matmul.allow_tf32`` or
+  ``torch.set_float32_matmul_precision("high")``). ``"autocast"`` lets the products follow the
+  surrounding autocast (its dtype when it is on, else the inputs' dtype) and ``"bfloat16"`` forces
+  bfloat16 products, both for speed. Every statistic (std, softmax, logsumexp) and the loss are
+  float32 (float64 for float64 inputs) in all cases. Call ``backward`` after the autocast region,
+  as PyTorch advises: inside it the dense implementation's backward products would follow autocast
+  (the efficient one's explicit backward does not).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METRICS = ("cos", "kl")
-IMPLS = ("dense", "efficient")
-STD_EPS = 1e-10  # added to a row's std before dividing
-LOG_EPS = 1e-10  # inside log(p + eps) of the KL similarity
-LOSS_CLAMP = 100.0  # binary_cross_entropy clamps log at -100
-IGNORE_INDEX = 255
+from plca.data.labels import IGNORE_INDEX
 
-
-@dataclass
-class AssociationOutput:
-    """Result of :func:`associate`.
-
-    ``loss``: scalar, differentiable. The others are detached scalars over the whole batch:
-    ``positive_ratio`` = positives / valid (non-ignored) source pixels (0 without valid pixels);
-    ``cover_ratio`` = fraction of target pixels that are ``j(i)`` of some valid source pixel;
-    ``target_accuracy`` (only when target labels are given) = among valid source pixels whose
-    ``j(i)`` has a non-ignored target label, the fraction with ``label(j(i)) == label(i)``
-    (0 when there is none). Diagnostics only; never part of the loss.
-    """
-
-    loss: Tensor
-    positive_ratio: Tensor
-    cover_ratio: Tensor
-    target_accuracy: Tensor | None = None
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def check_metric_impl(metric: str, impl: str) -> None:
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-
-
-def _check_map(name: str, x: Tensor) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a (B, C, H, W) tensor, got shape {shape}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-
-
-def _check_labels(name: str, labels: Tensor, feature_name: str, features: Tensor) -> None:
-    expected = (features.shape[0], *features.shape[2:])
-    if not isinstance(labels, Tensor) or tuple(labels.shape) != expected:
-        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(f"{name} must have shape (B, H, W) = {expected} to match {feature_name} "
-                         f"{tuple(features.shape)}, got {shape}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
-
-
-def check_alpha(alpha: float) -> None:
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-
-
-def check_inputs(source: Tensor, target: Tensor, source_labels: Tensor, target_labels: Tensor | None,
-                 metric: str, impl: str, alpha: float) -> None:
-    """Raise ValueError naming the argument and the shapes on any inconsistency."""
-    check_metric_impl(metric, impl)
-    check_alpha(alpha)
-    _check_map("source", source)
-    _check_map("target", target)
-    if source.shape[0] != target.shape[0]:
-        raise ValueError(f"source and target must have the same batch size, got source {tuple(source.shape)} "
-                         f"and target {tuple(target.shape)}")
-    if source.shape[1] != target.shape[1]:
-        raise ValueError(f"source and target must have the same channel count, got source "
-                         f"{tuple(source.shape)} and target {tuple(target.shape)}")
-    if source.device != target.device:
-        raise ValueError(f"source and target must be on the same device, got {source.device} and {target.device}")
-    _check_labels("source_labels", source_labels, "source", source)
-    if target_labels is not None:
-        _check_labels("target_labels", target_labels, "target", target)
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def row_std(s: Tensor) -> Tensor:
-    """Detached unbiased std of each row of ``s`` ``(R, n)`` -> ``(R, 1)``; 0 when ``n == 1``."""
-    s = s.detach()
-    if s.shape[1] < 2:
-        return s.new_zeros(s.shape[0], 1)
-    return s.std(dim=1, keepdim=True)
-
-
-def stat_dtype(x: Tensor) -> torch.dtype:
-    """float64 for float64 inputs, else float32 (also for bf16/fp16 inputs and under autocast)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def pair_statistics(valid_labels: Tensor, j: Tensor, i_prime: Tensor, source_labels: Tensor, num_targets: int,
-                    ignore_index: int, target_labels: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-    """Positive mask and diagnostic counts of one image pair.
-
-    ``valid_labels`` ``(V,)``: labels of the valid source pixels; ``j`` ``(V,)``: their target pixel
-    ``j(i)``; ``i_prime`` ``(V,)``: the source pixel ``i'(i)``; ``source_labels`` ``(N,)`` all source
-    labels; ``target_labels`` ``(M,)`` or None. Returns ``(positive (V,) bool, counts)``.
-    """
-    positive = valid_labels == source_labels[i_prime]
-    covered = torch.zeros(num_targets, dtype=torch.bool, device=j.device)
-    covered[j] = True
-    counts = {
-        "valid": torch.tensor(float(valid_labels.numel()), device=j.device),
-        "positive": positive.sum().float(),
-        "covered": covered.sum().float(),
-        "targets": torch.tensor(float(num_targets), device=j.device),
-    }
-    if target_labels is not None:
-        hit = target_labels[j]
-        labelled = hit != ignore_index
-        counts["target_labelled"] = labelled.sum().float()
-        counts["target_correct"] = (labelled & (hit == valid_labels)).sum().float()
-    return positive, counts
-
-
-def pair_loss(terms: Tensor, positive: Tensor) -> Tensor:
-    """Mean over the positives of ``min(terms, 100)``; 0 (with zero gradient) without positives."""
-    clamped = terms.clamp(max=LOSS_CLAMP)
-    selected = torch.where(positive, clamped, torch.zeros_like(clamped))
-    return selected.sum() / positive.sum().clamp(min=1)
-
-
-def batch_output(losses: list[Tensor], counts: list[dict[str, Tensor]], with_target: bool) -> AssociationOutput:
-    """Average the pair losses and turn the summed counts into ratios."""
-    total = {key: torch.stack([c[key] for c in counts]).sum() for key in counts[0]}
-    accuracy = None
-    if with_target:
-        accuracy = (total["target_correct"] / total["target_labelled"].clamp(min=1)).detach()
-    return AssociationOutput(
-        loss=torch.stack(losses).mean(),
-        positive_ratio=(total["positive"] / total["valid"].clamp(min=1)).detach(),
-        cover_ratio=(total["covered"] / total["targets"]).detach(),
-        target_accuracy=accuracy,
-    )
+from plca.losses.association_common import (  # noqa: F401 - re-exported
+    METRICS,
+    IMPLS,
+    REDUCTIONS,
+    SIMILARITY_DTYPES,
+    STD_EPS,
+    LOG_EPS,
+    LOSS_CLAMP,
+    AssociationOutput,
+    check_metric_impl,
+    check_similarity_dtype,
+    check_reduction,
+    _check_map,
+    _check_labels,
+    check_alpha,
+    check_inputs,
+    row_std,
+    stat_dtype,
+    autocast_dtype,
+    similarity_matmul_dtype,
+    no_autocast,
+    pair_statistics,
+    pair_loss_sum,
+    batch_output,
+)
 
 
 # --------------------------------------------------------------------------- dense reference
@@ -181,42 +83,52 @@ def _standardise(s: Tensor) -> Tensor:
     return (s - s.detach().mean(dim=1, keepdim=True)) / (row_std(s) + STD_EPS)
 
 
-def dense_similarity(a: Tensor, b: Tensor, metric: str) -> Tensor:
-    """``s(i, j)`` ``(N, M)`` between the columns of ``a`` ``(C, N)`` and ``b`` ``(C, M)``.
+def dense_similarity(a: Tensor, b: Tensor, metric: str, mm_dtype: torch.dtype | None = None) -> Tensor:
+    """``s(i, j)`` ``(N, M)`` between the columns of ``a`` ``(C, N)`` and ``b`` ``(C, M)``, in the
+    statistics dtype; the product in ``mm_dtype`` (None: the statistics dtype).
 
     cos: cosine similarity; kl: ``-KL(a_i || b_j) = sum_c a_ic log(b_jc + eps) - sum_c a_ic log(a_ic + eps)``.
     """
     dtype = stat_dtype(a)
+    mm_dtype = mm_dtype or dtype
+    a, b = a.to(dtype), b.to(dtype)
     if metric == "cos":
-        return (F.normalize(a, dim=0).t() @ F.normalize(b, dim=0)).to(dtype)
-    cross = (a.t() @ torch.log(b + LOG_EPS)).to(dtype)
-    entropy = (a * torch.log(a + LOG_EPS)).sum(dim=0).to(dtype)
+        return (F.normalize(a, dim=0).to(mm_dtype).t() @ F.normalize(b, dim=0).to(mm_dtype)).to(dtype)
+    cross = (a.to(mm_dtype).t() @ torch.log(b + LOG_EPS).to(mm_dtype)).to(dtype)
+    entropy = (a * torch.log(a + LOG_EPS)).sum(dim=0)
     return cross - entropy[:, None]
 
 
-def dense_aggregate_map(x: Tensor, metric: str, alpha: float) -> Tensor:
-    """``(1 - alpha) x + alpha A(x)`` for one map ``x`` ``(C, M)`` (METHOD.md step 6)."""
-    s = dense_similarity(x, x, metric)
+def dense_aggregate_map(x: Tensor, metric: str, alpha: float, mm_dtype: torch.dtype | None = None) -> Tensor:
+    """``(1 - alpha) x + alpha A(x)`` for one map ``x`` ``(C, M)`` (METHOD.md step 6), in the
+    statistics dtype; products in ``mm_dtype`` (None: the statistics dtype)."""
+    s = dense_similarity(x, x, metric, mm_dtype)
     if metric == "cos":
         s = _standardise(s)
     q = s.softmax(dim=1)  # (M, M), Q(j, k)
-    aggregated = x.to(q.dtype) @ q.t()  # A[:, j] = sum_k Q(j, k) x[:, k]
-    return ((1 - alpha) * x + alpha * aggregated).to(x.dtype)
+    mm_dtype = mm_dtype or q.dtype
+    aggregated = (x.to(mm_dtype) @ q.to(mm_dtype).t()).to(q.dtype)  # A[:, j] = sum_k Q(j, k) x[:, k]
+    return (1 - alpha) * x.to(q.dtype) + alpha * aggregated
 
 
-def dense_spatial_aggregate(x: Tensor, metric: str, alpha: float) -> Tensor:
+def dense_spatial_aggregate(x: Tensor, metric: str, alpha: float, similarity_dtype: str = "float32") -> Tensor:
     """Dense :func:`spatial_aggregate` of ``x`` ``(B, C, H, W)``."""
     b, c, h, w = x.shape
-    return torch.stack([dense_aggregate_map(x[i].reshape(c, h * w), metric, alpha).reshape(c, h, w)
-                        for i in range(b)])
+    mm_dtype = similarity_matmul_dtype(x, similarity_dtype)
+    with no_autocast(x):
+        maps = [dense_aggregate_map(x[i].reshape(c, h * w), metric, alpha, mm_dtype).reshape(c, h, w)
+                for i in range(b)]
+    return torch.stack(maps).to(x.dtype)
 
 
 def dense_pair(source: Tensor, target: Tensor, labels: Tensor, metric: str, ignore_index: int,
-               target_labels: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-    """Loss and counts of one pair: ``source`` ``(C, N)``, ``target`` ``(C, M)`` (already aggregated),
-    ``labels`` ``(N,)``, ``target_labels`` ``(M,)`` or None."""
-    s_st = dense_similarity(source, target, metric)  # (N, M)
-    s_ts = s_st.t() if metric == "cos" else dense_similarity(target, source, metric)  # (M, N)
+               target_labels: Tensor | None, mm_source: torch.dtype | None = None,
+               mm_target: torch.dtype | None = None) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """Loss sum over the positives, counts and cycle (:func:`pair_statistics`) of one pair: ``source``
+    ``(C, N)``, ``target`` ``(C, M)`` (already aggregated), ``labels`` ``(N,)``, ``target_labels`` ``(M,)``
+    or None; the way forth's products in ``mm_source``, the way back's in ``mm_target``."""
+    s_st = dense_similarity(source, target, metric, mm_source)  # (N, M)
+    s_ts = s_st.t() if metric == "cos" else dense_similarity(target, source, metric, mm_target)  # (M, N)
     z_st, z_ts = _standardise(s_st), _standardise(s_ts)
     log_p_st, log_p_ts = z_st.log_softmax(dim=1), z_ts.log_softmax(dim=1)
     with torch.no_grad():
@@ -225,33 +137,42 @@ def dense_pair(source: Tensor, target: Tensor, labels: Tensor, metric: str, igno
     valid = (labels != ignore_index).nonzero().squeeze(1)
     j = j_all[valid]
     i_prime = back[j]
-    positive, counts = pair_statistics(labels[valid], j, i_prime, labels, target.shape[1], ignore_index,
-                                       target_labels)
+    positive, counts, cycle = pair_statistics(valid, j, i_prime, labels, target.shape[1], ignore_index,
+                                              target_labels)
     terms = -log_p_st[valid, j] - log_p_ts[j, i_prime]
-    return pair_loss(terms, positive), counts
+    return pair_loss_sum(terms, positive), counts, cycle
 
 
 def dense_associate(source: Tensor, target: Tensor, source_labels: Tensor, metric: str, aggregate: bool,
-                    alpha: float, ignore_index: int, target_labels: Tensor | None) -> AssociationOutput:
+                    alpha: float, ignore_index: int, target_labels: Tensor | None, reduction: str = "pooled",
+                    similarity_dtype: str = "float32") -> AssociationOutput:
     """Dense :func:`associate` (inputs already validated)."""
     b, c = source.shape[:2]
-    losses, counts = [], []
-    for k in range(b):
-        tgt = target[k].reshape(c, -1)
-        if aggregate:
-            tgt = dense_aggregate_map(tgt, metric, alpha)
-        loss, count = dense_pair(source[k].reshape(c, -1), tgt, source_labels[k].reshape(-1), metric,
-                                 ignore_index, None if target_labels is None else target_labels[k].reshape(-1))
-        losses.append(loss)
-        counts.append(count)
-    return batch_output(losses, counts, target_labels is not None)
+    # resolved while the caller's autocast state holds; the way back starts from the aggregated map
+    mm_source = similarity_matmul_dtype(source, similarity_dtype)
+    mm_target = similarity_matmul_dtype(target, similarity_dtype)
+    aggregated_like = torch.empty(0, dtype=stat_dtype(target), device=target.device)
+    mm_back = similarity_matmul_dtype(aggregated_like, similarity_dtype) if aggregate else mm_target
+    sums, counts, cycles = [], [], []
+    with no_autocast(source):
+        for k in range(b):
+            tgt = target[k].reshape(c, -1)
+            if aggregate:
+                tgt = dense_aggregate_map(tgt, metric, alpha, mm_target)
+            loss_sum, count, cycle = dense_pair(
+                source[k].reshape(c, -1), tgt, source_labels[k].reshape(-1), metric, ignore_index,
+                None if target_labels is None else target_labels[k].reshape(-1), mm_source, mm_back)
+            sums.append(loss_sum)
+            counts.append(count)
+            cycles.append(cycle)
+    return batch_output(sums, counts, cycles, target_labels is not None, reduction)
 
 
 # --------------------------------------------------------------------------- public API
 
 
 def spatial_aggregate(x: Tensor, metric: str, alpha: float = 0.5, impl: str = "efficient",
-                      block_size: int | None = None) -> Tensor:
+                      block_size: int | None = None, similarity_dtype: str = "float32") -> Tensor:
     """Spatial aggregation (METHOD.md step 6): ``(1 - alpha) * x + alpha * A(x)``.
 
     ``x`` ``(B, C, H, W)`` -> ``(B, C, H, W)``. ``A(x)[:, j] = sum_k Q(j, k) x[:, k]`` with ``Q`` the
@@ -259,42 +180,51 @@ def spatial_aggregate(x: Tensor, metric: str, alpha: float = 0.5, impl: str = "e
     similarity are standardised first (detached mean and unbiased std + 1e-10); for ``"kl"`` (x are
     class probabilities ``(B, K, H, W)``) ``Q`` is a plain softmax of ``-KL(p_j || p_k)``.
     Gradients flow through ``Q`` (both sides) and ``x``. ``block_size`` (rows per block) only
-    affects ``impl="efficient"``.
+    affects ``impl="efficient"``. ``similarity_dtype``: precision of the products, ``"float32"``
+    (default, also under autocast), ``"autocast"`` or ``"bfloat16"`` (module docstring).
     """
     check_metric_impl(metric, impl)
     check_alpha(alpha)
+    check_similarity_dtype(similarity_dtype)
     _check_map("x", x)
     if impl == "dense":
-        return dense_spatial_aggregate(x, metric, alpha)
+        return dense_spatial_aggregate(x, metric, alpha, similarity_dtype)
     from plca.losses.association_efficient import efficient_spatial_aggregate
 
-    return efficient_spatial_aggregate(x, metric, alpha, block_size)
+    return efficient_spatial_aggregate(x, metric, alpha, block_size, similarity_dtype=similarity_dtype)
 
 
 def associate(source: Tensor, target: Tensor, source_labels: Tensor, metric: str = "cos", aggregate: bool = True,
               alpha: float = 0.5, ignore_index: int = IGNORE_INDEX, impl: str = "efficient",
-              target_labels: Tensor | None = None, block_size: int | None = None) -> AssociationOutput:
+              target_labels: Tensor | None = None, block_size: int | None = None, reduction: str = "pooled",
+              similarity_dtype: str = "float32") -> AssociationOutput:
     """Pixel-level cycle association loss of source image ``b`` with target image ``b``, plus diagnostics.
 
     ``source`` ``(B, C, Hs, Ws)``, ``target`` ``(B, C, Ht, Wt)``: features for ``metric="cos"``,
     softmax probabilities for ``"kl"``. ``source_labels`` ``(B, Hs, Ws)`` integer, at the map's size;
     ``target_labels`` ``(B, Ht, Wt)`` only for the diagnostic ``target_accuracy``. With ``aggregate``
-    the target map is spatially aggregated first (same metric). The loss is the mean over the pairs
-    of ``mean_{positive i} min(-log P_ST(i, j(i)) - log P_TS(j(i), i'(i)), 100)`` (0 for a pair
-    without positives). ``block_size`` (rows per block) only affects ``impl="efficient"``.
+    the target map is spatially aggregated first (same metric). Each positive source pixel ``i``
+    costs ``min(-log P_ST(i, j(i)) - log P_TS(j(i), i'(i)), 100)``; ``reduction="pooled"`` (default,
+    the reference's) averages these over the positives of the whole batch, ``"pairs"`` averages each
+    pair's mean over the pairs (0 for a pair without positives). 0, with a zero gradient, without
+    positives. ``block_size`` (rows per block) only affects ``impl="efficient"``.
+    ``similarity_dtype``: precision of the products, ``"float32"`` (default, also under autocast),
+    ``"autocast"`` or ``"bfloat16"`` (module docstring).
     """
-    check_inputs(source, target, source_labels, target_labels, metric, impl, alpha)
+    check_inputs(source, target, source_labels, target_labels, metric, impl, alpha, reduction, similarity_dtype)
     if impl == "dense":
-        return dense_associate(source, target, source_labels, metric, aggregate, alpha, ignore_index, target_labels)
+        return dense_associate(source, target, source_labels, metric, aggregate, alpha, ignore_index, target_labels,
+                               reduction, similarity_dtype)
     from plca.losses.association_efficient import efficient_associate
 
     return efficient_associate(source, target, source_labels, metric, aggregate, alpha, ignore_index,
-                               target_labels, block_size)
+                               target_labels, block_size, reduction=reduction, similarity_dtype=similarity_dtype)
 
 
 def association_loss(source: Tensor, target: Tensor, source_labels: Tensor, metric: str = "cos",
                      aggregate: bool = True, alpha: float = 0.5, ignore_index: int = IGNORE_INDEX,
-                     impl: str = "efficient", block_size: int | None = None) -> Tensor:
+                     impl: str = "efficient", block_size: int | None = None, reduction: str = "pooled",
+                     similarity_dtype: str = "float32") -> Tensor:
     """Scalar loss of :func:`associate` (same arguments, no diagnostics)."""
     return associate(source, target, source_labels, metric, aggregate, alpha, ignore_index, impl,
-                     block_size=block_size).loss
+                     block_size=block_size, reduction=reduction, similarity_dtype=similarity_dtype).loss

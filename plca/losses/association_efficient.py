@@ -27,8 +27,9 @@ normalised ``(N + M) x C`` copy is kept from forward to backward, and the gradie
 normalised rows is turned into the gradient w.r.t. the raw rows in place. The SDPA backend is only
 run on a fused kernel (never the math fallback, which would materialise ``M x M``).
 
-Precision: the matrix products run in the autocast dtype when autocast is on (else the input
-dtype); every statistic, softmax, logsumexp and the loss are float32 (float64 for float64 inputs).
+Precision: the matrix products run in the dtype that ``similarity_dtype`` names (see
+:mod:`plca.losses.association`; by default float32, float64 for float64 inputs, also under autocast);
+every statistic, softmax, logsumexp and the loss are float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -42,14 +43,16 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from plca.losses.association import (
+from plca.losses.association_common import (
     LOG_EPS,
     STD_EPS,
     AssociationOutput,
     batch_output,
-    pair_loss,
+    no_autocast,
+    pair_loss_sum,
     pair_statistics,
     row_std,
+    similarity_matmul_dtype,
     stat_dtype,
 )
 
@@ -62,28 +65,6 @@ _ROW_CHUNK = 4096  # rows per chunk of the row-wise helpers (no R x C temporarie
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def matmul_dtype(x: Tensor) -> torch.dtype:
-    """The autocast dtype on x's device when autocast is on there, else x's own dtype."""
-    device_type = x.device.type
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-    if enabled and x.dtype != torch.float64:
-        try:
-            return torch.get_autocast_dtype(device_type)
-        except AttributeError:  # torch < 2.4
-            return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
-    return x.dtype
-
-
-def _no_autocast(x: Tensor):
-    """Autocast off inside the autograd functions: they cast explicitly."""
-    if x.device.type in ("cpu", "cuda"):
-        return torch.autocast(device_type=x.device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def block_rows(block_size: int | None, n_columns: int) -> int:
@@ -103,6 +84,17 @@ def _add_product(out: Tensor, a: Tensor, b: Tensor) -> None:
         out.add_((a @ b).to(out.dtype))
 
 
+def _cast_up(x: Tensor, similarity_dtype: str) -> Tensor:
+    """``x`` in the statistics dtype for float32 products (a no-op for float32 / float64 inputs), so that
+    the normalised rows are not rounded to the inputs' reduced precision; else ``x`` itself."""
+    return x.to(stat_dtype(x)) if similarity_dtype == "float32" else x
+
+
+def _log_eps(p: Tensor) -> Tensor:
+    """``log(p + 1e-10)`` in the statistics dtype (the keys of the kl similarity)."""
+    return torch.log(p.to(stat_dtype(p)) + LOG_EPS)
+
+
 def _row_norms(x: Tensor) -> Tensor:
     """Euclidean norm of each row of ``x`` ``(R, C)`` -> ``(R,)`` in the statistics dtype."""
     return torch.linalg.vector_norm(x, dim=1, dtype=stat_dtype(x))
@@ -119,11 +111,11 @@ def _normalize_backward_(grad: Tensor, x: Tensor, norm: Tensor) -> Tensor:
     denominator = norm.clamp_min(NORM_EPS)
     for start in range(0, x.shape[0], _ROW_CHUNK):
         part = slice(start, start + _ROW_CHUNK)
-        rows, g = x[part].to(grad.dtype), grad[part]
-        dot = (rows * g).sum(dim=1)
-        coefficient = dot / (denominator[part] * denominator[part] * norm[part].clamp_min(NORM_EPS))
-        coefficient = torch.where(norm[part] >= NORM_EPS, coefficient, torch.zeros_like(coefficient))
-        g.div_(denominator[part, None]).addcmul_(rows, coefficient[:, None], value=-1)
+        # with the unit rows n (not |x|^3, which overflows for large rows): (grad - n (n . grad)) / |x|
+        unit, g = x[part].to(grad.dtype) / denominator[part, None], grad[part]
+        dot = (unit * g).sum(dim=1)
+        dot = torch.where(norm[part] >= NORM_EPS, dot, torch.zeros_like(dot))
+        g.addcmul_(unit, dot[:, None], value=-1).div_(denominator[part, None])
     return grad
 
 
@@ -250,7 +242,7 @@ class _CycleNLL(Function):
         elif normalise:
             raise ValueError("normalise needs the way back to use the way forth's tensors")
         n, m = source_q.shape[0], target_q.shape[0]
-        with _no_autocast(source_q):
+        with no_autocast(source_q):
             norms = (_row_norms(source_q), _row_norms(target_k)) if normalise else ()
             inv_source, inv_target = (_inverse(norm) for norm in norms) if normalise else (None, None)
             stats_st = _rows_forward(source_q, target_k, valid, block_rows(block_size, m), mm_st, inv_source,
@@ -280,7 +272,7 @@ class _CycleNLL(Function):
         g_source_q, g_target_k = grads[:2]
         g_target_q, g_source_k = (g_target_k, g_source_q) if ctx.shared else grads[2:]
         n, m = source_q.shape[0], target_q.shape[0]
-        with _no_autocast(source_q):
+        with no_autocast(source_q):
             _rows_backward(g_target_q, g_source_k, target_q, source_k, reached, stats_ts, grad_ts.to(dtype),
                            block_rows(ctx.block_size, n), ctx.mm[1], inv_target, inv_source)
             _rows_backward(g_source_q, g_target_k, source_q, target_k, valid, stats_st, grad_st.to(dtype),
@@ -311,7 +303,7 @@ class _Aggregate(Function):
         out = torch.empty(q.shape, dtype=dtype, device=q.device)
         s_max = torch.empty(m, dtype=dtype, device=q.device)
         log_sum = torch.empty(m, dtype=dtype, device=q.device)
-        with _no_autocast(q):
+        with no_autocast(q):
             k_t, v_m = k.to(mm_dtype).t(), q.to(mm_dtype)
             buffer = torch.empty(min(block, m), k.shape[0], dtype=dtype, device=q.device)
             for start in range(0, m, block):
@@ -342,7 +334,7 @@ class _Aggregate(Function):
         grad_q = grad_out * (1 - alpha)  # as values: the direct part, then P^T (alpha grad_out)
         grad_k = torch.zeros(k.shape, dtype=dtype, device=k.device)
         m = q.shape[0]
-        with _no_autocast(q):
+        with no_autocast(q):
             k_m, v_m = k.to(mm_dtype), q.to(mm_dtype)
             rows = min(ctx.block, m)
             p_buffer = torch.empty(rows, m, dtype=dtype, device=q.device)
@@ -411,7 +403,7 @@ class _CosineAggregate(Function):
     def forward(ctx, x: Tensor, alpha: float, tile: int, mm_dtype: torch.dtype) -> Tensor:
         dtype = stat_dtype(x)
         m = x.shape[0]
-        with _no_autocast(x):
+        with no_autocast(x):
             norm = _row_norms(x)
             inverse = _inverse(norm)
             scale = covariance_row_scale(x, x, tile, inverse, inverse)
@@ -446,7 +438,7 @@ class _CosineAggregate(Function):
         grad_out = grad_out.to(dtype)
         grad_x = grad_out * (1 - alpha)  # the values' direct part, then P^T (alpha grad_out)
         grad_normalised = torch.zeros(x.shape, dtype=dtype, device=x.device)
-        with _no_autocast(x):
+        with no_autocast(x):
             # rowsum(P * dP) with dP = alpha grad_out x^T: alpha grad_out . A(x) = grad_out . (out - (1 - alpha) x)
             delta = torch.empty(m, dtype=dtype, device=x.device)
             for start in range(0, m, tile):  # one tile x C temporary
@@ -511,7 +503,7 @@ def covariance_row_scale(q: Tensor, k: Tensor, block: int, q_inverse_norm: Tenso
     def chunks(x: Tensor, inverse: Tensor | None, count: int):
         return (rows_of(x, inverse, start, count) for start in range(0, x.shape[0], count))
 
-    with torch.no_grad(), _no_autocast(q):
+    with torch.no_grad(), no_autocast(q):
         if n < 2:  # a single-element row has std 0
             return torch.full((q.shape[0],), 1.0 / STD_EPS, dtype=dtype, device=q.device)
         if 2 * c >= n:
@@ -572,7 +564,7 @@ def sdpa_aggregate(q: Tensor, k: Tensor, v: Tensor, alpha: float, scale: Tensor 
     dtype = stat_dtype(v)
     m, cv = v.shape
     width = -(-max(q.shape[1], cv) // 8) * 8
-    with _no_autocast(q):
+    with no_autocast(q):
         if scale is not None:
             q = q.to(dtype) * scale[:, None]
         q, k, v_m = (_pad_columns(t.to(mm_dtype), width) for t in (q, k, v))
@@ -625,21 +617,24 @@ def resolve_aggregate_backend(backend: str, x: Tensor) -> str:
     return backend
 
 
-def aggregate_rows(x: Tensor, metric: str, alpha: float, block_size: int | None, backend: str = "auto") -> Tensor:
+def aggregate_rows(x: Tensor, metric: str, alpha: float, block_size: int | None, backend: str = "auto",
+                   similarity_dtype: str = "float32") -> Tensor:
     """Spatial aggregation of one map given as rows ``x`` ``(M, C)`` -> ``(M, C)`` (statistics dtype).
 
     ``backend``: one of :data:`AGGREGATE_BACKENDS`. When SDPA has no fused kernel for the inputs the
     blockwise path runs instead (with a warning), so memory stays linear either way.
+    ``similarity_dtype``: the products' precision (:func:`plca.losses.association.similarity_matmul_dtype`).
     """
     block = block_rows(block_size, x.shape[0])
-    mm_dtype = matmul_dtype(x)
+    mm_dtype = similarity_matmul_dtype(x, similarity_dtype)
+    x = _cast_up(x, similarity_dtype)
     cos = metric == "cos"
     if resolve_aggregate_backend(backend, x) == "sdpa":
         if cos:
             q = k = normalize_rows(x)
             scale = covariance_row_scale(q, k, block)
         else:
-            q, k, scale = x, torch.log(x + LOG_EPS), None
+            q, k, scale = x, _log_eps(x), None
         try:
             return sdpa_aggregate(q, k, x, float(alpha), scale, mm_dtype)
         except RuntimeError as error:
@@ -649,15 +644,16 @@ def aggregate_rows(x: Tensor, metric: str, alpha: float, block_size: int | None,
                           f"{x.device}; using the blockwise path", RuntimeWarning, stacklevel=2)
     if cos:  # queries = keys = the normalised rows, values = the raw rows; the similarity is symmetric
         return _CosineAggregate.apply(x, float(alpha), block_size or DEFAULT_TILE, mm_dtype)
-    return _Aggregate.apply(x, torch.log(x + LOG_EPS), float(alpha), block, mm_dtype)
+    return _Aggregate.apply(x, _log_eps(x), float(alpha), block, mm_dtype)
 
 
 def efficient_spatial_aggregate(x: Tensor, metric: str, alpha: float, block_size: int | None = None,
-                                backend: str = "auto") -> Tensor:
+                                backend: str = "auto", similarity_dtype: str = "float32") -> Tensor:
     """Memory-linear :func:`plca.losses.association.spatial_aggregate`: ``(B, C, H, W)`` -> same.
-    ``backend``: see :func:`aggregate_rows`."""
+    ``backend``, ``similarity_dtype``: see :func:`aggregate_rows`."""
     b, c, h, w = x.shape
-    maps = [aggregate_rows(x[i].reshape(c, h * w).t(), metric, alpha, block_size, backend).t().reshape(c, h, w)
+    maps = [aggregate_rows(x[i].reshape(c, h * w).t(), metric, alpha, block_size, backend,
+                           similarity_dtype).t().reshape(c, h, w)
             for i in range(b)]
     return torch.stack(maps).to(x.dtype)
 
@@ -666,36 +662,44 @@ def efficient_spatial_aggregate(x: Tensor, metric: str, alpha: float, block_size
 
 
 def _pair(source: Tensor, target: Tensor, labels: Tensor, metric: str, ignore_index: int,
-          target_labels: Tensor | None, block_size: int | None) -> tuple[Tensor, dict[str, Tensor]]:
-    """Loss and counts of one pair given as rows: ``source`` ``(N, C)``, ``target`` ``(M, C)``
-    (already aggregated), ``labels`` ``(N,)``, ``target_labels`` ``(M,)`` or None."""
+          target_labels: Tensor | None, block_size: int | None, similarity_dtype: str = "float32",
+          ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """Loss sum over the positives, counts and cycle (:func:`plca.losses.association.pair_statistics`)
+    of one pair given as rows: ``source`` ``(N, C)``, ``target`` ``(M, C)`` (already aggregated),
+    ``labels`` ``(N,)``, ``target_labels`` ``(M,)`` or None."""
+    mm_source = similarity_matmul_dtype(source, similarity_dtype)
+    mm_target = similarity_matmul_dtype(target, similarity_dtype)
+    source, target = _cast_up(source, similarity_dtype), _cast_up(target, similarity_dtype)
     cos = metric == "cos"
     if cos:  # the way back is the transpose of the same similarity (of the normalised rows)
         tensors = (source, target, None, None)
     else:  # -KL(p_j || p_i) computed afresh
-        tensors = (source, torch.log(target + LOG_EPS), target, torch.log(source + LOG_EPS))
+        tensors = (source, _log_eps(target), target, _log_eps(source))
     valid = (labels != ignore_index).nonzero().squeeze(1)
     nll_st, j, _reached, slot, nll_ts, back_index = _CycleNLL.apply(
-        *tensors, valid, block_size, matmul_dtype(source), matmul_dtype(target), cos)
+        *tensors, valid, block_size, mm_source, mm_target, cos)
     i_prime = back_index[slot]
-    positive, counts = pair_statistics(labels[valid], j, i_prime, labels, target.shape[0], ignore_index,
-                                       target_labels)
-    return pair_loss(nll_st + nll_ts[slot], positive), counts
+    positive, counts, cycle = pair_statistics(valid, j, i_prime, labels, target.shape[0], ignore_index,
+                                              target_labels)
+    return pair_loss_sum(nll_st + nll_ts[slot], positive), counts, cycle
 
 
 def efficient_associate(source: Tensor, target: Tensor, source_labels: Tensor, metric: str, aggregate: bool,
                         alpha: float, ignore_index: int, target_labels: Tensor | None,
-                        block_size: int | None = None, aggregate_backend: str = "auto") -> AssociationOutput:
+                        block_size: int | None = None, aggregate_backend: str = "auto", reduction: str = "pooled",
+                        similarity_dtype: str = "float32") -> AssociationOutput:
     """Blockwise :func:`plca.losses.association.associate` (inputs already validated);
     ``aggregate_backend``: see :func:`aggregate_rows`."""
     b, c = source.shape[:2]
-    losses, counts = [], []
+    sums, counts, cycles = [], [], []
     for k in range(b):
         tgt = target[k].reshape(c, -1).t()
         if aggregate:
-            tgt = aggregate_rows(tgt, metric, alpha, block_size, aggregate_backend)
-        loss, count = _pair(source[k].reshape(c, -1).t(), tgt, source_labels[k].reshape(-1), metric, ignore_index,
-                            None if target_labels is None else target_labels[k].reshape(-1), block_size)
-        losses.append(loss)
+            tgt = aggregate_rows(tgt, metric, alpha, block_size, aggregate_backend, similarity_dtype)
+        loss_sum, count, cycle = _pair(
+            source[k].reshape(c, -1).t(), tgt, source_labels[k].reshape(-1), metric, ignore_index,
+            None if target_labels is None else target_labels[k].reshape(-1), block_size, similarity_dtype)
+        sums.append(loss_sum)
         counts.append(count)
-    return batch_output(losses, counts, target_labels is not None)
+        cycles.append(cycle)
+    return batch_output(sums, counts, cycles, target_labels is not None, reduction)

@@ -71,7 +71,8 @@ def association_terms(src: dict[str, Tensor], tgt: dict[str, Tensor], source_lab
         diag_labels = resize_labels(target_labels, target_map.shape[-2:]) if has_target_labels else None
         result = associate(
             source_map, target_map, labels, metric=metric, aggregate=assoc.aggregate, alpha=assoc.alpha,
-            ignore_index=IGNORE_INDEX, impl=assoc.impl, target_labels=diag_labels,
+            ignore_index=IGNORE_INDEX, impl=assoc.impl, target_labels=diag_labels, reduction=assoc.reduction,
+            similarity_dtype=assoc.similarity_dtype,
         )
         total = total + weight * result.loss
         logs[f"loss/assoc_{level}"] = result.loss.detach()

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from plca.data.labels import IGNORE_INDEX
+
 EPS = 1e-10
 
 
@@ -74,8 +76,8 @@ def aggregate(pixels: list[list[Tensor]], metric: str, alpha: float) -> list[lis
 
 
 def pair(source: Tensor, target: Tensor, labels: Tensor, metric: str, aggregate_target: bool, alpha: float,
-         ignore_index: int) -> tuple[Tensor, dict]:
-    """Loss of one pair ``(C, Hs, Ws)``, ``(C, Ht, Wt)``, labels ``(Hs, Ws)``, and its counts."""
+         ignore_index: int) -> tuple[list[Tensor], dict]:
+    """The per-positive losses of one pair ``(C, Hs, Ws)``, ``(C, Ht, Wt)``, labels ``(Hs, Ws)``, and its counts."""
     src, tgt = _pixels(source), _pixels(target)
     if aggregate_target:
         tgt = aggregate(tgt, metric, alpha)
@@ -84,33 +86,55 @@ def pair(source: Tensor, target: Tensor, labels: Tensor, metric: str, aggregate_
     s_ts = [list(col) for col in zip(*s_st)] if metric == "cos" else similarity(tgt, src, metric)
     p_st = [standardised_softmax_row(row) for row in s_st]
     p_ts = [standardised_softmax_row(row) for row in s_ts]
-    terms, valid, reached = [], 0, set()
+    terms, valid, reached, j_of, i_prime_of = [], 0, set(), [], []
     for i, label in enumerate(flat_labels):
         if label == ignore_index:
+            j_of.append(-1)
+            i_prime_of.append(-1)
             continue
         valid += 1
         j = first_argmax(p_st[i])
         reached.add(j)
         i_back = first_argmax(p_ts[j])
+        j_of.append(j)
+        i_prime_of.append(i_back)
         if flat_labels[i_back] == label:
             terms.append(-torch.log(p_st[i][j] * p_ts[j][i_back]))
-    loss = sum(terms) / len(terms) if terms else source.new_zeros(()) * source.sum()
-    counts = {"valid": valid, "positive": len(terms), "covered": len(reached), "targets": len(tgt)}
-    return loss, counts
+    counts = {"valid": valid, "positive": len(terms), "covered": len(reached), "targets": len(tgt),
+              "j": j_of, "i_prime": i_prime_of}
+    return terms, counts
 
 
 def associate(source: Tensor, target: Tensor, labels: Tensor, metric: str, aggregate_target: bool = True,
-              alpha: float = 0.5, ignore_index: int = 255) -> tuple[Tensor, float, float]:
-    """Batch loss (mean over pairs), positive ratio and cover ratio for ``(B, C, H, W)`` maps."""
-    losses, counts = [], []
+              alpha: float = 0.5, ignore_index: int = IGNORE_INDEX,
+              reduction: str = "pooled") -> tuple[Tensor, float, float]:
+    """Batch loss, positive ratio and cover ratio for ``(B, C, H, W)`` maps.
+
+    ``"pooled"``: the mean over the positives of all pairs together; ``"pairs"``: the mean over the
+    pairs of each pair's mean (0 for a pair without positives).
+    """
+    return associate_with_cycles(source, target, labels, metric, aggregate_target, alpha, ignore_index,
+                                 reduction)[:3]
+
+
+def associate_with_cycles(source: Tensor, target: Tensor, labels: Tensor, metric: str, aggregate_target: bool = True,
+                          alpha: float = 0.5, ignore_index: int = IGNORE_INDEX, reduction: str = "pooled"):
+    """:func:`associate` plus ``j`` and ``i_prime``, ``(B, N)`` lists of ints (-1 at ignored pixels)."""
+    zero = source.new_zeros(()) * source.sum()
+    all_terms, per_pair, counts = [], [], []
     for b in range(source.shape[0]):
-        loss, count = pair(source[b], target[b], labels[b], metric, aggregate_target, alpha, ignore_index)
-        losses.append(loss)
+        terms, count = pair(source[b], target[b], labels[b], metric, aggregate_target, alpha, ignore_index)
+        all_terms += terms
+        per_pair.append(sum(terms) / len(terms) if terms else zero)
         counts.append(count)
-    total = {key: sum(c[key] for c in counts) for key in counts[0]}
+    if reduction == "pooled":
+        loss = sum(all_terms) / len(all_terms) if all_terms else zero
+    else:
+        loss = sum(per_pair) / len(per_pair)
+    total = {key: sum(c[key] for c in counts) for key in ("valid", "positive", "covered", "targets")}
     positive_ratio = total["positive"] / max(total["valid"], 1)
     cover_ratio = total["covered"] / total["targets"]
-    return sum(losses) / len(losses), positive_ratio, cover_ratio
+    return loss, positive_ratio, cover_ratio, [c["j"] for c in counts], [c["i_prime"] for c in counts]
 
 
 def aggregate_map(x: Tensor, metric: str, alpha: float) -> Tensor:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import association_reference as reference
 from plca import association_loss, associate, spatial_aggregate
+from plca.data.labels import IGNORE_INDEX
 from plca.losses import association_efficient as efficient
 
 METRICS = ("cos", "kl")
@@ -31,7 +32,7 @@ def make_maps(metric: str, batch: int, channels: int, source_size: tuple[int, in
 def make_labels(batch: int, size: tuple[int, int], classes: int, ignore_fraction: float, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, classes, (batch, *size), generator=g)
-    labels[torch.rand(batch, *size, generator=g) < ignore_fraction] = 255
+    labels[torch.rand(batch, *size, generator=g) < ignore_fraction] = IGNORE_INDEX
     return labels
 
 
@@ -119,7 +120,7 @@ def test_ties_go_to_the_first_pixel(metric, impl):
 def test_no_positive_gives_zero_loss_and_zero_finite_gradients(metric, impl):
     # all ignored
     source, target = make_maps(metric, 2, 4, (3, 3), (2, 2))
-    labels = torch.full((2, 3, 3), 255)
+    labels = torch.full((2, 3, 3), IGNORE_INDEX)
     loss, gs, gt = loss_and_grads(lambda s, t: association_loss(s, t, labels, metric=metric, impl=impl),
                                   source, target)
     assert loss.item() == 0.0 and torch.isfinite(gs).all() and torch.isfinite(gt).all()
@@ -130,7 +131,7 @@ def test_no_positive_gives_zero_loss_and_zero_finite_gradients(metric, impl):
     target = torch.tensor([[[[4.0]], [[0.5]]]], dtype=torch.float64)  # one target pixel, close to e1
     if metric == "kl":
         source, target = source.softmax(dim=1), target.softmax(dim=1)
-    labels = torch.tensor([[[255, 1]]])  # the only valid pixel (1) comes back to pixel 0
+    labels = torch.tensor([[[IGNORE_INDEX, 1]]])  # the only valid pixel (1) comes back to pixel 0
     out = associate(source, target, labels, metric=metric, aggregate=False, impl=impl)
     assert out.loss.item() == 0.0 and out.positive_ratio.item() == 0.0
     assert reference.associate(source, target, labels, metric, aggregate_target=False)[1] == 0.0
@@ -182,6 +183,12 @@ def test_bad_arguments_are_named():
         association_loss(source, target[:, :2], labels)
     with pytest.raises(ValueError, match="alpha"):
         association_loss(source, target, labels, alpha=1.5)
+    with pytest.raises(ValueError, match="reduction"):
+        association_loss(source, target, labels, reduction="mean")
+    with pytest.raises(ValueError, match="similarity_dtype"):
+        association_loss(source, target, labels, similarity_dtype="float16")
+    with pytest.raises(ValueError, match="similarity_dtype"):
+        spatial_aggregate(source, "cos", similarity_dtype="half")
 
 
 # --------------------------------------------------------------------------- aggregation backends (SDPA)
@@ -287,7 +294,7 @@ def test_association_with_each_aggregation_backend_equals_dense_float32(metric, 
     labels = make_labels(2, (5, 6), classes=3, ignore_fraction=0.2)
     dense = loss_and_grads(lambda s, t: association_loss(s, t, labels, metric, True, impl="dense"), source, target)
     got = loss_and_grads(lambda s, t: efficient.efficient_associate(
-        s, t, labels, metric, True, 0.5, 255, None, aggregate_backend=backend).loss, source, target)
+        s, t, labels, metric, True, 0.5, IGNORE_INDEX, None, aggregate_backend=backend).loss, source, target)
     assert dense[0].item() > 0
     for want, value in zip(dense, got):
         assert rel_diff(value, want) < 1e-4
@@ -297,9 +304,11 @@ def test_sdpa_aggregation_under_autocast_returns_float32():
     x = torch.randn(40, 8, generator=torch.Generator().manual_seed(5))
     plain = efficient.aggregate_rows(x, "cos", 0.5, None, "sdpa")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = efficient.aggregate_rows(x, "cos", 0.5, None, "sdpa")
-    assert mixed.dtype == torch.float32
-    assert rel_diff(mixed, plain) < 3e-2  # bf16 products, float32 statistics
+        mixed = efficient.aggregate_rows(x, "cos", 0.5, None, "sdpa", similarity_dtype="autocast")
+        default = efficient.aggregate_rows(x, "cos", 0.5, None, "sdpa")
+    assert mixed.dtype == torch.float32 and default.dtype == torch.float32
+    assert 0 < rel_diff(mixed, plain) < 3e-2  # bf16 products, float32 statistics
+    assert torch.equal(default, plain)  # float32 products by default, autocast or not
 
 
 def test_normalize_rows_equals_f_normalize_with_zero_and_tiny_rows():
@@ -324,7 +333,7 @@ def test_cos_with_zero_and_tiny_feature_rows_equals_dense(backend):
         dense = loss_and_grads(lambda s, t: association_loss(s, t, labels, "cos", aggregate, impl="dense"),
                                source, target)
         got = loss_and_grads(lambda s, t: efficient.efficient_associate(
-            s, t, labels, "cos", aggregate, 0.5, 255, None, aggregate_backend=backend).loss, source, target)
+            s, t, labels, "cos", aggregate, 0.5, IGNORE_INDEX, None, aggregate_backend=backend).loss, source, target)
         assert dense[0].item() > 0
         for want, value in zip(dense, got):
             assert rel_diff(value, want) < 1e-9
@@ -361,9 +370,11 @@ def test_cosine_tiles_under_autocast_return_float32():
     x = torch.randn(50, 16, generator=torch.Generator().manual_seed(24))
     plain = efficient.aggregate_rows(x, "cos", 0.5, 8, "blockwise")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = efficient.aggregate_rows(x, "cos", 0.5, 8, "blockwise")
-    assert mixed.dtype == torch.float32
-    assert rel_diff(mixed, plain) < 3e-2  # bf16 products, float32 statistics
+        mixed = efficient.aggregate_rows(x, "cos", 0.5, 8, "blockwise", similarity_dtype="autocast")
+        default = efficient.aggregate_rows(x, "cos", 0.5, 8, "blockwise")
+    assert mixed.dtype == torch.float32 and default.dtype == torch.float32
+    assert 0 < rel_diff(mixed, plain) < 3e-2  # bf16 products, float32 statistics
+    assert torch.equal(default, plain)  # float32 products by default, autocast or not
 
 
 def test_cosine_tiles_keep_a_running_max_when_a_logit_passes_float32_range():

@@ -1,5 +1,5 @@
 """Property tests: the association loss and spatial aggregation never produce NaN or inf, in the loss
-or in its gradients, on degenerate inputs (issue: reliability, numerical faults).
+or in its gradients, on degenerate inputs.
 
 Degenerate means: constant maps (every pixel the same vector), zero vectors, one-pixel maps, a
 single channel / class, labels that are all ignored or all one class, one-hot and saturated
@@ -14,11 +14,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from plca.data.labels import IGNORE_INDEX
 from plca.losses.association import LOSS_CLAMP, associate, spatial_aggregate
 
 METRICS = ("cos", "kl")
 IMPLS = ("dense", "efficient")
-IGNORE = 255
+IGNORE = IGNORE_INDEX
 
 PROPERTY_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
                              suppress_health_check=[HealthCheck.too_slow])
@@ -146,7 +147,7 @@ def _one_hot(indices: list[list[int]], channels: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.tensor(indices), channels).permute(2, 0, 1)[None].float()
 
 
-#: Each degenerate input named in the issue, spelled out: (source, target, labels) per metric.
+#: Each degenerate input, spelled out: (source, target, labels) per metric.
 NAMED_CASES = {
     "constant_features": lambda metric: (torch.full((1, 3, 2, 3), 0.7), torch.full((1, 3, 3, 2), 0.7),
                                          torch.tensor([[[0, 1, 0], [1, 0, 1]]])),
@@ -167,7 +168,7 @@ NAMED_CASES = {
                                                 * 1e4).softmax(dim=1),
                                                (torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(1))
                                                 * 1e4).softmax(dim=1),
-                                               torch.tensor([[[0, 1, 2], [3, 0, 1], [2, 3, 255]]])),
+                                               torch.tensor([[[0, 1, 2], [3, 0, 1], [2, 3, IGNORE]]])),
 }
 
 

@@ -9,9 +9,10 @@ distinct error values.
 import pytest
 import torch
 
+from plca.data.labels import IGNORE_INDEX
 from plca.losses.lovasz import lovasz_softmax
 
-IGNORE = 255
+IGNORE = IGNORE_INDEX
 
 
 def jaccard_loss(mispredicted: set[int], foreground: set[int]) -> float:

@@ -1,0 +1,268 @@
+"""Rare Class Sampling (DAFormer): draw source images that hold rare classes more often.
+
+1. Per-image per-class pixel counts of the source labels (:class:`ClassStatistics`, computed
+   once and cached as JSON). DAFormer counts the label files as stored (GTA5 at full size,
+   before any resize); ``min_pixels`` refers to the resolution of the counted maps.
+2. ``f_c``: class ``c``'s share of all labelled source pixels. The class of a sample is drawn
+   with probability ``softmax((1 - f) / T)`` (:func:`rcs_class_probabilities`, ``T = 0.01``).
+3. The image: uniform among the images with *more than* ``min_pixels`` (3000) pixels of ``c``.
+4. The crop: :func:`retry_until_class` re-draws the random crop (the whole random transform)
+   up to ``retries`` (10) times while it holds at most ``min_pixels * min_crop_ratio`` (1500)
+   pixels of ``c``; the last draw is kept whatever it holds (DAFormer's loop).
+
+Candidate classes are those with at least one pixel in the data and at least one image above
+``min_pixels``; a class without such an image is left out and the softmax taken over the rest
+(DAFormer asserts instead). :class:`RareClassSampler` derives each draw only from
+``(seed, index)``, so a resumed run draws the same sequence without saving any state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from plca.data.io import DatasetError
+from plca.data.labels import IGNORE_INDEX
+
+__all__ = ["ClassStatistics", "RareClassSampler", "cached_class_statistics", "class_pixel_counts",
+           "crop_with_class", "pixels_of_class", "rcs_class_probabilities", "retry_until_class"]
+
+_FORMAT = "plca.class_statistics"
+_VERSION = 1
+#: separates the sampler's random stream from the other users of (seed, index)
+_STREAM = 0x52435300
+
+
+def _as_numpy(label: Any) -> np.ndarray:
+    if isinstance(label, torch.Tensor):
+        return label.detach().cpu().numpy()
+    return np.asarray(label)
+
+
+def class_pixel_counts(label_maps: Iterable[Any], num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """``(N, num_classes) int64``: pixels of each class in each label map (numpy arrays or tensors)."""
+    rows = []
+    for position, label in enumerate(label_maps):
+        values = _as_numpy(label).reshape(-1).astype(np.int64)
+        values = values[values != ignore_index]
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"label map {position} holds values outside [0, {num_classes}) and {ignore_index}: "
+                             f"{sorted(set(np.unique(values).tolist()) - set(range(num_classes)))[:5]}")
+        rows.append(np.bincount(values, minlength=num_classes))
+    return np.stack(rows).astype(np.int64) if rows else np.zeros((0, num_classes), dtype=np.int64)
+
+
+def rcs_class_probabilities(frequencies: Sequence[float] | np.ndarray, temperature: float = 0.01) -> np.ndarray:
+    """``softmax((1 - f) / temperature)`` of class frequencies ``f`` ``(K,)``, in float64."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = (1.0 - np.asarray(frequencies, dtype=np.float64)) / temperature
+    weights = np.exp(logits - logits.max())
+    return weights / weights.sum()
+
+
+@dataclass(frozen=True)
+class ClassStatistics:
+    """Pixel counts ``counts`` ``(N, K) int64`` of the ``K`` ``classes`` in each of ``N`` images.
+
+    ``names``: the images' sample names, in the same order (optional; checked on load when given).
+    """
+
+    classes: tuple[str, ...]
+    counts: np.ndarray
+    names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        counts = np.asarray(self.counts)
+        if counts.ndim != 2 or counts.shape[1] != len(self.classes):
+            raise ValueError(f"counts must be (images, {len(self.classes)} classes), got shape {counts.shape}")
+        if self.names is not None and len(self.names) != counts.shape[0]:
+            raise ValueError(f"{len(self.names)} names for {counts.shape[0]} images")
+        object.__setattr__(self, "counts", counts.astype(np.int64))
+        object.__setattr__(self, "classes", tuple(self.classes))
+        if self.names is not None:
+            object.__setattr__(self, "names", tuple(self.names))
+
+    @classmethod
+    def from_label_maps(cls, label_maps: Iterable[Any], classes: Sequence[str],
+                        names: Sequence[str] | None = None, ignore_index: int = IGNORE_INDEX) -> ClassStatistics:
+        return cls(tuple(classes), class_pixel_counts(label_maps, len(classes), ignore_index),
+                   None if names is None else tuple(names))
+
+    @property
+    def num_images(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def totals(self) -> np.ndarray:
+        """``(K,) int64``: pixels of each class over all images."""
+        return self.counts.sum(axis=0)
+
+    @property
+    def frequencies(self) -> np.ndarray:
+        """``(K,) float64``: ``f_c``, each class's share of all labelled pixels (zeros if there are none)."""
+        totals = self.totals
+        return totals / totals.sum() if totals.sum() > 0 else np.zeros(len(self.classes))
+
+    def save(self, path: str | Path) -> None:
+        """Write the statistics as JSON (through a temporary file, so a crash leaves no half file)."""
+        path = Path(path)
+        payload = {"format": _FORMAT, "version": _VERSION, "classes": list(self.classes),
+                   "names": None if self.names is None else list(self.names), "counts": self.counts.tolist()}
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(payload), encoding="utf-8")
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: str | Path, classes: Sequence[str] | None = None, num_images: int | None = None,
+             names: Sequence[str] | None = None) -> ClassStatistics:
+        """Read a file written by :meth:`save`, checking it against what the run expects.
+
+        Raises :class:`DatasetError` naming the file when it is unreadable or corrupt, or when its
+        classes, number of images or sample names differ from ``classes`` / ``num_images`` / ``names``.
+        """
+        path = Path(path)
+        advice = "delete it to have the statistics computed again"
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DatasetError(f"{path}: cannot read the class-statistics cache ({error}); {advice}") from error
+        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+            raise DatasetError(f"{path}: not a class-statistics cache (no format {_FORMAT!r}); {advice}")
+        if payload.get("version") != _VERSION:
+            raise DatasetError(f"{path}: class-statistics cache version {payload.get('version')!r}, "
+                               f"expected {_VERSION}; {advice}")
+        stored_classes, stored_names, rows = payload.get("classes"), payload.get("names"), payload.get("counts")
+        if not isinstance(stored_classes, list) or not all(isinstance(c, str) for c in stored_classes):
+            raise DatasetError(f"{path}: 'classes' must be a list of class names; {advice}")
+        if stored_names is not None and (not isinstance(stored_names, list)
+                                         or not all(isinstance(n, str) for n in stored_names)):
+            raise DatasetError(f"{path}: 'names' must be a list of sample names or null; {advice}")
+        if not isinstance(rows, list) or not all(
+                isinstance(row, list) and len(row) == len(stored_classes)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row) for row in rows):
+            raise DatasetError(f"{path}: 'counts' must be one list of {len(stored_classes)} non-negative integers "
+                               f"per image; {advice}")
+        if stored_names is not None and len(stored_names) != len(rows):
+            raise DatasetError(f"{path}: {len(stored_names)} names for {len(rows)} count rows; {advice}")
+        if classes is not None and tuple(classes) != tuple(stored_classes):
+            raise DatasetError(f"{path}: cached for classes {stored_classes}, but the run's classes are "
+                               f"{list(classes)}; {advice}")
+        if num_images is not None and len(rows) != num_images:
+            raise DatasetError(f"{path}: cached for {len(rows)} images, but the dataset has {num_images}; {advice}")
+        if names is not None:
+            if stored_names is None:
+                raise DatasetError(f"{path}: the cache stores no sample names to check against the dataset's; {advice}")
+            if tuple(names) != tuple(stored_names):
+                first = next((i for i, (a, b) in enumerate(zip(names, stored_names)) if a != b),
+                             min(len(names), len(stored_names)))
+                raise DatasetError(f"{path}: cached for other samples (first difference at position {first}); {advice}")
+        counts = np.array(rows, dtype=np.int64).reshape(len(rows), len(stored_classes))
+        return cls(tuple(stored_classes), counts, None if stored_names is None else tuple(stored_names))
+
+
+def cached_class_statistics(path: str | Path, classes: Sequence[str], names: Sequence[str],
+                            label_maps: Callable[[], Iterable[Any]],
+                            ignore_index: int = IGNORE_INDEX) -> ClassStatistics:
+    """The statistics cached at ``path`` if it exists (checked against ``classes`` and ``names``),
+    else computed from ``label_maps()`` (one map per name, in order) and saved there."""
+    path = Path(path)
+    if path.exists():
+        return ClassStatistics.load(path, classes, len(names), names)
+    stats = ClassStatistics.from_label_maps(label_maps(), classes, names, ignore_index)
+    if stats.num_images != len(names):
+        raise DatasetError(f"{len(names)} samples but {stats.num_images} label maps for {path}")
+    stats.save(path)
+    return stats
+
+
+class RareClassSampler:
+    """Draws ``(class, image)`` pairs for Rare Class Sampling, each a pure function of ``(seed, index)``.
+
+    Attributes: ``classes`` (candidate class indices, ascending), ``probabilities`` (their
+    sampling probabilities), ``images_with_class`` (class index -> indices of the images with more
+    than ``min_pixels`` pixels of it) and ``dropped_classes`` (present in the data, but in no image
+    above ``min_pixels``: never drawn).
+    """
+
+    def __init__(self, stats: ClassStatistics, temperature: float = 0.01, min_pixels: int = 3000,
+                 seed: int = 0) -> None:
+        if min_pixels < 0:
+            raise ValueError(f"min_pixels must be >= 0, got {min_pixels}")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.temperature, self.min_pixels, self.seed = float(temperature), int(min_pixels), int(seed)
+        present = np.flatnonzero(stats.totals > 0)
+        enough = {int(c): np.flatnonzero(stats.counts[:, c] > self.min_pixels) for c in present}
+        self.classes = np.array([c for c in present if enough[int(c)].size > 0], dtype=np.int64)
+        self.dropped_classes = tuple(int(c) for c in present if enough[int(c)].size == 0)
+        if self.classes.size == 0:
+            raise DatasetError(f"rare class sampling: no class has an image with more than {self.min_pixels} "
+                               f"pixels of it ({stats.num_images} images); lower min_pixels")
+        self.images_with_class = {int(c): enough[int(c)] for c in self.classes}
+        self.probabilities = rcs_class_probabilities(stats.frequencies[self.classes], self.temperature)
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The random stream of draw ``index`` (the sampler takes its first two numbers)."""
+        if index < 0:
+            raise ValueError(f"index must be >= 0, got {index}")
+        return np.random.default_rng([_STREAM, self.seed, int(index)])
+
+    def sample(self, index: int) -> tuple[int, int]:
+        """``(class index, image index)`` of draw ``index``."""
+        rng = self.rng(index)
+        class_index = int(self.classes[rng.choice(self.classes.size, p=self.probabilities)])
+        candidates = self.images_with_class[class_index]
+        return class_index, int(candidates[rng.integers(candidates.size)])
+
+
+def pixels_of_class(label: Any, class_index: int) -> int:
+    """Pixels of ``class_index`` in a label map (numpy array or tensor)."""
+    if isinstance(label, torch.Tensor):
+        return int((label == class_index).sum().item())
+    return int(np.count_nonzero(np.asarray(label) == class_index))
+
+
+def retry_until_class(draw: Callable[[], tuple[Any, Any]], class_index: int, min_pixels: int = 3000,
+                      min_crop_ratio: float = 0.5, retries: int = 10) -> tuple[Any, Any]:
+    """Call ``draw() -> (image, label)`` until the label holds more than ``min_pixels * min_crop_ratio``
+    pixels of ``class_index``, at most ``1 + retries`` times; the last draw is returned in any case.
+
+    With ``min_crop_ratio <= 0`` the first draw is returned unchecked (DAFormer skips the loop).
+    """
+    sample = draw()
+    if min_crop_ratio <= 0:
+        return sample
+    threshold = min_pixels * min_crop_ratio
+    for _ in range(retries):
+        if pixels_of_class(sample[1], class_index) > threshold:
+            break
+        sample = draw()
+    return sample
+
+
+def crop_with_class(image: np.ndarray, label: np.ndarray, crop_size: tuple[int, int], class_index: int,
+                    rng: np.random.Generator, min_pixels: int = 3000, min_crop_ratio: float = 0.5,
+                    retries: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """A random ``crop_size = (h, w)`` window of ``image`` ``(H, W, ...)`` and ``label`` ``(H, W)``,
+    re-drawn as in :func:`retry_until_class`; window corners come from ``rng``."""
+    crop_h, crop_w = (int(v) for v in crop_size)
+    height, width = label.shape[:2]
+    if image.shape[:2] != (height, width):
+        raise ValueError(f"image {image.shape[:2]} and label {label.shape[:2]} differ in size")
+    if crop_h > height or crop_w > width or crop_h < 1 or crop_w < 1:
+        raise ValueError(f"crop_size {(crop_h, crop_w)} does not fit a {height} x {width} image")
+
+    def draw() -> tuple[np.ndarray, np.ndarray]:
+        top = int(rng.integers(0, height - crop_h + 1))
+        left = int(rng.integers(0, width - crop_w + 1))
+        return image[top:top + crop_h, left:left + crop_w], label[top:top + crop_h, left:left + crop_w]
+
+    return retry_until_class(draw, class_index, min_pixels, min_crop_ratio, retries)

@@ -1,0 +1,55 @@
+"""The global Lovasz-softmax under DDP: two CPU processes (gloo, torchrun) with two images each give
+the value and, after DDP's gradient averaging, the parameter gradient of one process with all four."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from plca.data.labels import IGNORE_INDEX
+from plca.losses.lovasz import lovasz_softmax, lovasz_softmax_global
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    worker = Path(__file__).parent / "lovasz_ddp_worker.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(worker), str(tmp_path)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    for key, first in ranks[0]["results"].items():
+        second = ranks[1]["results"][key]
+        for result in (first, second):
+            assert result["value"] == pytest.approx(result["reference_value"], abs=1e-6), key
+            grad, want = torch.tensor(result["grad"]), torch.tensor(result["reference_grad"])
+            assert (grad - want).abs().max().item() < 1e-6, key
+            assert want.abs().max().item() > 1e-3, key  # the check is not vacuous
+        assert first["value"] == second["value"], key  # identical on every process
+        assert first["local_valid"] != second["local_valid"], key  # variable pixel counts were gathered
+    assert ranks[1]["results"]["empty_share/present"]["local_valid"] == 0
+
+
+def test_without_a_process_group_it_is_the_plain_loss():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (2, 3, 5), generator=g)
+    labels[0, 0] = IGNORE_INDEX
+    plain = lovasz_softmax(logits.softmax(dim=1), labels)
+    (want,) = torch.autograd.grad(plain, logits)
+    value = lovasz_softmax_global(logits.softmax(dim=1), labels)
+    (grad,) = torch.autograd.grad(value, logits)
+    assert value.item() == plain.item() and torch.equal(grad, want)
