@@ -1,4 +1,4 @@
-"""Command line: ``plca train | evaluate | demo | predict | prepare | report | export``.
+"""Command line: ``plca train | evaluate | demo | predict | prepare | report | sweep | export``.
 
 Errors a user can fix (bad config, missing files, bad weights) are printed as
 one clear line and exit with status 2; they never end in a stack trace.
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--nodes", type=int, default=1, help="nodes per run (default 1)")
     slurm.add_argument("--time", type=int, default=24 * 60, metavar="MINUTES",
                        help="time limit of each job in minutes (default 1440); a job that reaches it is "
-                            "requeued and resumes")
+                            "requeued (up to 3 times) and resumes from its checkpoint")
     slurm.add_argument("--cpus-per-task", type=int, help="CPUs per node (data loading workers)")
     slurm.add_argument("--mem-gb", type=float, help="memory per node in GB")
     slurm.add_argument("--slurm-folder", metavar="DIR", help="submitit's job files and logs (default SWEEP_DIR/slurm)")

@@ -1,18 +1,27 @@
-"""``plca report``: compare runs in plots and a Markdown table; image grids for TensorBoard.
+"""``plca report``: compare runs, or sweeps, in plots and Markdown.
 
-From each run directory (see :mod:`plca.engine.trainer`) it reads
-``scalars.jsonl``, ``eval_history.jsonl``, ``metrics.json`` and ``config.yaml``
-and writes, into the output folder::
+From each run directory (see :mod:`plca.engine.trainer`) it reads ``scalars.jsonl``,
+``eval_history.jsonl``, ``metrics.json``, ``config.yaml`` and ``run.json``, and writes, into
+the output folder::
 
     training_curves.png   losses, learning rate, association diagnostics, validation mIoU
-    per_class_iou.png     grouped bars of each run's final per-class IoU
-    report.md             the runs, their per-class table, the plots, and how their configs differ
+    per_class_iou.png     grouped bars of each run's final per-class IoU (runs, not sweeps)
+    report.md             the runs, their per-class table, the plots, and how their configs and
+                          environments differ
+
+Given sweep directories (see :mod:`plca.tools.sweep`) it also writes their aggregated
+``results.md`` / ``results.csv`` / ``results.png`` (mean +- sd over seeds) and draws the curves
+of all their runs, one colour per configuration.
+
+Legends use short names: what differs between the runs' configs (``lr=0.01 s0``), or
+numbers listed with the full names in report.md when that is still long.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +29,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from plca.data.labels import palette
+from plca.engine.run_record import read_run_record
+from plca.tools.sweep_table import (DEFAULT_FLAG_RANGE, MANIFEST, aggregate, combine, read_manifest, results_markdown,
+                                    short_keys, write_results)
+
+_SHORT_NAME = 24  # folder names up to this long are legends as they are
+_LONG_LABEL = 36  # derived labels longer than this are replaced by numbers
 
 
 class ReportError(ValueError):
@@ -37,6 +51,7 @@ class RunRecord:
     evals: list[dict] = field(default_factory=list)  # eval_history.jsonl
     metrics: dict | None = None  # metrics.json
     config: dict | None = None  # config.yaml as plain data
+    run_info: dict | None = None  # run.json (environment, command, times)
     notes: list[str] = field(default_factory=list)  # lines that could not be read
 
     @property
@@ -89,6 +104,9 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunRecord:
             record.config = yaml.safe_load(config_path.read_text())
         except yaml.YAMLError:
             record.notes.append("config.yaml is not valid YAML; ignored")
+    record.run_info = read_run_record(path)
+    if (path / "run.json").is_file() and record.run_info is None:
+        record.notes.append("run.json is not valid JSON; ignored")
     if not (record.scalars or record.evals or record.metrics):
         raise ReportError(f"'{path}' holds no scalars.jsonl, eval_history.jsonl or metrics.json: "
                           f"is it a plca run directory?")
@@ -100,6 +118,37 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
     if len(set(names)) == len(names):
         return names
     return [f"{path.parent.name}/{path.name}" if names.count(path.name) > 1 else path.name for path in paths]
+
+
+def _value_text(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
+
+
+def short_names(runs: Sequence[RunRecord]) -> list[str] | None:
+    """Labels from what differs between the runs' configs (``lr=0.01 s0``); None when that does not
+    tell them apart or is long."""
+    differences = config_differences(runs)
+    keys = [key for key in differences if key != "train.seed"]
+    if not differences:
+        return None
+    short = short_keys(keys)
+    labels = []
+    for index in range(len(runs)):
+        parts = [f"{short[key]}={_value_text(differences[key][index])}" for key in keys]
+        if "train.seed" in differences:
+            parts.append(f"s{differences['train.seed'][index]}")
+        labels.append(" ".join(parts))
+    if len(set(labels)) != len(labels) or max(len(label) for label in labels) > _LONG_LABEL:
+        return None
+    return labels
+
+
+def display_names(runs: Sequence[RunRecord]) -> list[str]:
+    """Legend labels: the folder names when short (or one run), else :func:`short_names`, else ``#1``, ``#2``, ..."""
+    names = [run.name for run in runs]
+    if len(runs) == 1 or (max(len(name) for name in names) <= _SHORT_NAME and len(set(names)) == len(names)):
+        return names
+    return short_names(runs) or [f"#{index}" for index in range(1, len(runs) + 1)]
 
 
 # --------------------------------------------------------------------------- training curves
@@ -119,6 +168,7 @@ _PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
      [("assoc/feature_target_acc", "feature"), ("assoc/classifier_target_acc", "classifier")]),
 ]
 _LINESTYLES = ("-", "--", ":", "-.")
+_MARKED = 30  # series with at most this many points get a marker on each (a single point stays visible)
 
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -153,40 +203,61 @@ def _panels_for(runs: Sequence[RunRecord]) -> list[tuple[str, str, list[tuple[st
             if any(_series(run.scalars, key)[0] for run in runs for key, _ in panel[2])]
 
 
-def plot_training_curves(runs: Sequence[RunRecord], path: str | Path) -> Path:
-    """One figure of subplots (losses, LR, association diagnostics, validation mIoU), runs by colour."""
+def _colour_groups(runs: Sequence[RunRecord], groups: Sequence[str] | None) -> tuple[list[int], list[str]]:
+    """The colour index of each run and the legend label of each colour (runs of one group share one)."""
+    if groups is None:
+        return list(range(len(runs))), [run.name for run in runs]
+    labels = list(dict.fromkeys(groups))
+    return [labels.index(group) for group in groups], labels
+
+
+def plot_training_curves(runs: Sequence[RunRecord], path: str | Path, groups: Sequence[str] | None = None) -> Path:
+    """One figure of subplots (losses, LR, association diagnostics, validation mIoU), runs by colour.
+
+    ``groups``: a label per run; runs with the same label (the seeds of one configuration)
+    share a colour and one legend entry. The legend sits below the panels.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     panels = _panels_for(runs)
     has_val = any(run.evals or run.metrics for run in runs)
     count = len(panels) + int(has_val)
     if count == 0:
         raise ReportError("the runs logged no scalars and no validation: nothing to plot")
+    colour_of, legend_labels = _colour_groups(runs, groups)
+    cmap = plt.get_cmap("tab10" if len(legend_labels) <= 10 else "tab20")
+
+    def colour(index: int):
+        return cmap(colour_of[index] % cmap.N)
+
     cols = min(3, count)
     rows = math.ceil(count / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
     axes = axes.ravel()
-    colors = plt.get_cmap("tab10")
     for ax, (title, ylabel, keys) in zip(axes, panels):
+        drawn_keys = []
         for index, run in enumerate(runs):
             for style, (key, label) in zip(_LINESTYLES * 4, keys):
                 steps, values = _series(run.scalars, key)
                 if not steps:
                     continue
-                color = colors(index % 10)
+                drawn_keys += [(style, label)] if (style, label) not in drawn_keys else []
                 if ylabel == "loss" and len(values) > 50:  # noisy: faint raw curve under a smoothed one
-                    ax.plot(steps, values, style, color=color, linewidth=0.8, alpha=0.25)
+                    ax.plot(steps, values, style, color=colour(index), linewidth=0.8, alpha=0.25)
                     values = smooth(values)
-                ax.plot(steps, values, style, color=color, linewidth=1.4,
-                        label=run.name if len(keys) == 1 else f"{run.name}: {label}")
+                marker = "o" if len(steps) <= _MARKED else None
+                ax.plot(steps, values, style, color=colour(index), linewidth=1.4, marker=marker, markersize=3)
         ax.set(title=title, xlabel="update step", ylabel=ylabel)
         if ylabel == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if len(drawn_keys) > 1:  # line styles tell the terms apart; colours are in the figure legend
+            ax.legend([Line2D([], [], color="0.3", linestyle=style) for style, _ in drawn_keys],
+                      [label for _, label in drawn_keys], fontsize=8)
     if has_val:
         ax = axes[len(panels)]
         protocols = set()
@@ -196,18 +267,24 @@ def plot_training_curves(runs: Sequence[RunRecord], path: str | Path) -> Path:
             protocols |= {e.get("protocol") for e in history if e.get("protocol")}
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, "o-", color=colors(index % 10), linewidth=1.4, markersize=4, label=run.name)
+                ax.plot(steps, values, "o-", color=colour(index), linewidth=1.4, markersize=4)
         label = "/".join(sorted(protocols)) if protocols else "mIoU"
         ax.set(title=f"Validation {label}", xlabel="update step", ylabel=f"{label} (%)")
+    for ax in axes[:count]:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     for ax in axes[count:]:
         ax.set_visible(False)
     fig.suptitle("Training curves (losses smoothed, raw values faint)"
                  if any(len(run.scalars) > 50 for run in runs) else "Training curves", fontsize=13)
     fig.tight_layout()
+    handles = [Line2D([], [], color=cmap(index % cmap.N), linewidth=2) for index in range(len(legend_labels))]
+    shown = [f"{label} ({groups.count(label)} runs)" if groups is not None and groups.count(label) > 1 else label
+             for label in legend_labels]
+    fig.legend(handles, shown, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(shown)),
+               fontsize=9, frameon=False)
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -224,7 +301,11 @@ def union_classes(runs: Sequence[RunRecord]) -> list[str]:
 
 
 def plot_per_class_iou(runs: Sequence[RunRecord], path: str | Path) -> Path:
-    """Grouped bars: per-class IoU (%) of each run's final metrics, class names on the x axis."""
+    """Grouped bars: per-class IoU (%) of each run's final metrics, class names on the x axis.
+
+    A zero IoU is labelled "0" and an undefined one "n/a", so a missing bar is never ambiguous;
+    the legend sits below the axes.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,19 +318,25 @@ def plot_per_class_iou(runs: Sequence[RunRecord], path: str | Path) -> Path:
     width = 0.8 / len(scored)
     x = np.arange(len(classes))
     fig, ax = plt.subplots(figsize=(max(8.0, 0.45 * len(classes) * max(1.0, 0.6 * len(scored))) + 1.5, 4.8))
-    colors = plt.get_cmap("tab10")
+    colors = plt.get_cmap("tab10" if len(scored) <= 10 else "tab20")
     for index, run in enumerate(scored):
         metrics = run.final_metrics
         values = [metrics["per_class_IoU"].get(name) for name in classes]
         heights = [math.nan if value is None else float(value) for value in values]
-        label = f"{run.name} ({metrics.get('protocol', 'mIoU')} {metrics['mIoU']:.1f})" if "mIoU" in metrics else run.name
-        ax.bar(x - 0.4 + width * (index + 0.5), heights, width, color=colors(index % 10), label=label)
+        label = (f"{run.name} ({metrics.get('protocol', 'mIoU')} {metrics['mIoU']:.1f})" if "mIoU" in metrics
+                 else run.name)
+        positions = x - 0.4 + width * (index + 0.5)
+        bars = ax.bar(positions, heights, width, color=colors(index % colors.N), label=label)
+        ax.bar_label(bars, labels=["0" if h == 0 else "" for h in heights], fontsize=7, padding=1)
+        for position, height in zip(positions, heights):
+            if math.isnan(height):
+                ax.text(position, 1, "n/a", ha="center", va="bottom", fontsize=6, rotation=90, color="0.4")
     ax.set_xticks(x, classes, rotation=45, ha="right")
     ax.set(ylabel="IoU (%)", title="Per-class IoU on the validation set", xlim=(-0.6, len(classes) - 0.4))
     ax.set_ylim(0, max(100.0, ax.get_ylim()[1]))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars may reach 100
     fig.tight_layout()
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(scored)), fontsize=8, frameon=False)
     path = Path(path)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -268,37 +355,76 @@ def _flatten(data, prefix: str = "") -> dict[str, object]:
     return {prefix: data}
 
 
-def config_differences(runs: Sequence[RunRecord], skip: Sequence[str] = ("run_name", "output_dir")) -> dict:
-    """``{dotted key: [value per run]}`` for config keys whose values differ between runs."""
-    flats = [_flatten(run.config or {}) for run in runs]
+def _differing(flats: Sequence[dict], skip: Sequence[str] = ()) -> dict:
     keys = sorted({key for flat in flats for key in flat})
     return {key: [flat.get(key, "-") for flat in flats] for key in keys
             if key not in skip and len({json.dumps(flat.get(key, "-"), default=str) for flat in flats}) > 1}
 
 
+def config_differences(runs: Sequence[RunRecord], skip: Sequence[str] = ("run_name", "output_dir")) -> dict:
+    """``{dotted key: [value per run]}`` for config keys whose values differ between runs."""
+    return _differing([_flatten(run.config or {}) for run in runs], skip)
+
+
+def environment_differences(runs: Sequence[RunRecord]) -> dict:
+    """``{key: [value per run]}`` for ``run.json`` environment keys that differ between the runs that
+    have a run.json (``-`` for the others)."""
+    recorded = [run for run in runs if run.run_info and isinstance(run.run_info.get("environment"), dict)]
+    if len(recorded) < 2:
+        return {}
+    differing = _differing([_flatten(run.run_info["environment"]) for run in recorded])
+    column = {id(run): index for index, run in enumerate(recorded)}
+    return {key: [values[column[id(run)]] if id(run) in column else "-" for run in runs]
+            for key, values in differing.items()}
+
+
 def _cell(value) -> str:
-    text = json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
-    return text.replace("|", "\\|")
+    return _value_text(value).replace("|", "\\|")
 
 
-def build_markdown(runs: Sequence[RunRecord], curves: str | None, bars: str | None) -> str:
-    """The text of report.md (image paths relative to it)."""
-    from plca.evaluation.metrics import format_markdown_table
+def differences_markdown(runs: Sequence[RunRecord], labels: Sequence[str]) -> list[str]:
+    """The "Differences" section: config keys (config.yaml) and environment keys (run.json) that differ."""
+    config, env = config_differences(runs), environment_differences(runs)
+    lines = ["## Differences", ""]
+    if not config and not env:
+        recorded = sum(1 for run in runs if run.run_info)
+        return lines + ["The configs are the same (apart from run name and output folder)"
+                        + (", and so are the environments." if recorded > 1 else
+                           "; fewer than two runs have a run.json to compare environments."), ""]
+    lines += ["| | key | " + " | ".join(_cell(label) for label in labels) + " |",
+              "| --- | --- |" + " --- |" * len(runs)]
+    lines += [f"| config | `{key}` | " + " | ".join(_cell(v) for v in values) + " |" for key, values in config.items()]
+    lines += [f"| environment | `{key}` | " + " | ".join(_cell(v) for v in values) + " |"
+              for key, values in env.items()]
+    return lines + [""]
 
-    lines = ["# plca report", "", "| run | method | steps | protocol | mIoU | directory |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for run in runs:
+
+def _runs_table(runs: Sequence[RunRecord], labels: Sequence[str]) -> list[str]:
+    lines = ["| label | run | method | steps | protocol | mIoU | directory |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for run, label in zip(runs, labels):
         final = run.final_metrics or {}
         steps = final.get("step", run.scalars[-1]["step"] if run.scalars and "step" in run.scalars[-1] else "-")
         miou = f"{final['mIoU']:.2f}" if isinstance(final.get("mIoU"), (int, float)) else "-"
         method = final.get("method") or (run.config or {}).get("method", "-")
         status = "" if run.metrics is not None else " (not finished: last validation)" if run.evals else ""
-        lines.append(f"| {_cell(run.name)}{status} | {method} | {steps} | {final.get('protocol', '-')} | {miou} "
-                     f"| `{run.path}` |")
-    scored = {run.name: run.final_metrics for run in runs if run.final_metrics and run.final_metrics.get("per_class_IoU")}
+        lines.append(f"| {_cell(label)} | {_cell(run.path.name)}{status} | {method} | {steps} "
+                     f"| {final.get('protocol', '-')} | {miou} | `{run.path}` |")
+    return lines
+
+
+def build_markdown(runs: Sequence[RunRecord], curves: str | None, bars: str | None,
+                   labels: Sequence[str] | None = None) -> str:
+    """The text of report.md (image paths relative to it); ``labels``: the runs' legend labels."""
+    from plca.evaluation.metrics import format_markdown_table
+
+    labels = list(labels) if labels is not None else [run.name for run in runs]
+    lines = ["# plca report", "", *_runs_table(runs, labels)]
+    scored = {label: run.final_metrics for run, label in zip(runs, labels)
+              if run.final_metrics and run.final_metrics.get("per_class_IoU")}
     lines += ["", "## Per-class IoU (%)", ""]
     if scored:
-        lines += [format_markdown_table(scored, union_classes([r for r in runs if r.name in scored])), ""]
+        lines += [format_markdown_table(scored, union_classes([r for r, l in zip(runs, labels) if l in scored])), ""]
         protocols = {name: metrics.get("protocols", {}) for name, metrics in scored.items()}
         if any(protocols.values()):
             lines += ["Every protocol's mean (each over its own classes):", ""]
@@ -314,89 +440,116 @@ def build_markdown(runs: Sequence[RunRecord], curves: str | None, bars: str | No
     if bars:
         lines += ["## Per-class IoU chart", "", f"![per-class IoU]({bars})", ""]
     if len(runs) > 1:
-        differences = config_differences(runs)
-        lines += ["## How the configs differ", ""]
-        if differences:
-            lines += ["| key | " + " | ".join(_cell(run.name) for run in runs) + " |",
-                      "| --- |" + " --- |" * len(runs)]
-            lines += [f"| `{key}` | " + " | ".join(_cell(value) for value in values) + " |"
-                      for key, values in differences.items()]
-        else:
-            lines.append("The configs are the same (apart from run name and output folder).")
-        lines.append("")
-    notes = [f"- {run.name}: {note}" for run in runs for note in run.notes]
+        lines += differences_markdown(runs, labels)
+    notes = [f"- {label}: {note}" for run, label in zip(runs, labels) for note in run.notes]
     if notes:
         lines += ["## Notes", "", *notes, ""]
     return "\n".join(lines)
 
 
-def write_report(run_dirs: Sequence[str | Path], output: str | Path, names: Sequence[str] | None = None) -> Path:
-    """Write training_curves.png, per_class_iou.png and report.md for ``run_dirs`` into ``output``."""
+def default_output(paths: Sequence[Path]) -> Path:
+    """``DIR/report`` for one directory; ``report/`` in the deepest folder holding several."""
+    if len(paths) == 1:
+        return paths[0] / "report"
+    return Path(os.path.commonpath([str(path.absolute()) for path in paths])) / "report"
+
+
+def _sweep_runs(sweep_dir: Path, sweep_name: str | None) -> tuple[list[RunRecord], list[str], list[str]]:
+    """The loadable runs of a sweep, with run labels (``lr=0.01 s0``) and group labels (``lr=0.01``)."""
+    manifest = read_manifest(sweep_dir)
+    keys = list(manifest.get("grid") or {})
+    short = short_keys(keys)
+    runs, labels, groups = [], [], []
+    for entry in manifest["runs"]:
+        path = sweep_dir / entry.get("run_dir", f"runs/{entry.get('name')}")
+        try:
+            run = load_run(path, entry.get("name"))
+        except ReportError:
+            continue
+        group = " ".join(f"{short[k]}={entry.get('params', {}).get(k, '-')}" for k in keys) or "base config"
+        group = f"{sweep_name} {group}" if sweep_name else group
+        runs.append(run)
+        groups.append(group)
+        labels.append(f"{group} s{entry.get('seed', '?')}")
+    return runs, labels, groups
+
+
+def write_sweep_report(sweep_dirs: Sequence[str | Path], output: str | Path | None = None,
+                       flag_range: float = DEFAULT_FLAG_RANGE) -> Path:
+    """results.md/.csv/.png (mean +- sd over seeds), training_curves.png and report.md of sweeps."""
+    paths = [Path(path) for path in sweep_dirs]
+    output = Path(output) if output is not None else default_output(paths)
+    tables = [aggregate(path, flag_range) for path in paths]
+    names = _unique_names(paths) if len(paths) > 1 else [None]
+    table = tables[0] if len(paths) == 1 else combine(tables, names)
+    output.mkdir(parents=True, exist_ok=True)
+    results = write_results(table, output)
+    runs, labels, groups = [], [], []
+    for path, name in zip(paths, names):
+        found = _sweep_runs(path, name)
+        runs += found[0]
+        labels += found[1]
+        groups += found[2]
+    for run, label in zip(runs, labels):
+        run.name = label
+    curves = None
+    if runs and (_panels_for(runs) or any(run.evals or run.metrics for run in runs)):
+        curves = plot_training_curves(runs, output / "training_curves.png", groups=groups).name
+    body = results_markdown(table).split("\n", 1)[1]  # without its title
+    lines = [f"# plca report: {', '.join(f'`{p}`' for p in paths)}", body.rstrip(), ""]
+    if "results.png" in results:
+        lines += ["## Results chart", "", "![results](results.png)", ""]
+    if curves:
+        lines += ["## Training curves", "", "One colour per configuration, one line per seed.", "",
+                  f"![training curves]({curves})", ""]
+    if runs:
+        lines += ["## Runs", "", *_runs_table(runs, labels), ""]
+        lines += differences_markdown(runs, labels) if len(runs) > 1 else []
+    notes = [f"- {label}: {note}" for run, label in zip(runs, labels) for note in run.notes]
+    if notes:
+        lines += ["## Notes", "", *notes, ""]
+    lines += [f"Files: {', '.join(path.name for path in results.values())}"
+              + (f", {curves}" if curves else "") + ".", ""]
+    report = output / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def write_report(run_dirs: Sequence[str | Path], output: str | Path | None = None,
+                 names: Sequence[str] | None = None, flag_range: float = DEFAULT_FLAG_RANGE) -> Path:
+    """Write the report of run directories (or sweep directories) into ``output``; return report.md.
+
+    Runs: training_curves.png, per_class_iou.png and report.md. Sweeps (directories with a
+    manifest.json): see :func:`write_sweep_report`. ``output`` defaults to :func:`default_output`.
+    """
     paths = [Path(run_dir) for run_dir in run_dirs]
+    sweeps = [path for path in paths if (path / MANIFEST).is_file()]
+    if sweeps:
+        if len(sweeps) != len(paths):
+            plain = next(path for path in paths if path not in sweeps)
+            raise ReportError(f"give sweep directories or run directories, not both: '{sweeps[0]}' is a sweep, "
+                              f"'{plain}' is not")
+        if names is not None:
+            raise ReportError("--names labels runs; a sweep's runs are labelled by their grid values and seed")
+        return write_sweep_report(sweeps, output, flag_range)
     if names is not None and len(names) != len(paths):
         raise ReportError(f"--names gives {len(names)} names for {len(paths)} run directories")
-    names = list(names) if names is not None else _unique_names(paths)
-    runs = [load_run(path, name) for path, name in zip(paths, names)]
-    output = Path(output)
+    runs = [load_run(path, name) for path, name in zip(paths, _unique_names(paths))]
+    labels = list(names) if names is not None else display_names(runs)
+    full_names = [run.name for run in runs]
+    for run, label in zip(runs, labels):
+        run.name = label
+    output = Path(output) if output is not None else default_output(paths)
     output.mkdir(parents=True, exist_ok=True)
     curves = bars = None
     if _panels_for(runs) or any(run.evals or run.metrics for run in runs):
         curves = plot_training_curves(runs, output / "training_curves.png").name
     if any(run.final_metrics and run.final_metrics.get("per_class_IoU") for run in runs):
         bars = plot_per_class_iou(runs, output / "per_class_iou.png").name
+    text = build_markdown(runs, curves, bars, labels)
+    if labels != full_names:
+        text = text.replace("# plca report\n", "# plca report\n\nLegends use the labels below; the run column "
+                                               "is each run's folder name.\n", 1)
     report = output / "report.md"
-    report.write_text(build_markdown(runs, curves, bars))
+    report.write_text(text)
     return report
-
-
-# --------------------------------------------------------------------------- TensorBoard images
-
-
-def make_image_grid(images, predictions, labels, classes: Sequence[str], max_images: int = 4) -> np.ndarray:
-    """An ``(R*H, C*W, 3) uint8`` grid: one row per image, columns input | prediction | label (if given).
-
-    ``images``: ``(B, 3, H, W)`` RGB, 0-255 (uint8 or float); ``predictions`` / ``labels``:
-    ``(B, h, w)`` class indices (255 = ignore, drawn black), resized to ``(H, W)`` with nearest
-    neighbour when their size differs (e.g. predictions at the model's output stride).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    def as_tensor(value):
-        return value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-
-    images = as_tensor(images)[:max_images].float()
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-    height, width = images.shape[-2:]
-    colors = torch.from_numpy(palette(classes))
-
-    def colorize(maps) -> torch.Tensor:
-        maps = as_tensor(maps)[: images.shape[0]]
-        if maps.dim() != 3:
-            raise ValueError(f"predictions / labels must be (B, H, W), got {tuple(maps.shape)}")
-        if maps.shape[-2:] != (height, width):
-            maps = F.interpolate(maps[:, None].float(), size=(height, width), mode="nearest")[:, 0]
-        return colors[maps.long().clamp(0, 255)]  # (B, H, W, 3)
-
-    columns = [images.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1), colorize(predictions)]
-    if labels is not None:
-        columns.append(colorize(labels))
-    rows = torch.cat(columns, dim=2)  # (B, H, C*W, 3)
-    return rows.reshape(-1, rows.shape[2], 3).numpy()
-
-
-def log_image_grid(writer, tag: str, images, predictions, labels, classes: Sequence[str], step: int,
-                   max_images: int = 4) -> None:
-    """Add :func:`make_image_grid` to TensorBoard as one image (``writer``: a SummaryWriter, or None).
-
-    Also accepts :class:`plca.engine.logger.TensorBoard` (its ``writer`` attribute; None off the main process).
-    """
-    from plca.engine.logger import TensorBoard
-
-    if isinstance(writer, TensorBoard):
-        writer = writer.writer
-    if writer is None:
-        return
-    grid = make_image_grid(images, predictions, labels, classes, max_images)
-    writer.add_image(tag, grid, step, dataformats="HWC")

@@ -8,15 +8,17 @@ After the student's ``k``-th optimiser update the teacher's parameters become
 after one optimiser step, uses alpha 0.5; the teacher starts as an exact copy of the student).
 
 Buffers (BatchNorm running statistics and counters) are *copied* from the student at every
-update. DAFormer averages parameters only and runs its teacher in training mode (dropout and
-drop-path off), so its BatchNorm layers normalise with the target batch's own statistics and
-keep running estimates of their own. This teacher always runs in eval mode, which reads the
-running statistics; copying the student's keeps them current (the student's estimate) instead
-of frozen at their initial values. With frozen BatchNorm the copy changes nothing.
+update. DAFormer averages parameters only and runs its teacher in training mode with dropout and
+drop-path off, so its BatchNorm layers normalise with the target batch's own statistics; that is
+``batch_norm="batch"`` here (the default): dropout and drop-path stay off (eval mode) and only the
+BatchNorm layers use the batch's statistics, without changing the running ones. With
+``batch_norm="running"`` the teacher normalises with the running statistics, which the copy from
+the student keeps current (the student's estimate) instead of frozen at their initial values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -49,11 +51,14 @@ class EMATeacher(nn.Module):
 
     step: Tensor
 
-    def __init__(self, student: nn.Module, alpha_max: float = 0.999) -> None:
+    def __init__(self, student: nn.Module, alpha_max: float = 0.999, batch_norm: str = "batch") -> None:
         super().__init__()
         if not 0.0 <= alpha_max <= 1.0:
             raise ValueError(f"alpha_max must be in [0, 1], got {alpha_max}")
+        if batch_norm not in ("batch", "running"):
+            raise ValueError(f"batch_norm must be 'batch' or 'running', got {batch_norm!r}")
         self.alpha_max = float(alpha_max)
+        self.batch_norm = batch_norm
         self.model = copy.deepcopy(student)
         self.model.requires_grad_(False)
         for param in self.model.parameters():
@@ -66,8 +71,28 @@ class EMATeacher(nn.Module):
         return super().train(False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad():
+        with torch.no_grad(), self._batch_statistics():
             return self.model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _batch_statistics(self):
+        """With ``batch_norm="batch"``: BatchNorm layers normalise with the batch's statistics for
+        this call (momentum 0 keeps the running statistics as they are); everything else stays in eval."""
+        layers = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] \
+            if self.batch_norm == "batch" else []
+        saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+                 for m in layers]
+        for m in layers:
+            m.train(True)
+            m.momentum = 0.0
+        try:
+            yield
+        finally:
+            for m, (momentum, count) in zip(layers, saved):
+                m.train(False)
+                m.momentum = momentum
+                if count is not None:
+                    m.num_batches_tracked.copy_(count)
 
     def alpha(self, step: int) -> float:
         return ema_alpha(step, self.alpha_max)
