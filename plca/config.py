@@ -47,6 +47,18 @@ class DatasetConfig:
 
 
 @dataclass
+class RareClassSamplingConfig:
+    """DAFormer's Rare Class Sampling of source images (class statistics computed once and cached)."""
+
+    enabled: bool = False
+    temperature: float = 0.01
+    min_pixels: int = 3000  # an image is drawn for class c if it holds more pixels of c (labels as stored)
+    min_crop_ratio: float = 0.5  # the crop is re-drawn until it holds min_pixels x this many pixels of c
+    retries: int = 10
+    stats: str | None = None  # the class statistics file; null = cached under output_dir/.cache
+
+
+@dataclass
 class DataConfig:
     classes: list[str] = field(default_factory=list)  # class names, in class-index order
     source: DatasetConfig = field(default_factory=DatasetConfig)
@@ -54,6 +66,7 @@ class DataConfig:
     val: DatasetConfig | None = None  # labelled validation set, usually the target's val split
     num_workers: int = 2
     on_error: str = "raise"  # a sample that fails to load: raise | skip (skipped samples are counted)
+    rare_class_sampling: RareClassSamplingConfig = field(default_factory=RareClassSamplingConfig)
 
 
 @dataclass
@@ -97,6 +110,7 @@ class TrainConfig:
     crop_size: list[int] = field(default_factory=lambda: [512, 512])  # [h, w]
     shorter_side: list[int] | None = None  # random shorter side [lo, hi] in pixels before cropping; null = no resize
     scale_range: list[float] | None = None  # or a random ratio [lo, hi] of each image's own size; null = no resize
+    target_shorter_side: list[int] | None = None  # the target's own [lo, hi] (DAFormer resizes each domain); null = as the source
     flip: bool = True
     optimizer: str = "sgd"  # sgd (the PLCA reference) | adamw (DAFormer: no decay on norm, bias, position)
     lr: float = 2.5e-4
@@ -126,6 +140,7 @@ class EvalConfig:
     size: list[int] | None = None  # [h, w] to resize val images to (reference: [730, 1460]); null = as is
     test_time_aggregation: bool | None = None  # null = the method's default (on for plca)
     alpha: float = 0.5
+    model: str = "student"  # methods with a teacher: student (what papers report) | teacher | both
 
 
 @dataclass
@@ -417,6 +432,9 @@ def validate(config: Config) -> None:
           f"method {config.method} needs data.target (the unlabelled target-domain images)")
     check(data.on_error in ("raise", "skip"), "data.on_error must be 'raise' or 'skip'")
     check(data.num_workers >= 0, "data.num_workers must be >= 0")
+    rcs = data.rare_class_sampling
+    check(rcs.temperature > 0 and rcs.min_pixels >= 0 and rcs.retries >= 0,
+          "data.rare_class_sampling: temperature must be > 0, min_pixels and retries >= 0")
 
     model = config.model
     check(is_known_backbone(model.backbone),
@@ -444,6 +462,11 @@ def validate(config: Config) -> None:
           "train.shorter_side must be null or [lo, hi] with 0 < lo <= hi")
     check(train.scale_range is None or (len(train.scale_range) == 2 and 0 < train.scale_range[0] <= train.scale_range[1]),
           "train.scale_range must be null or [lo, hi] with 0 < lo <= hi")
+    check(train.target_shorter_side is None or (len(train.target_shorter_side) == 2
+                                                and 0 < train.target_shorter_side[0] <= train.target_shorter_side[1]),
+          "train.target_shorter_side must be null or [lo, hi] with 0 < lo <= hi")
+    check(train.target_shorter_side is None or train.scale_range is None,
+          "train.target_shorter_side goes with train.shorter_side, not with train.scale_range")
     check(train.scale_range is None or train.shorter_side is None,
           "train.scale_range and train.shorter_side are two ways to resize: set one of them (the other null)")
     check(train.lr > 0, "train.lr must be > 0")
@@ -465,6 +488,9 @@ def validate(config: Config) -> None:
     check(config.eval.size is None or (len(config.eval.size) == 2 and min(config.eval.size) > 0),
           "eval.size must be null or [h, w] > 0")
     check(0.0 <= config.eval.alpha <= 1.0, "eval.alpha must be in [0, 1]")
+    check(config.eval.model in ("student", "teacher", "both"), "eval.model must be student, teacher or both")
+    check(config.eval.model == "student" or method_cls.has_teacher,
+          f"eval.model {config.eval.model}: method {config.method} has no teacher; use eval.model=student")
 
     loss = config.loss
     for key in ("lovasz_weight", "lsr_weight"):

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from plca.data.checks import check_enough_samples, check_files
@@ -25,30 +26,33 @@ class RunDatasets:
 
 
 def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target: bool,
-                       world_size: int = 1) -> RunDatasets:
+                       world_size: int = 1, cache_dir: Path | None = None) -> RunDatasets:
     """The training source (and target, when the method uses one) with the training transform, and the
     validation set with the evaluation transform. A training set smaller than one batch for every
     process is a :class:`DatasetError`.
 
     ``data``: :class:`plca.config.DataConfig`; ``train``: :class:`plca.config.TrainConfig`.
     """
-    resize = {"scale_range": tuple(train.scale_range)} if train.scale_range else {}
-    transform = TrainTransform(
-        crop_size=tuple(train.crop_size),
-        shorter_side=tuple(train.shorter_side) if train.shorter_side else None,
-        flip=train.flip,
-        **resize,
-    )
+    def training_transform(shorter_side) -> TrainTransform:
+        return TrainTransform(crop_size=tuple(train.crop_size), shorter_side=tuple(shorter_side) if shorter_side else None,
+                              flip=train.flip, scale_range=tuple(train.scale_range) if train.scale_range else None)
+
+    transform = training_transform(train.shorter_side)
+    target_transform = training_transform(train.target_shorter_side or train.shorter_side)
     common = dict(classes=data.classes, on_error=data.on_error)
     source = build_dataset(data.source.format, data.source.root, data.source.split, transform=transform,
                            seed=train.seed, **common)
     target = None
     if uses_target:
-        target = build_dataset(data.target.format, data.target.root, data.target.split, transform=transform,
+        target = build_dataset(data.target.format, data.target.root, data.target.split, transform=target_transform,
                                seed=train.seed + 1, require_labels=False, **common)
     for name, dataset in (("source", source), ("target", target)):
         if dataset is not None:
             check_enough_samples(dataset, train.batch_size, world_size, name)
+    if data.rare_class_sampling.enabled:
+        from plca.data.rare_class import rare_class_dataset
+
+        source = rare_class_dataset(source, data.rare_class_sampling, cache_dir or Path(".cache"), train.seed)
     val = None
     if data.val is not None:
         val = build_dataset(data.val.format, data.val.root, data.val.split,

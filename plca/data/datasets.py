@@ -170,19 +170,26 @@ class SegmentationDataset(Dataset):
         raise DatasetError(f"{self.description}: none of its {count} samples could be loaded (first problem: "
                            f"{skipped[0]}); check the dataset with plca prepare")
 
-    def _load(self, index: int) -> dict:
+    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample ``index`` as read, before the transform: ``(H, W, 3) uint8`` image, ``(H, W) uint8`` labels."""
         sample = self.samples[index]
         image = read_image(sample.image)
         if sample.label is None:
-            label = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
-        else:
-            label = self._fit_label(self.label_reader(sample.label), image, sample)
+            return image, np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+        return image, self._fit_label(self.label_reader(sample.label), image, sample)
+
+    def item(self, index: int, image_tensor, label_tensor) -> dict:
+        """The item dict of sample ``index`` with these (transformed) tensors."""
+        return {"image": image_tensor, "label": label_tensor, "name": self.samples[index].name, "index": index}
+
+    def _load(self, index: int) -> dict:
+        image, label = self.load_pair(index)
         if self.transform is None:
             image_tensor, label_tensor = to_tensors(image, label)
         else:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             image_tensor, label_tensor = self.transform(image, label, rng)
-        return {"image": image_tensor, "label": label_tensor, "name": sample.name, "index": index}
+        return self.item(index, image_tensor, label_tensor)
 
     def _fit_label(self, label: np.ndarray, image: np.ndarray, sample: Sample) -> np.ndarray:
         if label.shape == image.shape[:2]:

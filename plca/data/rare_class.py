@@ -31,8 +31,9 @@ import torch
 from plca.data.io import DatasetError
 from plca.data.labels import IGNORE_INDEX
 
-__all__ = ["ClassStatistics", "RareClassSampler", "cached_class_statistics", "class_pixel_counts",
-           "crop_with_class", "pixels_of_class", "rcs_class_probabilities", "retry_until_class"]
+__all__ = ["ClassStatistics", "RareClassDataset", "RareClassSampler", "cached_class_statistics",
+           "class_pixel_counts", "crop_with_class", "pixels_of_class", "rare_class_dataset",
+           "rcs_class_probabilities", "retry_until_class"]
 
 _FORMAT = "plca.class_statistics"
 _VERSION = 1
@@ -266,3 +267,77 @@ def crop_with_class(image: np.ndarray, label: np.ndarray, crop_size: tuple[int, 
         return image[top:top + crop_h, left:left + crop_w], label[top:top + crop_h, left:left + crop_w]
 
     return retry_until_class(draw, class_index, min_pixels, min_crop_ratio, retries)
+
+
+class RareClassDataset:
+    """A training dataset whose draws follow Rare Class Sampling.
+
+    Addressed like :class:`~plca.data.datasets.SegmentationDataset` by the training stream
+    (``set_epoch`` then ``fetch(index)``), but draw ``(epoch, index)`` becomes the draw number
+    ``epoch * len + index`` of ``sampler``, which picks a class and an image holding it; the
+    image's random transform is then re-drawn (:func:`retry_until_class`) until the crop holds
+    enough of the class. Everything depends only on (seed, epoch, index): workers and resumed
+    runs see the same samples. A sample that fails to load behaves as in the wrapped dataset
+    (``on_error``).
+    """
+
+    def __init__(self, dataset, sampler: RareClassSampler, min_crop_ratio: float = 0.5, retries: int = 10) -> None:
+        if dataset.transform is None:
+            raise ValueError("rare class sampling needs a training transform (random crops to re-draw)")
+        self.dataset = dataset
+        self.sampler = sampler
+        self.min_crop_ratio = float(min_crop_ratio)
+        self.retries = int(retries)
+        self.epoch = 0
+        self.description = f"{dataset.description} (rare class sampling)"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name == "dataset":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.fetch(index)[0]
+
+    def fetch(self, index: int, warn: bool = False) -> tuple[dict, list[str]]:
+        draw = self.epoch * len(self.dataset) + int(index)
+        class_index, image_index = self.sampler.sample(draw)
+        try:
+            image, label = self.dataset.load_pair(image_index)
+        except DatasetError:
+            if self.dataset.on_error == "raise":
+                raise
+            return self.dataset.fetch(image_index, warn)
+        rng = self.sampler.rng(draw)
+        rng.random(2)  # the sampler's own two numbers
+        image_tensor, label_tensor = retry_until_class(lambda: self.dataset.transform(image, label, rng), class_index,
+                                                       self.sampler.min_pixels, self.min_crop_ratio, self.retries)
+        return self.dataset.item(image_index, image_tensor, label_tensor), []
+
+
+def rare_class_dataset(dataset, options, cache_dir: Path, seed: int) -> RareClassDataset:
+    """``dataset`` wrapped in Rare Class Sampling, its class statistics read from / cached to a file.
+
+    ``options``: :class:`plca.config.RareClassSamplingConfig`; the cache is ``options.stats`` or,
+    when null, a file in ``cache_dir`` named after the dataset's samples and classes.
+    """
+    import hashlib
+
+    names = [sample.name for sample in dataset.samples]
+    if options.stats:
+        path = Path(options.stats)
+    else:
+        key = hashlib.sha1(json.dumps([dataset.description, list(dataset.classes), names]).encode()).hexdigest()[:12]
+        path = Path(cache_dir) / f"class_statistics_{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+    stats = cached_class_statistics(path, dataset.classes, names,
+                                    lambda: (dataset.load_pair(i)[1] for i in range(len(dataset))))
+    sampler = RareClassSampler(stats, options.temperature, options.min_pixels, seed)
+    return RareClassDataset(dataset, sampler, options.min_crop_ratio, options.retries)

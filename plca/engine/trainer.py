@@ -116,7 +116,8 @@ def build_training_method(config: Config, device: torch.device) -> Method:
     """The config's method around a freshly built segmentor, on ``device``."""
     segmentor = build_segmentor(config.model, len(config.data.classes))
     context = MethodContext(loss=config.loss, options=config.method_options, classes=tuple(config.data.classes),
-                            model=config.model, iters=config.train.iters)
+                            model=config.model, iters=config.train.iters, seed=config.train.seed,
+                            eval_model=config.eval.model)
     method = build_method(config.method, segmentor, context).to(device)
     if config.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
@@ -311,7 +312,7 @@ class _Session:
     def _datasets(self) -> RunDatasets:
         config, info = self.config, self.info
         datasets = build_run_datasets(config.data, config.train, config.eval.size, self.method.uses_target,
-                                      info.world_size)
+                                      info.world_size, cache_dir=Path(config.output_dir) / ".cache")
         self.logger.info("run dir %s | %s on %d process(es), %s | source %d images%s%s", self.run_dir, config.method,
                          info.world_size, info.device, len(datasets.source),
                          f", target {len(datasets.target)}" if datasets.target is not None else "",
@@ -513,27 +514,34 @@ class _Session:
         model.train(was_training)
 
     def _validate(self) -> dict | None:
+        """Metrics of the method's evaluation models on the validation set; the first model's are the
+        run's (top level), the others' go under their names (e.g. ``teacher``)."""
         config, info, state = self.config, self.info, self.state
         if self.datasets.val is None:
             return None
-        model = self.method.inference_model()
-        average_buffers(model)
         tta = test_time_aggregation_enabled(config)
-        confusion = evaluate(model, self.datasets.val, len(config.data.classes), info.device,
-                             test_time_aggregation=tta, alpha=config.eval.alpha,
-                             amp=config.train.amp and info.device.type == "cuda", rank=info.rank,
-                             world_size=info.world_size, progress=self.progress)
-        metrics = summarize(confusion.matrix.cpu(), config.data.classes)
-        metrics.update(step=state.step, test_time_aggregation=tta)
+        results = {}
+        for name, model in self.method.evaluation_models().items():
+            average_buffers(model)
+            confusion = evaluate(model, self.datasets.val, len(config.data.classes), info.device,
+                                 test_time_aggregation=tta, alpha=config.eval.alpha,
+                                 amp=config.train.amp and info.device.type == "cuda", rank=info.rank,
+                                 world_size=info.world_size, progress=self.progress)
+            results[name] = summarize(confusion.matrix.cpu(), config.data.classes)
+        (primary, metrics), others = next(iter(results.items())), list(results.items())[1:]
+        metrics.update(step=state.step, test_time_aggregation=tta, evaluated=primary)
+        for name, extra in others:
+            metrics[name] = extra
         if info.is_main:
-            self.board.scalars({"val/mIoU": metrics["mIoU"], "val/pixel_accuracy": metrics["pixel_accuracy"]},
-                               state.step)
+            self.board.scalars({"val/mIoU": metrics["mIoU"], "val/pixel_accuracy": metrics["pixel_accuracy"],
+                                **{f"val/{name}_mIoU": extra["mIoU"] for name, extra in others}}, state.step)
             _append_jsonl(self.run_dir / "eval_history.jsonl", metrics, self.logger)
-            self.logger.info("validation at step %d: %s %.2f", state.step, metrics["protocol"], metrics["mIoU"])
+            self.logger.info("validation at step %d: %s %.2f (%s)%s", state.step, metrics["protocol"], metrics["mIoU"],
+                             primary, "".join(f", {name} {extra['mIoU']:.2f}" for name, extra in others))
         if metrics["mIoU"] > state.best_miou:
             state.best_miou, state.best_step = metrics["mIoU"], state.step
-            self.checkpointer.save_model(model, "best_on_val.pt", state.step, self.header, metrics=metrics,
-                                         selection="best validation mIoU (oracle model selection)")
+            self.checkpointer.save_model(self.method.inference_model(), "best_on_val.pt", state.step, self.header,
+                                         metrics=metrics, selection="best validation mIoU (oracle model selection)")
         return metrics
 
     # ------------------------------------------------------------------ the end

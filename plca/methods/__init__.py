@@ -7,7 +7,7 @@ from torch import nn
 
 from plca.methods.base import Method, MethodContext, StepOutput
 from plca.methods.registry import get_method, method_names, register_method
-from plca.methods import plca, source_only  # noqa: F401,E402 - registers the built-in methods
+from plca.methods import plca, self_training, source_only  # noqa: F401,E402 - registers the built-in methods
 
 
 def build_method(name: str, segmentor: nn.Module, context: MethodContext) -> Method:

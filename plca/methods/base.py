@@ -43,7 +43,8 @@ class MethodContext:
     ``loss``: the shared loss terms (:class:`plca.config.LossConfig`); ``options``: the
     method's own section (an instance of its :attr:`Method.Options`, or None); ``classes``:
     class names in index order; ``model``: the model section (to build extra networks such
-    as a frozen ImageNet model); ``iters``: the run's number of updates.
+    as a frozen ImageNet model); ``iters``: the run's number of updates; ``seed``: the run's
+    seed; ``eval_model``: which network to evaluate (``eval.model``: student | teacher | both).
     """
 
     loss: Any
@@ -51,6 +52,8 @@ class MethodContext:
     classes: tuple[str, ...] = ()
     model: Any = None
     iters: int = 0
+    seed: int = 0
+    eval_model: str = "student"
 
 
 class Method(nn.Module):
@@ -64,6 +67,8 @@ class Method(nn.Module):
     config_defaults: ClassVar[dict] = {}
     #: default of ``eval.test_time_aggregation`` when the config leaves it null
     test_time_aggregation: ClassVar[bool] = False
+    #: whether it keeps a teacher network (``eval.model: teacher | both`` are then allowed)
+    has_teacher: ClassVar[bool] = False
 
     def __init__(self, segmentor: nn.Module, context: MethodContext) -> None:
         super().__init__()
@@ -87,6 +92,10 @@ class Method(nn.Module):
         """The segmentor to evaluate, export and predict with."""
         return self.student
 
+    def evaluation_models(self) -> dict[str, nn.Module]:
+        """The networks validated during and after training, by name; the first is the run's result."""
+        return {"student": self.inference_model()}
+
     def after_update(self, step: int) -> None:
         """Called after every optimiser update (``step`` = updates done so far)."""
 
@@ -96,10 +105,10 @@ class Method(nn.Module):
 
     # ------------------------------------------------------------------ helpers for subclasses
 
-    def segment(self, images: Tensor) -> dict[str, Tensor]:
+    def segment(self, images: Tensor, **options) -> dict[str, Tensor]:
         """The student's training forward ``{'features', 'logits'}`` (through DDP when the engine wraps it)."""
         forward = self.__dict__["_student_forward"] or self.student
-        return forward(images)
+        return forward(images, **options)
 
     def source_loss(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Cross-entropy (+ weighted Lovasz-softmax) on logits ``(B, K, h, w)`` upsampled to labels ``(B, H, W)``.

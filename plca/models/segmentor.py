@@ -82,16 +82,20 @@ class Segmentor(nn.Module):
         """Class logits ``(B, K, h, w)`` of the head's embedding ``(B, E, h, w)``."""
         return self.head.classify(embedding)
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, return_bottleneck: bool = False) -> dict[str, Tensor]:
         """``{'features': (B, C, h', w'), 'logits': (B, K, h, w)}`` for images ``(B, 3, H, W)``.
 
         ``features`` is the map of the feature-level association (:attr:`features` says which);
         logits are at the head's resolution (1/8 for DeepLab-v2, 1/4 for DAFormer), not upsampled.
+        With ``return_bottleneck`` also ``'bottleneck'``: the backbone's last map.
         """
         levels = self.levels(images)
         embedding = self.head.embed(levels)
         features = levels[-1] if self.features == "backbone_last" else embedding
-        return {"features": features, "logits": self.head.classify(embedding)}
+        output = {"features": features, "logits": self.head.classify(embedding)}
+        if return_bottleneck:
+            output["bottleneck"] = levels[-1]
+        return output
 
     def describe(self) -> dict:
         """What rebuilds this network: names, style, class count, feature map, input normalisation."""

@@ -1,0 +1,263 @@
+"""Self-training with an EMA teacher (DACS / DAFormer's recipe), optionally with PLCA's association on top.
+
+One step (every constant is a key of the ``self_training:`` section, DAFormer's value by default):
+
+1. **Source**: the student's supervised loss on the source batch (cross-entropy; Lovasz at
+   ``loss.lovasz_weight``, 0 by default here), plus, with ``feature_distance.enabled``, the
+   L2 distance of its bottleneck features to a frozen ImageNet model's on thing-class pixels.
+2. **Pseudo-labels**: the EMA teacher predicts the *un-augmented* target batch; argmax labels,
+   weighted by the fraction of confident pixels (max probability >= ``pseudo_label.threshold``);
+   optionally the top / bottom rows get weight 0.
+3. **ClassMix**: half of each source image's classes pasted onto its target image (labels: source
+   labels there, pseudo-labels elsewhere; weight 1 on source pixels), then colour jitter and
+   Gaussian blur; pixel-weighted cross-entropy of the student on the mix.
+4. **MIC** (``masking.enabled``): the strongly augmented target with random patches masked must
+   predict the pseudo-labels (weighted), at ``masking.weight``.
+5. **PLCA on top** (``loss.association`` weights > 0, 0 by default here): the student's forward
+   of the **un-mixed, un-augmented** target batch is associated with its source forward exactly
+   as the ``plca`` method does (the same :func:`~plca.methods.plca.association_terms`), and LSR
+   likewise at ``loss.lsr_weight``. The un-mixed target is used because the cycle i -> j -> i'
+   needs target pixels that are all target: a mixed image carries source pixels (whose labels
+   would make the cycles trivially positive) and its strong augmentation changes the appearance
+   PLCA's feature-level similarity is meant to bridge. It is forwarded first, as in the ``plca``
+   method.
+
+After each optimiser update the teacher follows the student (alpha = min(1 - 1/(t + 1), alpha_max)).
+The teacher is a submodule: it is in every checkpoint (keys ``teacher.*``) and a resumed run
+continues with it exactly. ``eval.model`` picks which network is evaluated and exported (student, as papers report; teacher; or both,
+each in ``metrics.json``).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from plca.data.labels import IGNORE_INDEX
+from plca.methods.addons import (EMATeacher, class_mix, feature_distance_loss, mask_images, normalized_zero,
+                                 patch_mask, pseudo_label_accuracy, pseudo_labels, strong_augment,
+                                 thing_class_indices)
+from plca.methods.base import Method, MethodContext, StepOutput, upsample
+from plca.methods.plca import association_terms, lsr_terms
+from plca.methods.registry import register_method
+
+
+@dataclass
+class TeacherOptions:
+    alpha: float = 0.999  # alpha_max of the EMA (0.99 in plain DACS)
+    batch_norm: str = "batch"  # batch: BatchNorm with the target batch's statistics, as DAFormer | running
+
+
+@dataclass
+class PseudoLabelOptions:
+    threshold: float = 0.968  # confidence for a pixel to count in the pseudo-label weight
+    ignore_top: int = 0  # rows of the target image with weight 0 (DAFormer's Cityscapes configs: 15)
+    ignore_bottom: int = 0  # (DAFormer's Cityscapes configs: 120; the ego-car)
+
+
+@dataclass
+class AugmentOptions:
+    mix: str = "class"  # class (ClassMix) | none (the target alone, strongly augmented)
+    jitter_strength: float = 0.2  # colour jitter strength s (brightness, contrast, saturation, hue)
+    # chance that a batch is colour-jittered: DAFormer's color_jitter_probability 0.2 jitters when a
+    # uniform draw exceeds it, i.e. 80 % of the time
+    jitter_probability: float = 0.8
+    blur_probability: float = 0.5  # DAFormer's blur=True blurs when a draw exceeds 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
+
+
+@dataclass
+class FeatureDistanceOptions:
+    enabled: bool = False
+    weight: float = 0.005
+    min_ratio: float = 0.75  # share of a feature cell a class must cover for its label to count
+
+
+@dataclass
+class MaskingOptions:  # MIC's masked image consistency
+    enabled: bool = False
+    weight: float = 1.0
+    patch_size: int = 64
+    ratio: float = 0.7  # share of patches masked
+
+
+@dataclass
+class SelfTrainingOptions:
+    teacher: TeacherOptions = field(default_factory=TeacherOptions)
+    pseudo_label: PseudoLabelOptions = field(default_factory=PseudoLabelOptions)
+    augment: AugmentOptions = field(default_factory=AugmentOptions)
+    feature_distance: FeatureDistanceOptions = field(default_factory=FeatureDistanceOptions)
+    masking: MaskingOptions = field(default_factory=MaskingOptions)
+
+    def validate(self, config) -> None:
+        """Checks across keys; raises ``ValueError`` naming the key."""
+        if not 0.0 <= self.teacher.alpha <= 1.0:
+            raise ValueError("self_training.teacher.alpha must be in [0, 1]")
+        if self.teacher.batch_norm not in ("batch", "running"):
+            raise ValueError("self_training.teacher.batch_norm must be batch or running")
+        if not 0.0 <= self.pseudo_label.threshold <= 1.0:
+            raise ValueError("self_training.pseudo_label.threshold must be in [0, 1]")
+        if self.pseudo_label.ignore_top < 0 or self.pseudo_label.ignore_bottom < 0:
+            raise ValueError("self_training.pseudo_label.ignore_top / ignore_bottom must be >= 0")
+        if self.augment.mix not in ("class", "none"):
+            raise ValueError("self_training.augment.mix must be class or none")
+        for key in ("jitter_probability", "blur_probability"):
+            if not 0.0 <= getattr(self.augment, key) <= 1.0:
+                raise ValueError(f"self_training.augment.{key} must be in [0, 1]")
+        sigma = self.augment.blur_sigma
+        if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
+            raise ValueError("self_training.augment.blur_sigma must be [lo, hi] with 0 < lo <= hi")
+        if self.feature_distance.enabled and not config.model.pretrained:
+            raise ValueError("self_training.feature_distance needs model.pretrained: the frozen ImageNet model it "
+                             "measures against is built from those weights (or set "
+                             "self_training.feature_distance.enabled=false)")
+        if self.feature_distance.weight < 0 or self.masking.weight < 0:
+            raise ValueError("self_training.feature_distance.weight and masking.weight must be >= 0")
+        if self.masking.patch_size < 1 or not 0.0 <= self.masking.ratio < 1.0:
+            raise ValueError("self_training.masking.patch_size must be >= 1 and masking.ratio in [0, 1)")
+
+
+class FrozenNetwork(nn.Module):
+    """A network that never trains: no gradients, always in eval mode, run without autograd."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenNetwork:  # noqa: ARG002
+        return super().train(False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """The backbone's last map ``(B, C, h, w)`` of RGB 0-255 images."""
+        with torch.no_grad():
+            return self.network.levels(images)[-1]
+
+
+@register_method
+class SelfTraining(Method):
+    name = "self_training"
+    uses_target = True
+    has_teacher = True
+    Options = SelfTrainingOptions
+    # DAFormer's losses: plain cross-entropy; PLCA's terms only when asked for
+    config_defaults = {"loss": {"lovasz_weight": 0.0, "lsr_weight": 0.0,
+                                "association": {"feature_weight": 0.0, "classifier_weight": 0.0}}}
+
+    def __init__(self, segmentor: nn.Module, context: MethodContext) -> None:
+        super().__init__(segmentor, context)
+        options: SelfTrainingOptions = context.options or SelfTrainingOptions()
+        self.options = options
+        self.seed = context.seed
+        self.eval_model = context.eval_model
+        self.teacher = EMATeacher(segmentor, alpha_max=options.teacher.alpha, batch_norm=options.teacher.batch_norm)
+        self.imagenet: FrozenNetwork | None = None
+        if options.feature_distance.enabled:
+            from plca.models.segmentor import build_segmentor
+
+            self.imagenet = FrozenNetwork(build_segmentor(context.model, len(context.classes)))
+        self.thing_classes = thing_class_indices(context.classes)
+        self.mask_fill = normalized_zero(segmentor.normalizer.normalization)
+
+    # ------------------------------------------------------------------ the engine's side
+
+    def after_update(self, step: int) -> None:
+        self.teacher.update(self.student, step)
+
+    def inference_model(self) -> nn.Module:
+        return self.teacher.model if self.eval_model == "teacher" else self.student
+
+    def evaluation_models(self) -> dict[str, nn.Module]:
+        models = {"student": self.student, "teacher": self.teacher.model}
+        if self.eval_model == "both":
+            return models
+        return {self.eval_model: models[self.eval_model]}
+
+    # ------------------------------------------------------------------ one step
+
+    def _generator(self, step: int) -> torch.Generator:
+        """The step's random numbers: a function of (seed, step, process), so a resumed run draws the same."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return torch.Generator().manual_seed(zlib.crc32(f"self_training/{self.seed}/{step}/{rank}".encode()))
+
+    def training_step(self, source: dict, target: dict | None, step: int) -> StepOutput:
+        if target is None:
+            raise ValueError("self-training needs a target batch")
+        options, loss_config = self.options, self.loss_config
+        assoc = loss_config.association
+        generator = self._generator(step)
+        logs: dict[str, Tensor] = {}
+        with_plca = assoc.feature_weight > 0 or assoc.classifier_weight > 0 or loss_config.lsr_weight > 0
+        tgt = self.segment(target["image"]) if with_plca else None
+        src = self.segment(source["image"], return_bottleneck=self.imagenet is not None)
+
+        loss, source_logs = self.source_loss(src["logits"], source["label"])
+        logs.update(source_logs)
+        if self.imagenet is not None:
+            distance = feature_distance_loss(src["bottleneck"], self.imagenet(source["image"]), source["label"],
+                                             self.thing_classes, min_ratio=options.feature_distance.min_ratio)
+            loss = loss + options.feature_distance.weight * distance
+            logs["loss/feature_distance"] = distance.detach()
+
+        labels, weights = self._pseudo_labels(target, logs)
+        images, mixed_labels, mixed_weights = target["image"], labels, weights
+        if options.augment.mix == "class":
+            images, mixed_labels, mixed_weights, _ = class_mix(source["image"], source["label"], target["image"],
+                                                               labels, weights, generator)
+        images = self._augment(images, generator)
+        mixed = self.segment(images)
+        mix_loss = weighted_cross_entropy(upsample(mixed["logits"], mixed_labels.shape[-2:]).float(), mixed_labels,
+                                          mixed_weights)
+        loss = loss + mix_loss
+        logs["loss/mix_ce"] = mix_loss.detach()
+
+        if options.masking.enabled:
+            masks = patch_mask(target["image"], generator, options.masking.patch_size, options.masking.ratio)
+            masked = mask_images(self._augment(target["image"], generator), masks.to(target["image"].device),
+                                 self.mask_fill)
+            masked_logits = upsample(self.segment(masked)["logits"], labels.shape[-2:]).float()
+            masked_loss = weighted_cross_entropy(masked_logits, labels, weights)
+            loss = loss + options.masking.weight * masked_loss
+            logs["loss/masked_ce"] = masked_loss.detach()
+
+        if with_plca:
+            if loss_config.lsr_weight > 0:
+                lsr = lsr_terms(src["logits"], tgt["logits"], loss_config.lsr_threshold)
+                loss = loss + loss_config.lsr_weight * lsr
+                logs["loss/lsr"] = lsr.detach()
+            assoc_loss, assoc_logs = association_terms(src, tgt, source["label"], target.get("label"), assoc)
+            loss = loss + assoc_loss
+            logs.update(assoc_logs)
+        logs["loss/total"] = loss.detach()
+        return StepOutput(loss=loss, logs=logs)
+
+    def _pseudo_labels(self, target: dict, logs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        opts = self.options.pseudo_label
+        teacher_logits = self.teacher(target["image"])["logits"].float()
+        labels, weights = pseudo_labels(teacher_logits, target["image"].shape[-2:], opts.threshold,
+                                        opts.ignore_top, opts.ignore_bottom)
+        logs["pseudo/weight"] = weights.mean()
+        logs["pseudo/alpha"] = torch.tensor(self.teacher.alpha(int(self.teacher.step) + 1))
+        target_labels = target.get("label")
+        if target_labels is not None and bool((target_labels != IGNORE_INDEX).any()):
+            # a diagnostic only: the target's labels never reach a loss
+            logs["pseudo/accuracy"] = pseudo_label_accuracy(labels, target_labels)
+        return labels, weights
+
+    def _augment(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        opts = self.options.augment
+        return strong_augment(images, generator, opts.jitter_strength, opts.jitter_probability, opts.blur_probability,
+                              tuple(opts.blur_sigma))
+
+
+def weighted_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
+    """DAFormer's pixel-weighted cross-entropy: ``mean over all pixels of weight * CE`` (ignored pixels count 0).
+
+    logits ``(B, K, H, W)``, labels ``(B, H, W)`` (255 = ignore), weights ``(B, H, W)``.
+    """
+    per_pixel = nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return (per_pixel * weights).mean()
