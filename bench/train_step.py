@@ -1,7 +1,11 @@
-"""Throughput and peak memory of one full PLCA training step (DeepLab-v2, source + target forward,
-CE + Lovasz + LSR + association at both levels, backward, SGD update).
+"""Throughput and peak memory of one full training step of any method and segmentor (random data).
+
+Default: PLCA on DeepLab-v2 (source + target forward, CE + Lovasz + LSR + association at both levels,
+backward, optimiser update). Any registered backbone / head and method:
 
     python bench/train_step.py --size 730x730 --batch 2 --backbone resnet101 --device cuda --amp --impl efficient
+    python bench/train_step.py --size 512x512 --batch 2 --backbone mit_b5 --head daformer --features head_embedding \
+        --method self_training_plca --device cuda --amp
     python bench/train_step.py --size 129x129 --batch 1 --backbone resnet18            # CPU smoke run
 
 Random images and labels; no data loading. Prints images/s (source + target images per second)
@@ -18,10 +22,18 @@ import time
 
 import torch
 
-from plca.config import AssociationConfig, LossConfig
-from plca.engine.optim import build_optimizer
-from plca.methods.plca import PLCA
-from plca.models.deeplab import build_deeplab_v2
+from plca.config import build_config
+from plca.engine.optim import optimizer_from_config
+from plca.engine.trainer import build_training_method
+
+#: --method -> (method, loss section)
+METHODS = {
+    "source_only": ("source_only", {"lovasz_weight": 3.0}),
+    "plca": ("plca", {"lovasz_weight": 3.0, "lsr_weight": 0.01}),
+    "self_training": ("self_training", {}),
+    "self_training_plca": ("self_training", {"lsr_weight": 0.01,
+                                             "association": {"feature_weight": 0.1, "classifier_weight": 0.1}}),
+}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -29,15 +41,23 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def run(size, batch, backbone, device, amp, impl, steps, warmup, channels_last, num_classes=19) -> dict:
+def run(size, batch, backbone, device, amp, impl, steps, warmup, channels_last, num_classes=19, head="deeplabv2",
+        features="backbone_last", method_name="plca") -> dict:
     torch.manual_seed(0)
     device = torch.device(device)
-    model = build_deeplab_v2(num_classes=num_classes, backbone=backbone, style="caffe").to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    optimizer = build_optimizer(model, lr=1e-4, momentum=0.9, weight_decay=5e-4)
-    method = PLCA(LossConfig(lovasz_weight=3.0, lsr_weight=0.01, association=AssociationConfig(impl=impl)))
+    name, loss = METHODS[method_name]
+    loss = {**loss, "association": {**loss.get("association", {}), "impl": impl}}
+    config = build_config({
+        "method": name,
+        "data": {"classes": [f"class{k}" for k in range(num_classes)], "source": {"root": "-"}, "target": {"root": "-"}},
+        "model": {"backbone": backbone, "head": head, "features": features,
+                  "style": "caffe" if backbone.startswith("resnet") else None},
+        "train": {"optimizer": "sgd" if name != "self_training" else "adamw", "lr": 1e-4,
+                  "channels_last": channels_last},
+        "loss": loss, "device": str(device),
+    })
+    method = build_training_method(config, device).train()
+    optimizer = optimizer_from_config(method.trainable_module(), config.train)
 
     def batch_of(seed):
         g = torch.Generator().manual_seed(seed)
@@ -55,9 +75,10 @@ def run(size, batch, backbone, device, amp, impl, steps, warmup, channels_last, 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            out = method.training_step(model, source, target)
+            out = method.training_step(source, target, 0)
         out.loss.backward()
         optimizer.step()
+        method.after_update(1)
         return out
 
     for _ in range(warmup):
@@ -78,7 +99,8 @@ def run(size, batch, backbone, device, amp, impl, steps, warmup, channels_last, 
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         peak_kind = "process max RSS"
     return {
-        "size": list(size), "batch": batch, "backbone": backbone, "device": str(device), "amp": amp, "impl": impl,
+        "size": list(size), "batch": batch, "backbone": backbone, "head": head, "features": features,
+        "method": method_name, "device": str(device), "amp": amp, "impl": impl,
         "channels_last": channels_last, "seconds_per_step": seconds,
         "images_per_second": 2 * batch / seconds, "peak_mb": peak_mb, "peak_measured_as": peak_kind,
         "loss": float(out.loss),
@@ -89,7 +111,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="730x730", type=parse_size)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--backbone", default="resnet101")
+    parser.add_argument("--backbone", default="resnet101", help="any registered backbone, e.g. mit_b0, timm:convnext_atto")
+    parser.add_argument("--head", default="deeplabv2", help="deeplabv2 | daformer | segformer")
+    parser.add_argument("--features", default="backbone_last", choices=["backbone_last", "head_embedding"],
+                        help="the map of the feature-level association")
+    parser.add_argument("--method", default="plca", choices=list(METHODS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--impl", default="efficient", choices=["efficient", "dense"])
@@ -99,9 +125,10 @@ def main() -> None:
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
     result = run(args.size, args.batch, args.backbone, args.device, args.amp, args.impl, args.steps, args.warmup,
-                 args.channels_last)
-    print(f"{result['backbone']} {args.size[0]}x{args.size[1]} batch {args.batch} (+{args.batch} target) "
-          f"on {result['device']}, amp={args.amp}, association={args.impl}, channels_last={args.channels_last}")
+                 args.channels_last, head=args.head, features=args.features, method_name=args.method)
+    print(f"{args.method}: {result['backbone']} + {args.head} (association on {args.features}) "
+          f"{args.size[0]}x{args.size[1]} batch {args.batch} (+{args.batch} target) on {result['device']}, "
+          f"amp={args.amp}, association={args.impl}, channels_last={args.channels_last}")
     print(f"  {result['seconds_per_step']:.3f} s/step  {result['images_per_second']:.2f} images/s  "
           f"peak {result['peak_mb']:.0f} MB ({result['peak_measured_as']})")
     if args.json:

@@ -83,7 +83,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from plca.demo import run_demo
 
     run_demo(output_dir=Path(args.output_dir), data_root=Path(args.data_root), seeds=args.seeds,
-             iters=args.iters, with_oracle=args.oracle, progress=not args.no_progress)
+             iters=args.iters, with_oracle=args.oracle, progress=not args.no_progress, methods=args.methods)
     return 0
 
 
@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="data/synthetic")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--iters", type=int, default=None, help="updates per model (default: the demo's budget)")
+    p.add_argument("--methods", nargs="+", default=["source_only", "plca"],
+                   choices=["source_only", "plca", "self_training", "self_training_plca"],
+                   help="methods to train and compare, one column each (default: source_only plca)")
     p.add_argument("--oracle", action="store_true",
                    help="also train on the target's labels (the upper bound the domain gap is measured against)")
     p.add_argument("--no-progress", action="store_true")

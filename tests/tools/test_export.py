@@ -126,3 +126,34 @@ def test_clear_errors(tmp_path, run_dir):
     torch.save({"model": build_inference_model(other).state_dict(), "config": to_dict(config)}, wrong)
     with pytest.raises(WeightsError, match="does not fit the resnet18 .* with 3 classes"):
         export_model(wrong, tmp_path / "w.safetensors")
+
+
+@pytest.mark.slow
+def test_mit_daformer_plca_run_exports_and_evaluates_from_the_file_alone(tmp_path, capsys):
+    from dataset_writers import write_folder
+    from plca.engine.trainer import train
+
+    data = tmp_path / "data"
+    write_folder(data, classes_count=3, splits={"train": 4, "val": 2}, size=(40, 56), seed=0)
+    config = build_config({
+        "method": "plca",
+        "data": {"classes": CLASSES, "source": {"format": "folder", "root": str(data), "split": "train"},
+                 "target": {"format": "folder", "root": str(data), "split": "train"},
+                 "val": {"format": "folder", "root": str(data), "split": "val"}, "num_workers": 0},
+        "model": {"backbone": "mit_b0", "head": "daformer", "features": "head_embedding"},
+        "train": {"iters": 2, "batch_size": 2, "crop_size": [32, 32], "optimizer": "adamw", "lr": 1e-3,
+                  "eval_every": 0, "log_every": 1, "image_every": 0},
+        "eval": {"test_time_aggregation": False},
+        "output_dir": str(tmp_path / "runs"), "run_name": "mit", "device": "cpu",
+    })
+    result = train(config, progress=False)
+    assert result.metrics is not None
+    out = tmp_path / "mit.safetensors"
+    assert main(["export", str(result.run_dir), "--output", str(out)]) == 0
+    segmentor = json.loads(read_export_metadata(out)["segmentor"])
+    assert (segmentor["backbone"], segmentor["head"], segmentor["features"]) == ("mit_b0", "daformer", "head_embedding")
+    assert segmentor["normalization"]["mean"] == [123.675, 116.28, 103.53]
+    assert main(["evaluate", "--checkpoint", str(out), "--output", str(tmp_path / "m.json"), "--no-progress"]) == 0
+    evaluated = json.loads((tmp_path / "m.json").read_text())
+    assert evaluated["mIoU"] == pytest.approx(result.metrics["mIoU"], abs=1e-9)
+    assert "mit_b0 + daformer head with 3 classes" in capsys.readouterr().out
