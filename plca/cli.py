@@ -1,4 +1,4 @@
-"""Command line: ``plca train | evaluate | demo | predict | prepare | report | sweep | export``.
+"""Command line: ``plca train | evaluate | demo | predict | prepare | report | sweep | export | config``.
 
 Errors a user can fix (bad config, missing files, bad weights) are printed as
 one clear line and exit with status 2; they never end in a stack trace.
@@ -52,6 +52,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(config_path, overrides)
     result = train(config, resume=args.resume, progress=not args.no_progress, data_check=args.data_check,
                    argv=sys.argv)
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0  # the table and the paths are printed once, by the first process
     if result.metrics is not None:
         from plca.evaluation.metrics import format_table
 
@@ -184,11 +188,125 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plca", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks and adds each option's default where its help does not say it."""
 
-    p = sub.add_parser("train", help="train a model (source_only or plca)")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default in (None, False, [], argparse.SUPPRESS) or "default" in text
+                or not action.option_strings):
+            return text
+        default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+        return f"{text} (default: {default})"
+
+
+#: subcommand -> (one-line summary, a paragraph, examples)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": (
+        "train a model with any method (source_only, plca, self_training)",
+        "Trains the method, model and data a config describes, in a new run directory under output_dir "
+        "(config.yaml, train.log, TensorBoard events, checkpoints, metrics.json). Every config key can be "
+        "overridden as key.path=value; `plca config --show CONFIG` prints every key with its meaning. A killed "
+        "or stopped run continues exactly with --resume. Under torchrun each process trains on its share of "
+        "the data (DDP).",
+        "  plca train configs/gta2cityscapes_plca.yaml model.pretrained=weights/resnet101_caffe.pth\n"
+        "  plca train configs/folder_plca.yaml data.source.root=/data/src data.target.root=/data/tgt train.iters=200\n"
+        "  plca train --resume runs/<run_name>\n"
+        "  torchrun --nproc_per_node 2 -m plca.cli train configs/gta2cityscapes_plca.yaml"),
+    "evaluate": (
+        "score a trained model on a validation set",
+        "Computes the confusion matrix of a model on a labelled validation set and prints each protocol "
+        "(mIoU19 / 16 / 13) with its per-class IoU. The model comes from the file (a run directory means its "
+        "final model); a config is optional and supplies the data: if it asks for another network or class "
+        "list than the file holds, that is an error naming both.",
+        "  plca evaluate --checkpoint runs/<run_name>\n"
+        "  plca evaluate --checkpoint model.safetensors data.val.format=folder data.val.root=/data/tgt "
+        "data.val.split=val\n"
+        "  plca evaluate configs/gta2cityscapes_plca.yaml --checkpoint gta2city_plca.pth   # the authors' release"),
+    "demo": (
+        "train and compare methods on the embedded two-domain data, on a CPU, in minutes",
+        "Generates procedural street scenes in two appearances (a synthetic source, a real-like target), "
+        "trains a ResNet-18 DeepLab-v2 from scratch with each method and prints their per-class IoU on the "
+        "target's validation split, one column per method (mean over the seeds).",
+        "  plca demo\n"
+        "  plca demo --methods source_only plca self_training self_training_plca --seeds 0 1 2"),
+    "predict": (
+        "segment images with a trained model; write label, colour and overlay images",
+        "Segments an image, a folder of images or a configured split, whole-image or with a sliding window, "
+        "optionally averaging a flipped copy and several scales, and writes labels/ (class indices), color/, "
+        "overlay/ and legend.png under --output.",
+        "  plca predict --checkpoint runs/<run_name> --input photos/ --output predictions/\n"
+        "  plca predict --checkpoint model.safetensors --input a.jpg --output out/ --sliding-window --flip "
+        "--scales 0.75 1 1.25"),
+    "prepare": (
+        "check a dataset folder before training (every file); class statistics",
+        "Reads a dataset through the same readers as training and names every bad file: missing pairs, size "
+        "mismatches, truncated or oddly-encoded images, unknown label ids, 8-bit SYNTHIA labels, a folder of "
+        "another format. Reports the image sizes it found and warns when a configured resize or crop is far "
+        "from them. Exits non-zero when the dataset is unusable.",
+        "  plca prepare gta5 /data/gta5 --stats gta5_stats.json\n"
+        "  plca prepare folder /data/mine --classes road car sky --split train --unlabelled"),
+    "report": (
+        "plots and Markdown tables of runs, or of sweeps (mean +- sd over seeds)",
+        "Training curves, per-class IoU bars and a Markdown comparison of runs, with the config and "
+        "environment keys in which they differ; for sweep directories, the mean +- sd tables over seeds.",
+        "  plca report runs/<source_only_run> runs/<plca_run>\n"
+        "  plca report runs/my_sweep --output report/"),
+    "sweep": (
+        "train every --grid combination x every seed; a manifest, then mean +- sd tables",
+        "Runs every combination of the --grid values with every seed, each in its own run directory under the "
+        "sweep directory (output_dir), locally one after another or as Slurm jobs through submitit, then writes "
+        "results.md, results.csv and results.png. Re-running the command skips finished runs and resumes "
+        "interrupted ones.",
+        "  plca sweep configs/folder_plca.yaml --seeds 0 1 2 --grid train.lr=0.01,0.02 output_dir=runs/lr_sweep\n"
+        "  plca sweep configs/gta2cityscapes_plca.yaml --seeds 0 1 2 --launcher slurm --partition gpu "
+        "--gpus-per-node 2"),
+    "export": (
+        "save a trained model as one .safetensors file that describes itself",
+        "Writes the weights of a run's final model (or of any model file) and, as metadata, the network "
+        "(backbone, head, style, normalisation), the classes and the run's config: evaluate and predict then "
+        "need nothing else. No optimiser state, no pickle.",
+        "  plca export runs/<run_name> --output model.safetensors\n"
+        "  plca export gta2city_plca.pth --config configs/gta2cityscapes_plca.yaml --output authors.safetensors"),
+    "config": (
+        "print a resolved config with the meaning of every key",
+        "Resolves a config (its _base_ files, the method's defaults and the overrides) and prints it as YAML "
+        "with each key's documentation, or checks it only.",
+        "  plca config --show configs/gta2cityscapes_self_training_plca.yaml\n"
+        "  plca config --show configs/folder_plca.yaml train.lr=0.01"),
+}
+
+
+def _subcommand(sub, name: str) -> argparse.ArgumentParser:
+    summary, paragraph, examples = COMMANDS[name]
+    import textwrap
+
+    return sub.add_parser(name, help=summary, formatter_class=_HelpFormatter,
+                          description=f"{summary[0].upper()}{summary[1:]}.\n\n" + textwrap.fill(paragraph, 100),
+                          epilog=f"examples:\n{examples}")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from plca.config import annotated_yaml
+
+    config_path, overrides = _split_config_and_overrides(args.args)
+    if config_path is None:
+        raise ConfigError("plca config needs a CONFIG.yaml")
+    config = load_config(config_path, overrides)
+    print(annotated_yaml(config), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plca", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pixel-Level Cycle Association (NeurIPS 2020) and self-training for domain adaptive semantic "
+                    "segmentation.\nEach command has its own help: plca COMMAND --help.",
+        epilog="examples:\n  plca demo\n  plca train configs/folder_plca.yaml data.source.root=/data/src "
+               "data.target.root=/data/tgt\n  plca evaluate --checkpoint runs/<run_name>")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _subcommand(sub, "train")
     p.add_argument("args", nargs="*", metavar="CONFIG.yaml [key=value ...]",
                    help="config file then dotted overrides, e.g. train.iters=200 data.classes=[sky,road]")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
@@ -198,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="score a trained model on a validation set")
+    p = _subcommand(sub, "evaluate")
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
                    help="optional config (for the data; its model settings must match the checkpoint's), then "
                         "overrides, e.g. data.val.root=/data/cityscapes")
@@ -212,8 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="generate the embedded two-domain data, train source-only and PLCA on CPU, "
-                                    "compare them on the target")
+    p = _subcommand(sub, "demo")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--data-root", default="data/synthetic")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -226,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("predict", help="segment images with a trained model; write label, colour and overlay images")
+    p = _subcommand(sub, "predict")
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
                    help="config then overrides; CONFIG may be left out for a .safetensors export or a plca "
                         "checkpoint, which carry theirs")
@@ -252,8 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("prepare", help="check a dataset folder before training (every file); optional label "
-                                       "cache and class statistics")
+    p = _subcommand(sub, "prepare")
     p.add_argument("format", choices=["gta5", "synthia", "cityscapes", "folder"])
     p.add_argument("root", metavar="ROOT")
     p.add_argument("--classes", nargs="+", metavar="NAME",
@@ -274,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("report", help="plots and Markdown tables of runs, or of sweeps (mean +- sd over seeds)")
+    p = _subcommand(sub, "report")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR",
                    help="run directories, or sweep directories (they hold a manifest.json)")
     p.add_argument("--output", help="folder for the PNGs and report.md (default: DIR/report for one run or "
@@ -285,8 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweeps: flag a class whose IoU spans more than POINTS across seeds (default 10)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("sweep", help="train every --grid combination x every seed; a manifest, then a table "
-                                     "of mean +- sd over seeds")
+    p = _subcommand(sub, "sweep")
     p.add_argument("args", nargs="*", metavar="CONFIG.yaml [key=value ...]",
                    help="config then overrides shared by all runs; output_dir=DIR is the sweep directory")
     p.add_argument("--seeds", nargs="+", default=["0"], metavar="SEED", help="seeds, e.g. 0 1 2 (default 0)")
@@ -318,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="submit and exit; run the same command again later to collect the results")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("export", help="save a trained model as one .safetensors file that carries its config")
+    p = _subcommand(sub, "export")
     p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--output", required=True, metavar="MODEL.safetensors")
     p.add_argument("--which", choices=["final", "last", "best_on_val"], default="final",
@@ -326,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config for a checkpoint that carries none (e.g. the authors' release)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for --config")
     p.set_defaults(func=cmd_export)
+
+    p = _subcommand(sub, "config")
+    p.add_argument("args", nargs="*", metavar="CONFIG.yaml [key=value ...]", help="config file then overrides")
+    p.add_argument("--show", action="store_true", help="print the resolved config (the default action)")
+    p.set_defaults(func=cmd_config)
     return parser
 
 

@@ -42,19 +42,19 @@ class DatasetConfig:
     """Where one dataset lives: its on-disk ``format``, ``root`` folder and ``split``."""
 
     format: str = "folder"  # folder | gta5 | synthia | cityscapes | synthetic
-    root: str = ""
-    split: str = "train"
+    root: str = ""  # the dataset's folder (stored absolute in a run's config.yaml)
+    split: str = "train"  # a split name: ROOT/SPLIT.txt, a Cityscapes split folder, or all
 
 
 @dataclass
 class RareClassSamplingConfig:
     """DAFormer's Rare Class Sampling of source images (class statistics computed once and cached)."""
 
-    enabled: bool = False
-    temperature: float = 0.01
+    enabled: bool = False  # sample source images by their rare classes (DAFormer's RCS)
+    temperature: float = 0.01  # T of softmax((1 - f_c) / T): lower draws rare classes more often
     min_pixels: int = 3000  # an image is drawn for class c if it holds more pixels of c (labels as stored)
     min_crop_ratio: float = 0.5  # the crop is re-drawn until it holds min_pixels x this many pixels of c
-    retries: int = 10
+    retries: int = 10  # crop re-draws at most
     stats: str | None = None  # the class statistics file; null = cached under output_dir/.cache
 
 
@@ -64,7 +64,7 @@ class DataConfig:
     source: DatasetConfig = field(default_factory=DatasetConfig)
     target: DatasetConfig | None = None  # unlabelled target images (needed by plca)
     val: DatasetConfig | None = None  # labelled validation set, usually the target's val split
-    num_workers: int = 2
+    num_workers: int = 2  # data-loading processes per training process (at most the CPUs it may use)
     on_error: str = "raise"  # a sample that fails to load: raise | skip (skipped samples are counted)
     rare_class_sampling: RareClassSamplingConfig = field(default_factory=RareClassSamplingConfig)
 
@@ -75,7 +75,7 @@ class ModelConfig:
     head: str = "deeplabv2"  # deeplabv2 | daformer | segformer
     # ResNets: caffe (BGR 0-255 minus mean; the default) | pytorch (v1.5, RGB, ImageNet mean/std);
     # other backbones have one input normalisation (ImageNet RGB) and leave this null
-    style: str | None = None
+    style: str | None = None  # ResNets: caffe (null) | pytorch; must match the weights; null for other backbones
     pretrained: str | None = None  # ImageNet weights of the backbone, a local file; null = from scratch
     drop_pretrained_head: bool = False  # drop a classifier stored with the weights (DeepLab's COCO layer5.*)
     features: str = "backbone_last"  # map of the feature-level association: backbone_last | head_embedding
@@ -86,7 +86,7 @@ class AssociationConfig:
     feature_weight: float = 0.1  # cos association on the model's features (model.features)
     classifier_weight: float = 0.1  # kl association on class probabilities
     aggregate: bool = True  # spatial aggregation of the target map before associating
-    alpha: float = 0.5
+    alpha: float = 0.5  # (1 - alpha) x + alpha A(x) in the spatial aggregation
     impl: str = "efficient"  # efficient | dense
     reduction: str = "pooled"  # pooled: one mean over the positives of the whole batch (the reference) | pairs
     similarity_dtype: str = "float32"  # float32 products even under AMP (bf16 flips top-1 cycles) | autocast
@@ -96,9 +96,9 @@ class AssociationConfig:
 class LossConfig:
     # Defaults are the PLCA reference's values. Effective weight of Lovasz-softmax against the
     # mean cross-entropy: the reference uses 0.75 multiplied by world_size x ITER_SIZE = 4, i.e. 3.0.
-    lovasz_weight: float = 3.0
+    lovasz_weight: float = 3.0  # Lovasz-softmax on the source, against the mean cross-entropy
     lsr_weight: float = 0.01  # LSR on source and target log-softmax (plca)
-    lsr_threshold: float = 10.0
+    lsr_threshold: float = 10.0  # LSR keeps -mean_c log p_c near this value
     association: AssociationConfig = field(default_factory=AssociationConfig)
 
 
@@ -111,26 +111,26 @@ class TrainConfig:
     shorter_side: list[int] | None = None  # random shorter side [lo, hi] in pixels before cropping; null = no resize
     scale_range: list[float] | None = None  # or a random ratio [lo, hi] of each image's own size; null = no resize
     target_shorter_side: list[int] | None = None  # the target's own [lo, hi] (DAFormer resizes each domain); null = as the source
-    flip: bool = True
+    flip: bool = True  # random horizontal flip (p 0.5)
     optimizer: str = "sgd"  # sgd (the PLCA reference) | adamw (DAFormer: no decay on norm, bias, position)
-    lr: float = 2.5e-4
+    lr: float = 2.5e-4  # base learning rate (the backbone's; the head's is lr x head_lr_mult)
     momentum: float = 0.9  # sgd
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
-    weight_decay: float = 5e-4
-    poly_power: float = 0.9
+    weight_decay: float = 5e-4  # sgd: on every parameter; adamw: not on norm, bias, position parameters
+    poly_power: float = 0.9  # lr x (1 - step / poly_iters) ** power
     poly_iters: int | None = None  # iterations over which the poly schedule decays; null = iters
     warmup_iters: int = 0  # linear warmup (at most a quarter of train.iters is used)
     warmup_ratio: float = 1e-6  # LR factor at step 0 of the warmup
-    head_lr_mult: float = 1.0
-    seed: int = 0
+    head_lr_mult: float = 1.0  # LR multiplier of the head's parameters (DAFormer: 10)
+    seed: int = 0  # the run's seed: data order, augmentation, initialisation
     amp: bool = False  # bf16 autocast on CUDA
-    channels_last: bool = False
+    channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
     sync_bn: bool = True  # SyncBatchNorm under multi-GPU DDP (CUDA only)
-    deterministic: bool = False
-    log_every: int = 20
+    deterministic: bool = False  # deterministic kernels (torch.use_deterministic_algorithms; see the README)
+    log_every: int = 20  # updates between logged scalars (scalars.jsonl, TensorBoard, train.log)
     eval_every: int = 2000  # 0 = only at the end
-    checkpoint_every: int = 1000
-    image_every: int = 1000  # TensorBoard grids of inputs, predictions and labels; 0 = never
+    checkpoint_every: int = 1000  # updates between last.pt checkpoints (also at the end and on a signal)
+    image_every: int | None = None  # TensorBoard image grids every N updates; null = about 5 per run (at most every 1000); 0 = never
     max_nonfinite_steps: int = 5  # consecutive non-finite losses / gradients before the run stops
     collective_timeout_s: int = 1800  # DDP: a process waiting this long for a dead or stuck peer ends the job
 
@@ -139,7 +139,7 @@ class TrainConfig:
 class EvalConfig:
     size: list[int] | None = None  # [h, w] to resize val images to (reference: [730, 1460]); null = as is
     test_time_aggregation: bool | None = None  # null = the method's default (on for plca)
-    alpha: float = 0.5
+    alpha: float = 0.5  # alpha of the test-time aggregation
     model: str = "student"  # methods with a teacher: student (what papers report) | teacher | both
 
 
@@ -483,7 +483,7 @@ def validate(config: Config) -> None:
     check(train.max_nonfinite_steps > 0, "train.max_nonfinite_steps must be > 0")
     check(train.poly_iters is None or train.poly_iters >= train.iters,
           "train.poly_iters must be >= train.iters (the poly schedule may not end before training)")
-    check(train.checkpoint_every > 0 and train.log_every > 0 and train.eval_every >= 0 and train.image_every >= 0,
+    check(train.checkpoint_every > 0 and train.log_every > 0 and train.eval_every >= 0 and (train.image_every or 0) >= 0,
           "train.checkpoint_every and train.log_every must be > 0, train.eval_every and train.image_every >= 0")
     check(config.eval.size is None or (len(config.eval.size) == 2 and min(config.eval.size) > 0),
           "eval.size must be null or [h, w] > 0")
@@ -511,3 +511,67 @@ def validate(config: Config) -> None:
             config.method_options.validate(config)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+
+# --------------------------------------------------------------------------- documentation of the keys
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """``{field: the comment on its line}`` of a dataclass, read from its source."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    comments = {}
+    for line in source.splitlines():
+        match = re.match(r"\s+(\w+): [^#]*?#\s*(.+)$", line)
+        if match:
+            comments[match[1]] = match[2].strip()
+    return comments
+
+
+def key_comments(config: Config) -> dict[str, str]:
+    """Every dotted key of ``config`` (including its method's section) with the comment that documents it."""
+    result: dict[str, str] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        comments = _field_comments(cls)
+        for name, tp in typing.get_type_hints(cls).items():
+            if name == "method_options":
+                continue
+            key = f"{prefix}{name}"
+            if name in comments:
+                result[key] = comments[name]
+            options = [t for t in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(t)]
+            if options:
+                walk(options[0], key + ".")
+
+    walk(Config, "")
+    if config.method_options is not None:
+        walk(type(config.method_options), f"{config.method}.")
+    return result
+
+
+def annotated_yaml(config: Config) -> str:
+    """The resolved config as YAML, each key followed by the comment that documents it."""
+    comments = key_comments(config)
+    lines = []
+
+    def emit(data: dict, prefix: str, indent: int) -> None:
+        for key, value in data.items():
+            dotted = f"{prefix}{key}"
+            note = f"  # {comments[dotted]}" if dotted in comments else ""
+            pad = "  " * indent
+            if isinstance(value, dict) and value:
+                lines.append(f"{pad}{key}:{note}")
+                emit(value, dotted + ".", indent + 1)
+            else:
+                text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+                text = text[:-4].rstrip() if text.endswith("\n...") else text.removesuffix("...").strip()
+                lines.append(f"{pad}{key}: {text}{note}")
+
+    emit(to_dict(config), "", 0)
+    return "\n".join(lines) + "\n"

@@ -26,6 +26,14 @@ class DistInfo:
         return self.world_size > 1
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a Slurm allocation), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class DeviceError(RuntimeError):
     """The configured device does not exist on this machine."""
 

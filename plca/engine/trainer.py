@@ -55,8 +55,8 @@ from plca.data.build import RunDatasets, build_run_datasets, check_run_datasets
 from plca.data.io import DatasetError
 from plca.engine.checkpoint import CheckpointError, load_checkpoint
 from plca.engine.checkpointer import Checkpointer
-from plca.engine.distributed import (DistInfo, all_reduce_mean, all_true, any_true, average_buffers, barrier,
-                                     broadcast_object, init_distributed)
+from plca.engine.distributed import (DistInfo, all_reduce_mean, all_true, any_true, available_cpus, average_buffers,
+                                     barrier, broadcast_object, init_distributed)
 from plca.engine.image_grids import log_image_grid
 from plca.engine.loader import batch_stream
 from plca.engine.logger import ScalarWindow, TensorBoard, setup_logger
@@ -335,7 +335,11 @@ class _Session:
 
     def _streams(self):
         config, info, train = self.config, self.info, self.config.train
-        args = dict(rank=info.rank, world_size=info.world_size, num_workers=config.data.num_workers,
+        workers = min(config.data.num_workers, available_cpus())
+        if workers < config.data.num_workers:
+            self.logger.info("data.num_workers %d lowered to %d, the CPUs this process may use",
+                             config.data.num_workers, workers)
+        args = dict(rank=info.rank, world_size=info.world_size, num_workers=workers,
                     pin_memory=info.device.type == "cuda", start=self.state.step * train.accumulation)
         source = batch_stream(self.datasets.source, train.batch_size, train.seed, **args)
         target = (batch_stream(self.datasets.target, train.batch_size, train.seed + 1, **args)
@@ -465,7 +469,8 @@ class _Session:
         step, last_step = state.step, state.step == train.iters
         if step % train.log_every == 0 or last_step:
             self._log_scalars(window, bar)
-        if train.image_every and step % train.image_every == 0 and self.info.is_main:
+        image_every = train.image_every if train.image_every is not None else max(1, min(1000, train.iters // 5))
+        if image_every and step % image_every == 0 and self.info.is_main:
             self._log_images()
         periodic = step % train.checkpoint_every == 0 or last_step
         # during a run of skipped steps the model is that of the last good update; the end is saved anyway

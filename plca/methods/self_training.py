@@ -65,23 +65,23 @@ class AugmentOptions:
     jitter_strength: float = 0.2  # colour jitter strength s (brightness, contrast, saturation, hue)
     # chance that a batch is colour-jittered: DAFormer's color_jitter_probability 0.2 jitters when a
     # uniform draw exceeds it, i.e. 80 % of the time
-    jitter_probability: float = 0.8
+    jitter_probability: float = 0.8  # chance that a batch is colour-jittered (see above)
     blur_probability: float = 0.5  # DAFormer's blur=True blurs when a draw exceeds 0.5
-    blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
+    blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])  # Gaussian blur sigma, uniform in [lo, hi]
 
 
 @dataclass
 class FeatureDistanceOptions:
-    enabled: bool = False
-    weight: float = 0.005
+    enabled: bool = False  # ImageNet feature distance on thing classes (needs model.pretrained)
+    weight: float = 0.005  # its loss weight (DAFormer's lambda_FD)
     min_ratio: float = 0.75  # share of a feature cell a class must cover for its label to count
 
 
 @dataclass
 class MaskingOptions:  # MIC's masked image consistency
-    enabled: bool = False
-    weight: float = 1.0
-    patch_size: int = 64
+    enabled: bool = False  # MIC: masked target images must predict the pseudo-labels
+    weight: float = 1.0  # its loss weight
+    patch_size: int = 64  # masked patches are patch_size x patch_size pixels
     ratio: float = 0.7  # share of patches masked
 
 

@@ -5,6 +5,7 @@ For each input image ``NAME`` it writes, at the input's full resolution::
     OUTPUT/labels/NAME.png   class indices of the config's data.classes (uint8; 255 is never predicted)
     OUTPUT/color/NAME.png    the same, in the Cityscapes palette
     OUTPUT/overlay/NAME.jpg  the colours blended 50 / 50 over the input
+    OUTPUT/legend.png        which colour is which class
 
 Inference is either on the whole (optionally resized) image or with a sliding
 window whose probabilities are averaged where windows overlap; horizontal flip
@@ -28,6 +29,8 @@ from tqdm import tqdm
 
 from plca.config import Config, ConfigError
 from plca.data.labels import palette
+from plca.engine.distributed import available_cpus
+from plca.engine.image_grids import colour_legend
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -292,7 +295,7 @@ def run_predict(model: nn.Module, config: Config, inputs: Sequence[InputImage], 
     summary = PredictSummary(output=output)
     model = model.to(device).eval()
     loader = DataLoader(_ImageFiles(inputs), batch_size=None, collate_fn=_as_is,
-                        num_workers=min(num_workers, max(len(inputs) - 1, 0)))
+                        num_workers=min(num_workers, max(len(inputs) - 1, 0), available_cpus()))
     bar = tqdm(total=len(inputs), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
     whole_image_batch = 1 if options.window else options.batch_size
     for group in _batches(iter(loader), whole_image_batch):
@@ -309,6 +312,8 @@ def run_predict(model: nn.Module, config: Config, inputs: Sequence[InputImage], 
             summary.written.append(item.name)
         bar.update(len(group))
     bar.close()
+    output.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(colour_legend(config.data.classes, width=480)).save(output / "legend.png")
     return summary
 
 
