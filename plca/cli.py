@@ -71,15 +71,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from plca.evaluation.metrics import format_table
     from plca.evaluation.run import evaluate_checkpoint
 
+    from plca.tools.gallery import default_gallery_dir
+
     config_path, overrides = _split_config_and_overrides(args.args)
+    if args.gallery_dir and not args.gallery:
+        raise ConfigError("--gallery-dir needs --gallery N (how many images with the lowest and highest score)")
+    gallery_dir = args.gallery_dir or (default_gallery_dir(args.output) if args.output else None)
     metrics, classes = evaluate_checkpoint(args.checkpoint, config_path, overrides,
-                                           test_time_aggregation=args.aggregate, progress=not args.no_progress)
+                                           test_time_aggregation=args.aggregate, progress=not args.no_progress,
+                                           gallery=args.gallery, gallery_dir=gallery_dir)
     print(f"model: {metrics['model']}")
     print(format_table({Path(args.checkpoint).name: metrics}, classes))
     source = Path(metrics["checkpoint"])
     output = Path(args.output) if args.output else source.with_suffix(".metrics.json")
     output.write_text(json.dumps(metrics, indent=2))
     print(f"metrics written to {output}")
+    if "gallery" in metrics:
+        print(f"gallery (lowest and highest per-image mIoU) written to {metrics['gallery']['dir']} (index.md)")
     return 0
 
 
@@ -146,11 +154,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from plca.tools.sweep_table import SweepError
 
     try:
-        path = write_report(args.run_dirs, args.output, names=args.names, flag_range=args.flag_range)
+        path = write_report(args.run_dirs, args.output, names=args.names, flag_range=args.flag_range,
+                            gallery=args.gallery, progress=not args.no_progress)
     except (ReportError, SweepError) as error:
         print(f"plca report: error: {error}", file=sys.stderr)
         return 2
-    print(f"report written to {path}")
+    print(f"report written to {path} and {path.with_name('report.html')}")
     return 0
 
 
@@ -222,7 +231,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "  plca evaluate --checkpoint runs/<run_name>\n"
         "  plca evaluate --checkpoint model.safetensors data.val.format=folder data.val.root=/data/tgt "
         "data.val.split=val\n"
-        "  plca evaluate configs/gta2cityscapes_plca.yaml --checkpoint gta2city_plca.pth   # the authors' release"),
+        "  plca evaluate configs/gta2cityscapes_plca.yaml --checkpoint gta2city_plca.pth   # the authors' release\n"
+        "  plca evaluate --checkpoint runs/<run_name> --gallery 8   # the 8 worst and 8 best images, as panels"),
     "demo": (
         "train and compare methods on the embedded two-domain data, on a CPU, in minutes",
         "Generates procedural street scenes in two appearances (a synthetic source, a real-like target), "
@@ -249,8 +259,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": (
         "plots and Markdown tables of runs, or of sweeps (mean +- sd over seeds)",
         "Training curves, per-class IoU bars and a Markdown comparison of runs, with the config and "
-        "environment keys in which they differ; for sweep directories, the mean +- sd tables over seeds.",
+        "environment keys in which they differ; for sweep directories, the mean +- sd tables over seeds. "
+        "The same report is written as report.md and as one HTML page, report.html.",
         "  plca report runs/<source_only_run> runs/<plca_run>\n"
+        "  plca report runs/<run_name> --gallery 6   # with the final model's 6 worst and 6 best val images\n"
         "  plca report runs/my_sweep --output report/"),
     "sweep": (
         "train every --grid combination x every seed; a manifest, then mean +- sd tables",
@@ -327,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PLCA's test-time spatial aggregation (default: eval.test_time_aggregation, which is the "
                         "method's default when null: on for plca)")
     p.add_argument("--output", help="where to write the metrics JSON (default: next to the checkpoint)")
+    p.add_argument("--gallery", type=int, default=0, metavar="N",
+                   help="also write the N validation images with the lowest and the N with the highest per-image "
+                        "mIoU as input | prediction | label | error panels, with index.md / index.json")
+    p.add_argument("--gallery-dir", metavar="DIR",
+                   help="folder for the gallery (default: X.gallery next to the metrics JSON X.metrics.json)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -393,12 +410,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "report")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR",
                    help="run directories, or sweep directories (they hold a manifest.json)")
-    p.add_argument("--output", help="folder for the PNGs and report.md (default: DIR/report for one run or "
+    p.add_argument("--output", help="folder for the PNGs, report.md and report.html (default: DIR/report for one run or "
                                     "sweep, else report/ in the folder that holds them all)")
     p.add_argument("--names", nargs="+", help="labels for the runs in the plots (default: short names from "
                                               "what differs between their configs)")
     p.add_argument("--flag-range", type=float, default=10.0, metavar="POINTS",
                    help="sweeps: flag a class whose IoU spans more than POINTS across seeds (default 10)")
+    p.add_argument("--gallery", type=int, default=0, metavar="N",
+                   help="runs: evaluate each run's final model on its data.val and show the N images with the "
+                        "lowest and the N with the highest per-image mIoU (written to gallery/ in the output)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while --gallery evaluates")
     p.set_defaults(func=cmd_report)
 
     p = _subcommand(sub, "sweep")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -213,6 +214,8 @@ def train(config: Config, resume: str | Path | None = None, max_steps: int | Non
     ``labels``; see :mod:`plca.data.checks`). ``argv``: the command line, for the run record.
     """
     config = absolute_roots(config)
+    if config.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before its first call
     info = init_distributed(config.device, config.train.collective_timeout_s)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -451,7 +454,7 @@ class _Session:
         kind = "out of memory" if isinstance(error, torch.OutOfMemoryError) or "out of memory" in detail else \
             type(error).__name__
         saved = ""
-        if not self.info.enabled and self.state.nonfinite_in_row == 0:
+        if not self.info.enabled and self.state.nonfinite_in_row == 0 and self.state.step > 0:
             try:
                 self._save_last()
                 saved = f" Checkpoint of step {self.state.step} saved."

@@ -145,6 +145,9 @@ def save_safetensors(model: nn.Module, path: str | Path, metadata: Mapping[str, 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, str(partial), metadata=dict(metadata))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(partial, 0o666 & ~mask)  # safetensors writes 0600; a model file is for sharing
     os.replace(partial, path)
 
 

@@ -8,6 +8,9 @@ the output folder::
     per_class_iou.png     grouped bars of each run's final per-class IoU (runs, not sweeps)
     report.md             the runs, their per-class table, the plots, and how their configs and
                           environments differ
+    report.html           the same as one page (inline CSS, no script, images linked relatively)
+    gallery/              with ``--gallery N``: each run's final model on its data.val, the N
+                          images with the lowest and highest per-image mIoU (see plca.tools.gallery)
 
 Given sweep directories (see :mod:`plca.tools.sweep`) it also writes their aggregated
 ``results.md`` / ``results.csv`` / ``results.png`` (mean +- sd over seeds) and draws the curves
@@ -19,9 +22,12 @@ numbers listed with the full names in report.md when that is still long.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
+import re
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,9 +420,11 @@ def _runs_table(runs: Sequence[RunRecord], labels: Sequence[str]) -> list[str]:
 
 
 def build_markdown(runs: Sequence[RunRecord], curves: str | None, bars: str | None,
-                   labels: Sequence[str] | None = None) -> str:
-    """The text of report.md (image paths relative to it); ``labels``: the runs' legend labels."""
+                   labels: Sequence[str] | None = None, galleries: Sequence[tuple[str, dict, str]] = ()) -> str:
+    """The text of report.md (image paths relative to it); ``labels``: the runs' legend labels;
+    ``galleries``: ``(run label, gallery index, folder relative to report.md)`` (see :func:`write_run_gallery`)."""
     from plca.evaluation.metrics import format_markdown_table
+    from plca.tools.gallery import gallery_markdown
 
     labels = list(labels) if labels is not None else [run.name for run in runs]
     lines = ["# plca report", "", *_runs_table(runs, labels)]
@@ -439,12 +447,143 @@ def build_markdown(runs: Sequence[RunRecord], curves: str | None, bars: str | No
         lines += ["## Training curves", "", f"![training curves]({curves})", ""]
     if bars:
         lines += ["## Per-class IoU chart", "", f"![per-class IoU]({bars})", ""]
+    for label, index, folder in galleries:
+        title = (f"Gallery of {label}: the {index['count']} lowest and highest per-image mIoU"
+                 if len(galleries) > 1 else None)
+        lines += gallery_markdown(index, prefix=f"{folder}/", heading="##", title=title)
     if len(runs) > 1:
         lines += differences_markdown(runs, labels)
     notes = [f"- {label}: {note}" for run, label in zip(runs, labels) for note in run.notes]
     if notes:
         lines += ["## Notes", "", *notes, ""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- report.html
+
+_HTML_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1500px; padding: 0 1.5em; color: #1b1b1b; line-height: 1.45; }
+h1 { font-size: 1.6em; border-bottom: 2px solid #ddd; padding-bottom: .3em; }
+h2 { font-size: 1.3em; margin-top: 1.8em; border-bottom: 1px solid #eee; padding-bottom: .2em; }
+h3 { font-size: 1.1em; margin-top: 1.4em; }
+.scroll { overflow-x: auto; margin: .6em 0 1em; }
+table { border-collapse: collapse; font-size: .88em; }
+th, td { border: 1px solid #d0d0d0; padding: .25em .55em; white-space: nowrap; }
+th { background: #f3f3f3; }
+tbody tr:nth-child(even) { background: #fafafa; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+code { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: .92em; background: #f3f3f3;
+       padding: 0 .2em; border-radius: 3px; }
+figure { margin: .8em 0 1.4em; }
+figure img { max-width: 100%; height: auto; border: 1px solid #e4e4e4; }
+figcaption { font-size: .85em; color: #555; }
+"""
+_SEPARATOR_CELL = re.compile(r"^:?-{3,}:?$")
+_IMAGE_LINE = re.compile(r"^!\[(?P<alt>.*)\]\((?P<src>[^()\s]+)\)$")
+_HEADING_LINE = re.compile(r"^(?P<level>#{1,6}) (?P<text>.*)$")
+_NUMBER_CELL = re.compile(r"^(-|n/a|[-+]?\d+(\.\d+)?\*?)( ± ([-+]?\d+(\.\d+)?|n/a))?( ⚠)?$")
+
+
+def _inline_html(text: str) -> str:
+    """Escaped text with ``code`` spans and Markdown's ``\\|`` turned back into ``|``."""
+    parts = re.split(r"(`[^`]*`)", text)
+    return "".join(f"<code>{html.escape(part[1:-1])}</code>" if len(part) > 1 and part[0] == part[-1] == "`"
+                   else html.escape(part) for part in parts).replace("\\|", "|")
+
+
+def _table_cells(line: str) -> list[str]:
+    cells = re.split(r"(?<!\\)\|", line.strip())
+    if cells and not cells[0].strip():
+        cells = cells[1:]
+    if cells and not cells[-1].strip():
+        cells = cells[:-1]
+    return [cell.strip() for cell in cells]
+
+
+def _table_html(rows: list[list[str]]) -> list[str]:
+    """A pipe table's rows (cells as written) as an HTML table; numeric cells are right-aligned."""
+    header: list[str] | None = None
+    right: list[bool] = []
+    if len(rows) > 1 and rows[1] and all(_SEPARATOR_CELL.match(cell) for cell in rows[1]):
+        header, right, rows = rows[0], [cell.endswith(":") for cell in rows[1]], rows[2:]
+
+    def cell(tag: str, column: int, text: str) -> str:
+        numeric = tag == "td" and ((column < len(right) and right[column]) or bool(_NUMBER_CELL.match(text)))
+        attribute = ' class="num"' if numeric else ""
+        return f"<{tag}{attribute}>{_inline_html(text)}</{tag}>"
+
+    out = ['<div class="scroll"><table>']
+    if header is not None:
+        out.append("<thead><tr>" + "".join(cell("th", k, text) for k, text in enumerate(header)) + "</tr></thead>")
+    out.append("<tbody>")
+    out += ["<tr>" + "".join(cell("td", k, text) for k, text in enumerate(row)) + "</tr>" for row in rows]
+    out.append("</tbody></table></div>")
+    return out
+
+
+def markdown_to_html(text: str, title: str = "plca report") -> str:
+    """A standalone HTML page (inline CSS, no script, nothing fetched) of the Markdown the report writes.
+
+    Knows the subset the report uses: ``#`` headings, pipe tables (``---:`` right-aligns a column),
+    image lines ``![alt](file)``, ``-`` lists, paragraphs and ``code`` spans. Every piece of text is
+    HTML-escaped; image paths are URL-quoted.
+    """
+    lines = text.split("\n")
+    body: list[str] = []
+    position = 0
+
+    def starts_block(line: str) -> bool:
+        stripped = line.strip()
+        return (not stripped or stripped.startswith("|") or stripped.startswith("- ")
+                or bool(_HEADING_LINE.match(stripped)) or bool(_IMAGE_LINE.match(stripped)))
+
+    while position < len(lines):
+        line = lines[position].strip()
+        if not line:
+            position += 1
+            continue
+        heading, image = _HEADING_LINE.match(line), _IMAGE_LINE.match(line)
+        if heading:
+            level = len(heading["level"])
+            body.append(f"<h{level}>{_inline_html(heading['text'])}</h{level}>")
+            position += 1
+        elif image:
+            src = html.escape(urllib.parse.quote(image["src"]), quote=True)
+            alt = html.escape(image["alt"].replace("\\|", "|"), quote=True)
+            body.append(f'<figure><img src="{src}" alt="{alt}" loading="lazy"></figure>')
+            position += 1
+        elif line.startswith("|"):
+            block = []
+            while position < len(lines) and lines[position].strip().startswith("|"):
+                block.append(_table_cells(lines[position]))
+                position += 1
+            body += _table_html(block)
+        elif line.startswith("- "):
+            body.append("<ul>")
+            while position < len(lines) and lines[position].strip().startswith("- "):
+                body.append(f"<li>{_inline_html(lines[position].strip()[2:])}</li>")
+                position += 1
+            body.append("</ul>")
+        else:
+            paragraph = []
+            while position < len(lines) and (not paragraph or not starts_block(lines[position])):
+                paragraph.append(_inline_html(lines[position].strip()))
+                position += 1
+            body.append(f"<p>{' '.join(paragraph)}</p>")
+    return "\n".join(["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+                      '<meta name="viewport" content="width=device-width, initial-scale=1">',
+                      f"<title>{html.escape(title)}</title>", f"<style>{_HTML_STYLE}</style>", "</head>", "<body>",
+                      *body, "</body>", "</html>", ""])
+
+
+def _write_report_files(output: Path, text: str) -> Path:
+    """report.md and report.html (the same content) in ``output``; the path of report.md."""
+    report = output / "report.md"
+    report.write_text(text)
+    first = next((line for line in text.split("\n") if line.startswith("# ")), "# plca report")
+    (output / "report.html").write_text(markdown_to_html(text, title=first[2:].replace("`", "")), encoding="utf-8")
+    return report
 
 
 def default_output(paths: Sequence[Path]) -> Path:
@@ -509,19 +648,54 @@ def write_sweep_report(sweep_dirs: Sequence[str | Path], output: str | Path | No
     if notes:
         lines += ["## Notes", "", *notes, ""]
     lines += [f"Files: {', '.join(path.name for path in results.values())}"
-              + (f", {curves}" if curves else "") + ".", ""]
-    report = output / "report.md"
-    report.write_text("\n".join(lines))
-    return report
+              + (f", {curves}" if curves else "") + ", report.html.", ""]
+    return _write_report_files(output, "\n".join(lines))
+
+
+def _gallery_folder(name: str, taken: set[str]) -> str:
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "run"
+    base, count = folder, 2
+    while folder in taken:
+        folder, count = f"{base}_{count}", count + 1
+    taken.add(folder)
+    return folder
+
+
+def write_run_gallery(run: RunRecord, folder: Path, count: int, panel_width: int = 512,
+                      progress: bool = True) -> dict:
+    """Evaluate the run's final model (``checkpoints/final.pt``, else ``last.pt``) on its own ``data.val``
+    and write the gallery of its ``count`` lowest and highest images into ``folder``; the gallery index.
+
+    Raises :class:`ReportError` naming the run when it has no model file or no validation set.
+    """
+    from plca.config import ConfigError
+    from plca.data.io import DatasetError
+    from plca.engine.checkpoint import CheckpointError
+    from plca.engine.distributed import DeviceError
+    from plca.evaluation.run import evaluate_checkpoint
+    from plca.models.weights import WeightsError
+    from plca.serialization import UnreadableFileError
+
+    try:
+        evaluate_checkpoint(run.path, progress=progress, gallery=count, gallery_dir=folder, panel_width=panel_width)
+    except (ConfigError, DatasetError, WeightsError, CheckpointError, DeviceError, UnreadableFileError) as error:
+        raise ReportError(f"--gallery: run '{run.path}': {error}") from None
+    return json.loads((folder / "index.json").read_text())
 
 
 def write_report(run_dirs: Sequence[str | Path], output: str | Path | None = None,
-                 names: Sequence[str] | None = None, flag_range: float = DEFAULT_FLAG_RANGE) -> Path:
+                 names: Sequence[str] | None = None, flag_range: float = DEFAULT_FLAG_RANGE, gallery: int = 0,
+                 panel_width: int = 512, progress: bool = True) -> Path:
     """Write the report of run directories (or sweep directories) into ``output``; return report.md.
 
-    Runs: training_curves.png, per_class_iou.png and report.md. Sweeps (directories with a
-    manifest.json): see :func:`write_sweep_report`. ``output`` defaults to :func:`default_output`.
+    Runs: training_curves.png, per_class_iou.png, report.md and report.html (the same content as
+    a standalone page). With ``gallery=N``, each run's final model is evaluated on its ``data.val``
+    and its N lowest and N highest images go to ``gallery/`` (``gallery/<run>/`` for several runs),
+    shown in both reports. Sweeps (directories with a manifest.json): see :func:`write_sweep_report`.
+    ``output`` defaults to :func:`default_output`.
     """
+    if gallery < 0:
+        raise ReportError(f"--gallery must be a positive number of images, got {gallery}")
     paths = [Path(run_dir) for run_dir in run_dirs]
     sweeps = [path for path in paths if (path / MANIFEST).is_file()]
     if sweeps:
@@ -531,6 +705,8 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path | None = Non
                               f"'{plain}' is not")
         if names is not None:
             raise ReportError("--names labels runs; a sweep's runs are labelled by their grid values and seed")
+        if gallery:
+            raise ReportError("--gallery is for run directories: give the sweep's runs/<name> folders")
         return write_sweep_report(sweeps, output, flag_range)
     if names is not None and len(names) != len(paths):
         raise ReportError(f"--names gives {len(names)} names for {len(paths)} run directories")
@@ -546,10 +722,14 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path | None = Non
         curves = plot_training_curves(runs, output / "training_curves.png").name
     if any(run.final_metrics and run.final_metrics.get("per_class_IoU") for run in runs):
         bars = plot_per_class_iou(runs, output / "per_class_iou.png").name
-    text = build_markdown(runs, curves, bars, labels)
+    galleries = []
+    if gallery:
+        taken: set[str] = set()
+        for run, label in zip(runs, labels):
+            folder = "gallery" if len(runs) == 1 else f"gallery/{_gallery_folder(run.path.name, taken)}"
+            galleries.append((label, write_run_gallery(run, output / folder, gallery, panel_width, progress), folder))
+    text = build_markdown(runs, curves, bars, labels, galleries)
     if labels != full_names:
         text = text.replace("# plca report\n", "# plca report\n\nLegends use the labels below; the run column "
                                                "is each run's folder name.\n", 1)
-    report = output / "report.md"
-    report.write_text(text)
-    return report
+    return _write_report_files(output, text)

@@ -157,3 +157,20 @@ def test_mit_daformer_plca_run_exports_and_evaluates_from_the_file_alone(tmp_pat
     evaluated = json.loads((tmp_path / "m.json").read_text())
     assert evaluated["mIoU"] == pytest.approx(result.metrics["mIoU"], abs=1e-9)
     assert "mit_b0 + daformer head with 3 classes" in capsys.readouterr().out
+
+
+def test_model_files_get_ordinary_permissions(run_dir, tmp_path):
+    import os
+    import stat
+
+    from plca.engine.checkpoint import atomic_save
+
+    run, _, _ = run_dir
+    previous = os.umask(0o022)
+    try:
+        exported = export_model(run, tmp_path / "perm.safetensors")
+        atomic_save({"model": {}}, tmp_path / "final.pt")
+    finally:
+        os.umask(previous)
+    for path in (exported, tmp_path / "final.pt"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
