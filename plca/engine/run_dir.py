@@ -59,35 +59,56 @@ def create_unique(output_dir: Path, make_name) -> Path:
     raise RunDirError(f"could not create a new run directory under '{output_dir}' (20 names taken)")
 
 
+class LockHeldError(RuntimeError):
+    """The lock file is held by another process; ``holder`` says which (PID and host)."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"'{path}' is held by {holder}")
+        self.path, self.holder = path, holder
+
+
+def acquire_lock(path: Path) -> int:
+    """Hold ``path`` (an advisory ``flock``, released by the kernel if the holder dies); write our PID and
+    host into it. Returns the file descriptor for :func:`release_lock`; :class:`LockHeldError` if held."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise LockHeldError(path, holder) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"PID {os.getpid()} on host {socket.gethostname()}\n".encode())
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    try:
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
 class RunLock:
-    """``RUN_DIR/.lock``: held (``flock``) for the life of the run; names its holder's PID and host."""
+    """``RUN_DIR/.lock``: held for the life of the run; names its holder's PID and host."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / ".lock"
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
+            self._fd = acquire_lock(self.path)
+        except LockHeldError as error:
             raise RunDirError(
-                f"run directory '{self.path.parent}' is in use by {holder}; wait for it to finish or stop it, "
+                f"run directory '{self.path.parent}' is in use by {error.holder}; wait for it to finish or stop it, "
                 f"or give this run another run_name"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"PID {os.getpid()} on host {socket.gethostname()}\n".encode())
-        self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
-            try:
-                os.ftruncate(self._fd, 0)
-            finally:
-                os.close(self._fd)
-                self._fd = None
+            release_lock(self._fd)
+            self._fd = None
 
     def __enter__(self) -> RunLock:
         self.acquire()

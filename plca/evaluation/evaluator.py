@@ -111,10 +111,12 @@ class PerImageScores:
         return (-score.mIoU, -score.index), (score.mIoU, -score.index)
 
     def _wanted(self, score: ImageScore) -> bool:
-        return any(len(heap) < self.keep or key > heap[0][:2]
+        return self.keep > 0 and any(len(heap) < self.keep or key > heap[0][:2]
                    for heap, key in zip((self._lowest, self._highest), self._keys(score)))
 
     def _offer(self, kept: KeptImage) -> None:
+        if self.keep == 0:
+            return
         for heap, key in zip((self._lowest, self._highest), self._keys(kept.score)):
             if len(heap) < self.keep:
                 heapq.heappush(heap, (*key, kept))

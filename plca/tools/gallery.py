@@ -110,10 +110,16 @@ def _markdown_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def gallery_title(count: int) -> str:
+    """``Gallery: the 4 images with the lowest and the 4 with the highest per-image mIoU``."""
+    return f"Gallery: the {count} image{'s' if count != 1 else ''} with the lowest and the {count} with the highest " \
+           f"per-image mIoU"
+
+
 def gallery_markdown(index: dict, prefix: str = "", heading: str = "#", title: str | None = None) -> list[str]:
     """Markdown lines of a gallery ``index`` (as :func:`write_gallery` returns): a table and the images of
     the lowest, then of the highest. Image paths are ``prefix + file``; ``heading``: the title's level."""
-    title = title or f"Gallery: the {index['count']} lowest and highest per-image mIoU"
+    title = title or gallery_title(index["count"])
     lines = [f"{heading} {_markdown_cell(title)}", ""]
     if index.get("description"):
         lines += [_markdown_cell(index["description"]), ""]

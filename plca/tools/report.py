@@ -424,7 +424,7 @@ def build_markdown(runs: Sequence[RunRecord], curves: str | None, bars: str | No
     """The text of report.md (image paths relative to it); ``labels``: the runs' legend labels;
     ``galleries``: ``(run label, gallery index, folder relative to report.md)`` (see :func:`write_run_gallery`)."""
     from plca.evaluation.metrics import format_markdown_table
-    from plca.tools.gallery import gallery_markdown
+    from plca.tools.gallery import gallery_markdown, gallery_title
 
     labels = list(labels) if labels is not None else [run.name for run in runs]
     lines = ["# plca report", "", *_runs_table(runs, labels)]
@@ -448,8 +448,7 @@ def build_markdown(runs: Sequence[RunRecord], curves: str | None, bars: str | No
     if bars:
         lines += ["## Per-class IoU chart", "", f"![per-class IoU]({bars})", ""]
     for label, index, folder in galleries:
-        title = (f"Gallery of {label}: the {index['count']} lowest and highest per-image mIoU"
-                 if len(galleries) > 1 else None)
+        title = f"{gallery_title(index['count'])}: {label}" if len(galleries) > 1 else None
         lines += gallery_markdown(index, prefix=f"{folder}/", heading="##", title=title)
     if len(runs) > 1:
         lines += differences_markdown(runs, labels)

@@ -20,7 +20,6 @@ directory adds runs; another base config is refused.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import itertools
 import json
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from plca.engine.run_dir import LockHeldError, acquire_lock, release_lock
 from plca.tools.sweep_table import (DEFAULT_FLAG_RANGE, MANIFEST, SweepError, aggregate, format_summary,
                                     read_manifest, write_results)
 
@@ -379,22 +379,16 @@ class _SweepLock:
         self.path, self.fd = sweep_dir / ".sweep.lock", None
 
     def __enter__(self) -> _SweepLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise SweepError(f"another plca sweep is running in '{self.path.parent}' ({holder}); "
+            self.fd = acquire_lock(self.path)
+        except LockHeldError as error:
+            raise SweepError(f"another plca sweep is running in '{self.path.parent}' ({error.holder}); "
                              f"wait for it to finish or stop it") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"PID {os.getpid()} on host {socket.gethostname()}\n".encode())
-        self.fd = fd
         return self
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
-            os.close(self.fd)
+            release_lock(self.fd)
             self.fd = None
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dataset_writers import write_folder
-from test_ddp import free_port
+from processes import free_port
 from tiny_runs import tiny_source_only_config
 from plca.config import save_config
 from plca.engine.checkpoint import load_checkpoint

@@ -3,7 +3,6 @@ the value and, after DDP's gradient averaging, the parameter gradient of one pro
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,7 @@ import torch
 
 from plca.data.labels import IGNORE_INDEX
 from plca.losses.lovasz import lovasz_softmax, lovasz_softmax_global
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from processes import free_port
 
 
 @pytest.mark.slow
