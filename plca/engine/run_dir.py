@@ -138,14 +138,14 @@ def config_differences(requested: dict, stored: dict) -> dict[str, tuple]:
     return {key: (a.get(key), b.get(key)) for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)}
 
 
-def check_resume_config(config, stored: dict | None, checkpoint: Path, logger) -> None:
+def check_resume_config(config, stored: dict | None, checkpoint: Path) -> list[str]:
     """Refuse a resume whose config differs from the checkpoint's in anything but :data:`RESUMABLE_CHANGES`.
 
-    Allowed differences are logged (a longer ``train.iters`` without ``train.poly_iters`` also
-    stretches the LR schedule, which is said).
+    Returns a note per allowed difference, for the log (a longer ``train.iters`` without
+    ``train.poly_iters`` also stretches the LR schedule, which is said).
     """
     if stored is None:
-        return
+        return []
     differences = config_differences(to_dict(config), stored)
     refused = {key: values for key, values in differences.items() if key not in RESUMABLE_CHANGES}
     if refused:
@@ -158,10 +158,12 @@ def check_resume_config(config, stored: dict | None, checkpoint: Path, logger) -
             f"{', '.join(refused)[:300]} ({shown}{more}). These keys {what}start a new run (another run_name) "
             f"or resume without them"
         )
+    notes = []
     for key, (old, new) in differences.items():
         if key in ("output_dir", "run_name"):
             continue
         note = ""
         if key == "train.iters" and config.train.poly_iters is None:
             note = " (the poly LR schedule now decays over the new length, so the LR changes from here on)"
-        logger.warning("resuming with %s changed from %r to %r%s", key, old, new, note)
+        notes.append(f"resuming with {key} changed from {old!r} to {new!r}{note}")
+    return notes

@@ -253,7 +253,7 @@ class _Session:
         self.progress, self.data_check, self.argv = progress, data_check, argv
         self.state = TrainState()
         self.checkpointer = Checkpointer(self.run_dir, info, resume_command(self.run_dir))
-        self.logger = setup_logger(self.run_dir, info.is_main)
+        self.logger = setup_logger(None, info.is_main)  # the console only, until the run directory may change
         self.board: TensorBoard | None = None
         self.streams: list = []
         self.started = time.time()
@@ -277,6 +277,11 @@ class _Session:
             if self.state.step >= config.train.iters:
                 return self._already_finished()
         barrier()
+        self.logger = logger = setup_logger(self.run_dir, info.is_main)  # now also RUN_DIR/train.log
+        if self.place.resume_from is not None:
+            logger.info("resumed from %s at step %d", self.place.resume_from, self.state.step)
+            for note in self.resume_notes:
+                logger.warning("%s", note)
         if info.is_main:
             try:
                 save_config(config, self.run_dir / "config.yaml")
@@ -301,11 +306,11 @@ class _Session:
 
     def _resume(self, path: Path) -> None:
         stored = load_checkpoint(path).get("config")
-        check_resume_config(self.config, stored, path, self.logger)
+        self.resume_notes = check_resume_config(self.config, stored, path)
         self.checkpointer.restore(path, self.method, self.optimizer, self.state)
-        self.logger.info("resumed from %s at step %d", path, self.state.step)
 
     def _already_finished(self) -> RunResult:
+        self.logger = setup_logger(self.run_dir, self.info.is_main)
         metrics_path = self.run_dir / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
         self.logger.info("the run in %s is already finished (step %d of %d); nothing to do", self.run_dir,

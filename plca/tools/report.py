@@ -479,7 +479,7 @@ figure img { max-width: 100%; height: auto; border: 1px solid #e4e4e4; }
 figcaption { font-size: .85em; color: #555; }
 """
 _SEPARATOR_CELL = re.compile(r"^:?-{3,}:?$")
-_IMAGE_LINE = re.compile(r"^!\[(?P<alt>.*)\]\((?P<src>[^()\s]+)\)$")
+_IMAGE_LINE = re.compile(r"^!\[(?P<alt>.*)\]\((?P<src>[^()]+)\)$")
 _HEADING_LINE = re.compile(r"^(?P<level>#{1,6}) (?P<text>.*)$")
 _NUMBER_CELL = re.compile(r"^(-|n/a|[-+]?\d+(\.\d+)?\*?)( ± ([-+]?\d+(\.\d+)?|n/a))?( ⚠)?$")
 
@@ -525,8 +525,8 @@ def markdown_to_html(text: str, title: str = "plca report") -> str:
     """A standalone HTML page (inline CSS, no script, nothing fetched) of the Markdown the report writes.
 
     Knows the subset the report uses: ``#`` headings, pipe tables (``---:`` right-aligns a column),
-    image lines ``![alt](file)``, ``-`` lists, paragraphs and ``code`` spans. Every piece of text is
-    HTML-escaped; image paths are URL-quoted.
+    image lines ``![alt](file)`` (shown, and linked to the full-size file), ``-`` lists, paragraphs and
+    ``code`` spans. Every piece of text is HTML-escaped; image paths are URL-quoted.
     """
     lines = text.split("\n")
     body: list[str] = []
@@ -550,7 +550,7 @@ def markdown_to_html(text: str, title: str = "plca report") -> str:
         elif image:
             src = html.escape(urllib.parse.quote(image["src"]), quote=True)
             alt = html.escape(image["alt"].replace("\\|", "|"), quote=True)
-            body.append(f'<figure><img src="{src}" alt="{alt}" loading="lazy"></figure>')
+            body.append(f'<figure><a href="{src}"><img src="{src}" alt="{alt}" loading="lazy"></a></figure>')
             position += 1
         elif line.startswith("|"):
             block = []
