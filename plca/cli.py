@@ -144,7 +144,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     report = check_dataset(args.format, args.root, classes=args.classes, split=args.split,
                            write_cache=args.write_cache, stats_path=args.stats, workers=args.workers,
                            progress=not args.no_progress, unlabelled=args.unlabelled, crop_size=args.crop_size,
-                           shorter_side=args.shorter_side, scale_range=args.scale_range)
+                           shorter_side=args.shorter_side, scale_range=args.scale_range,
+                           rcs_stats_path=args.rcs_stats)
     print(format_findings(report))
     return 2 if report.errors else 0
 
@@ -395,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="check only this split (default: every file)")
     p.add_argument("--write-cache", metavar="DIR", help="write each label as a class-index PNG under DIR")
     p.add_argument("--stats", metavar="FILE.json", help="write per-class pixel and image counts")
+    p.add_argument("--rcs-stats", metavar="FILE.json",
+                   help="write the per-image class counts of rare class sampling (data.rare_class_sampling.stats); "
+                        "give the --split the run trains on")
     p.add_argument("--unlabelled", action="store_true",
                    help="the split(s) are a target's training images: labels are not required")
     p.add_argument("--crop-size", nargs=2, type=int, metavar=("H", "W"),
@@ -410,8 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "report")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR",
                    help="run directories, or sweep directories (they hold a manifest.json)")
-    p.add_argument("--output", help="folder for the PNGs, report.md and report.html (default: DIR/report for one run or "
-                                    "sweep, else report/ in the folder that holds them all)")
+    p.add_argument("--output", help="folder for the PNGs, report.md and report.html (default: DIR/report for one "
+                                    "run or sweep, else report/ in the folder that holds them all)")
     p.add_argument("--names", nargs="+", help="labels for the runs in the plots (default: short names from "
                                               "what differs between their configs)")
     p.add_argument("--flag-range", type=float, default=10.0, metavar="POINTS",

@@ -112,8 +112,8 @@ def _markdown_cell(text: str) -> str:
 
 def gallery_title(count: int) -> str:
     """``Gallery: the 4 images with the lowest and the 4 with the highest per-image mIoU``."""
-    return f"Gallery: the {count} image{'s' if count != 1 else ''} with the lowest and the {count} with the highest " \
-           f"per-image mIoU"
+    images = "image" if count == 1 else "images"
+    return f"Gallery: the {count} {images} with the lowest and the {count} with the highest per-image mIoU"
 
 
 def gallery_markdown(index: dict, prefix: str = "", heading: str = "#", title: str | None = None) -> list[str]:
@@ -130,7 +130,8 @@ def gallery_markdown(index: dict, prefix: str = "", heading: str = "#", title: s
         if not entries:
             lines += ["No image with a labelled pixel.", ""]
             continue
-        lines += ["| rank | image | mIoU | pixel accuracy | classes | file |", "| ---: | --- | ---: | ---: | ---: | --- |"]
+        lines += ["| rank | image | mIoU | pixel accuracy | classes | file |",
+                  "| ---: | --- | ---: | ---: | ---: | --- |"]
         lines += [f"| {e['rank']} | `{_markdown_cell(e['name'])}` | {_percent(e['mIoU'])} | "
                   f"{_percent(e['pixel_accuracy'])} | {e['classes']} | {_markdown_cell(e['file'])} |" for e in entries]
         lines.append("")

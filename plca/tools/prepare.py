@@ -23,6 +23,7 @@ Optionally writes each label as a PNG of class indices of ``--classes`` (``--wri
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from plca.config import ConfigError
+from plca.data.rare_class import ClassStatistics, class_pixel_counts
 from plca.data.checks import FileCheckReport, FileProblem, Finding, check_files
 from plca.data.datasets import (
     SegmentationDataset,
@@ -168,14 +170,17 @@ def check_dataset(fmt: str, root: str | Path, classes: Sequence[str] | None = No
                   write_cache: str | Path | None = None, stats_path: str | Path | None = None, workers: int = 4,
                   progress: bool = True, *, unlabelled: bool = False, crop_size: Sequence[int] | None = None,
                   shorter_side: Sequence[int] | None = None,
-                  scale_range: Sequence[float] | None = None) -> PrepareReport:
+                  scale_range: Sequence[float] | None = None,
+                  rcs_stats_path: str | Path | None = None) -> PrepareReport:
     """Check every file of a dataset (or of one ``split``); optionally write class-index label PNGs
     (``write_cache``) and per-class statistics (``stats_path``, JSON).
 
     ``unlabelled``: the split(s) are a target's training images, whose labels are not required
     (as the trainer reads the target). ``crop_size`` ``(h, w)`` and one of ``shorter_side`` ``(lo, hi)``
     / ``scale_range`` ``(lo, hi)``: the run's augmentation (as :class:`~plca.data.transforms.TrainTransform`);
-    given, the images' sizes are checked against it (warnings). Bad arguments raise ``ConfigError``.
+    given, the images' sizes are checked against it (warnings). ``rcs_stats_path``: also write the
+    per-image class pixel counts that rare class sampling reads (``data.rare_class_sampling.stats``;
+    for the ``split`` the run trains on). Bad arguments raise ``ConfigError``.
     """
     root = Path(root).expanduser()
     classes = list(classes) if classes else default_classes(fmt, root)
@@ -203,13 +208,21 @@ def check_dataset(fmt: str, root: str | Path, classes: Sequence[str] | None = No
 
     cache = Path(write_cache) if write_cache else None
 
-    def save(sample, label: np.ndarray) -> None:
-        path = cache / f"{sample.name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(label).save(path)
+    per_image: dict[str, np.ndarray] = {}
+    lock = threading.Lock()
 
-    files = check_files(dataset, "full", workers=workers, on_label=save if cache is not None else None,
-                        progress=progress)
+    def on_label(sample, label: np.ndarray) -> None:
+        if cache is not None:
+            path = cache / f"{sample.name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(label).save(path)
+        if rcs_stats_path is not None:
+            counts = class_pixel_counts([label], len(classes))[0]
+            with lock:
+                per_image[sample.name] = counts
+
+    wanted = cache is not None or rcs_stats_path is not None
+    files = check_files(dataset, "full", workers=workers, on_label=on_label if wanted else None, progress=progress)
     report.checked = files.checked
     report.image_sizes = files.image_sizes
     _add_file_findings(report, files)
@@ -226,6 +239,11 @@ def check_dataset(fmt: str, root: str | Path, classes: Sequence[str] | None = No
             report.stats_path = Path(stats_path)
             report.stats_path.parent.mkdir(parents=True, exist_ok=True)
             report.stats_path.write_text(json.dumps(report.stats, indent=2))
+        if rcs_stats_path is not None:
+            names = [sample.name for sample in dataset.samples if sample.name in per_image]
+            ClassStatistics(classes, np.stack([per_image[n] for n in names]), names).save(rcs_stats_path)
+            report.add("note", f"per-image class statistics for rare class sampling written to {rcs_stats_path} "
+                               f"(data.rare_class_sampling.stats={rcs_stats_path})")
     return report
 
 

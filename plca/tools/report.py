@@ -1,4 +1,4 @@
-"""``plca report``: compare runs, or sweeps, in plots and Markdown.
+"""``plca report``: compare runs, or sweeps, in plots, Markdown and one HTML page.
 
 From each run directory (see :mod:`plca.engine.trainer`) it reads ``scalars.jsonl``,
 ``eval_history.jsonl``, ``metrics.json``, ``config.yaml`` and ``run.json``, and writes, into

@@ -146,8 +146,8 @@ def test_shards_merge_to_the_whole():
 def test_error_map_colours():
     prediction = np.array([[0, 1, 2], [2, 2, 0]])
     label = np.array([[0, 2, 255], [2, 1, 255]])
-    expected = np.array([[CORRECT_COLOUR, WRONG_COLOUR, IGNORED_COLOUR], [CORRECT_COLOUR, WRONG_COLOUR, IGNORED_COLOUR]],
-                        dtype=np.uint8)
+    row = [CORRECT_COLOUR, WRONG_COLOUR, IGNORED_COLOUR]
+    expected = np.array([row, row], dtype=np.uint8)
     assert np.array_equal(error_map(prediction, label), expected)
     with pytest.raises(ValueError, match="one"):
         error_map(prediction, label[:, :2])
