@@ -37,37 +37,41 @@ def _resize_nearest(maps: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def colour_legend(classes: Sequence[str], width: int) -> np.ndarray:
-    """A ``(h, width, 3) uint8`` strip: a colour swatch and the class name for each class, wrapped to ``width``."""
-    font = _font()
+    """A ``(h, width, 3) uint8`` strip: a colour swatch and the class name for each class, wrapped to
+    ``width`` (the text grows with wide images, so that it stays readable when the image is scaled down)."""
+    text_size = max(12, min(28, width // 90))
+    font = _font(text_size)
+    swatch, pad = max(_SWATCH, text_size), max(_PAD, text_size // 3)
     colors = palette(classes)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     entries = [(name, colors[k], int(probe.textlength(name, font=font))) for k, name in enumerate(classes)]
     entries.append(("ignore", np.zeros(3, dtype=np.uint8), int(probe.textlength("ignore", font=font))))
-    lines, line, used = [], [], _PAD
+    lines, line, used = [], [], pad
     for entry in entries:
-        size = _SWATCH + _PAD + entry[2] + 3 * _PAD
+        size = swatch + pad + entry[2] + 3 * pad
         if line and used + size > width:
             lines.append(line)
-            line, used = [], _PAD
+            line, used = [], pad
         line.append(entry)
         used += size
     lines.append(line)
-    strip = Image.new("RGB", (width, len(lines) * (_SWATCH + 2 * _PAD) + _PAD), (255, 255, 255))
+    strip = Image.new("RGB", (width, len(lines) * (swatch + 2 * pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
     for row, entries_in_line in enumerate(lines):
-        x, y = _PAD, _PAD + row * (_SWATCH + 2 * _PAD)
+        x, y = pad, pad + row * (swatch + 2 * pad)
         for name, color, text_width in entries_in_line:
-            draw.rectangle([x, y, x + _SWATCH, y + _SWATCH], fill=tuple(int(c) for c in color), outline=(90, 90, 90))
-            draw.text((x + _SWATCH + _PAD, y - 1), name, fill=(0, 0, 0), font=font)
-            x += _SWATCH + _PAD + text_width + 3 * _PAD
+            draw.rectangle([x, y, x + swatch, y + swatch], fill=tuple(int(c) for c in color), outline=(90, 90, 90))
+            draw.text((x + swatch + pad, y - 1), name, fill=(0, 0, 0), font=font)
+            x += swatch + pad + text_width + 3 * pad
     return np.asarray(strip)
 
 
 def titled_panels(panels: Sequence[np.ndarray], titles: Sequence[str]) -> np.ndarray:
-    """Panels ``(H, W, 3)`` side by side, each under its title."""
-    font = _font()
+    """Panels ``(H, W, 3)`` side by side, each under its title (the text grows with wide panels)."""
+    size = max(12, min(28, panels[0].shape[1] // 24))
+    font = _font(size)
     row = np.concatenate(panels, axis=1)
-    header = Image.new("RGB", (row.shape[1], _TITLE_HEIGHT), (255, 255, 255))
+    header = Image.new("RGB", (row.shape[1], _TITLE_HEIGHT if size == 12 else size + 8), (255, 255, 255))
     draw = ImageDraw.Draw(header)
     x = 0
     for panel, title in zip(panels, titles):
