@@ -56,26 +56,18 @@ CONFIG_CASES = [  # (change merged into a valid config, the key the message must
     ({"train": {"itres": 3}}, "train.itres"),
     ({"train": {"iters": "many"}}, "train.iters"),
     ({"train": {"iters": 0}}, "train.iters"),
-    ({"train": {"iters": -5}}, "train.iters"),
     ({"train": {"lr": -1}}, "train.lr"),
-    ({"train": {"lr": "abc"}}, "train.lr"),
     ({"train": {"momentum": 1.5}}, "train.momentum"),
     ({"train": {"weight_decay": -0.1}}, "train.weight_decay"),
-    ({"train": {"poly_power": -1}}, "train.poly_power"),
-    ({"train": {"seed": -3}}, "train.seed"),
     ({"train": {"crop_size": 5}}, "train.crop_size"),
     ({"train": {"crop_size": [0, 32]}}, "train.crop_size"),
-    ({"train": {"crop_size": [32]}}, "train.crop_size"),
     ({"train": {"flip": 3}}, "train.flip"),
-    ({"train": {"batch_size": 0}}, "train.batch_size"),
     ({"train": {"shorter_side": [50, 10]}}, "train.shorter_side"),
     ({"train": {"scale_range": [0.5, 2.0], "shorter_side": [10, 20]}}, "train.scale_range"),
-    ({"train": {"optimizer": "adam"}}, "train.optimizer"),
     ({"train": {"iters": 10, "poly_iters": 1}}, "train.poly_iters"),
     ({"model": {"backbone": "resnet152"}}, "model.backbone"),
     ({"model": {"head": "fcn"}}, "model.head"),
     ({"model": {"style": "tf"}}, "model.style"),
-    ({"model": {"features": "middle"}}, "model.features"),
     ({"model": {"backbone": "mit_b0", "style": "caffe"}}, "model.style"),
     ({"method": "dacs"}, "method"),
     ({"data": {"classes": []}}, "data.classes"),
@@ -85,11 +77,7 @@ CONFIG_CASES = [  # (change merged into a valid config, the key the message must
     ({"method": "plca", "data": {"target": None}}, "data.target"),
     ({"loss": {"lovasz_weight": -1}}, "loss.lovasz_weight"),
     ({"loss": {"association": {"alpha": 2}}}, "loss.association.alpha"),
-    ({"loss": {"association": {"impl": "fast"}}}, "loss.association.impl"),
-    ({"eval": {"size": [0, 10]}}, "eval.size"),
     ({"device": "tpu"}, "device"),
-    ({"data": {"on_error": "ignore"}}, "data.on_error"),
-    ({"data": {"num_workers": -1}}, "data.num_workers"),
     ({"train": {"batch_size": 8}}, "batch"),  # 4 training images: fewer than one batch
 ]
 
@@ -155,6 +143,8 @@ def _write_files(tmp: Path, world) -> list[tuple[list[str], str, str]]:
     evaluate(bad / "code.pt", "not loaded for safety")
     torch.save([1, 2, 3], bad / "list.pt")
     evaluate(bad / "list.pt")
+    (bad / "text.pt").write_text("these are not weights\n")
+    evaluate(bad / "text.pt")
     torch.save({"weights_of": torch.zeros(2)}, bad / "nomodel.pt")
     evaluate(bad / "nomodel.pt")
     (bad / "noise.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{]")
@@ -164,10 +154,6 @@ def _write_files(tmp: Path, world) -> list[tuple[list[str], str, str]]:
     save_file({"w": torch.zeros(2)}, str(bad / "plain.safetensors"))
     evaluate(bad / "plain.safetensors", "not a plca export")
     evaluate(bad / "missing.pt")
-    (bad / "emptyrun").mkdir()
-    evaluate(bad / "emptyrun")
-    (bad / "text.pt").write_text("these are not weights\n")
-    evaluate(bad / "text.pt")
     # a real checkpoint of another network, with a config that asks for this one
     other_config = tiny_source_only_config(world["data"], tmp / "other_runs", "five", iters=1)
     other_config.data.classes = ["a", "b", "c", "d", "e"]
@@ -199,7 +185,6 @@ def _write_files(tmp: Path, world) -> list[tuple[list[str], str, str]]:
     weights.write_bytes(np.random.default_rng(1).bytes(2048))
     train_case({"model": {"pretrained": str(weights)}}, weights.name)
     train_case({"model": {"pretrained": str(bad / "code.pt")}}, "not loaded for safety")
-    train_case({"model": {"pretrained": str(bad / "nowhere.pth")}}, "nowhere.pth")
     latin = bad / "latin"
     write_folder(latin, classes_count=3, splits={"train": 4}, size=(40, 56), seed=3)
     (latin / "train.txt").write_bytes("caf\xe9\n".encode("latin-1") + (latin / "train.txt").read_bytes())
@@ -208,7 +193,6 @@ def _write_files(tmp: Path, world) -> list[tuple[list[str], str, str]]:
     write_folder(missing, classes_count=3, splits={"train": 4}, size=(40, 56), seed=4)
     next((missing / "images").iterdir()).unlink()
     train_case({"data": {"source": {"root": str(missing)}}}, str(missing))
-    train_case({"data": {"source": {"root": str(bad / "no_such_dataset")}}}, "no_such_dataset")
     (bad / "outfile").write_text("a file, not a folder")
     train_case({"output_dir": str(bad / "outfile")}, "outfile")
     zero = bad / "zero_run"
@@ -218,8 +202,6 @@ def _write_files(tmp: Path, world) -> list[tuple[list[str], str, str]]:
 
     # prepare
     cases.append((["prepare", "gta5", str(world["data"]), "--no-progress"], "prepare", "GTA5"))
-    cases.append((["prepare", "folder", str(bad / "nowhere"), "--classes", "a", "b", "--no-progress"], "prepare",
-                  "nowhere"))
     mode_root = bad / "modes"
     write_folder(mode_root, classes_count=3, splits={"train": 2}, size=(40, 56), seed=5)
     first = sorted((mode_root / "images").iterdir())[0]
