@@ -456,17 +456,22 @@ class _Session:
     def _fail_between_steps(self, error: Exception, where: str) -> None:
         """Save the last finished step (when the model can be trusted and saving is safe), then one line."""
         detail = " ".join(str(error).split()) or type(error).__name__
-        kind = "out of memory" if isinstance(error, torch.OutOfMemoryError) or "out of memory" in detail else \
-            type(error).__name__
+        out_of_memory = isinstance(error, torch.OutOfMemoryError) or "out of memory" in detail.lower()
+        kind = "out of memory" if out_of_memory else type(error).__name__
+        hint = (" Lower train.batch_size or train.crop_size (eval.size for a validation), or use train.amp=true "
+                "on a GPU." if out_of_memory else "")
+        if self.state.step == 0 and self.checkpointer.saved_step is None:
+            raise TrainingError(f"{kind} {where} at step 0, before anything was trained: {detail[:300]}.{hint}") \
+                from error
         saved = ""
-        if not self.info.enabled and self.state.nonfinite_in_row == 0 and self.state.step > 0:
+        if not self.info.enabled and self.state.nonfinite_in_row == 0:
             try:
                 self._save_last()
                 saved = f" Checkpoint of step {self.state.step} saved."
             except Exception:  # noqa: BLE001 - the original failure is what to report
                 saved = ""
         raise TrainingError(f"{kind} {where} at step {self.state.step}: {detail[:300]}.{saved or ' ' + self._last_good()}"
-                            f" Continue with: {resume_command(self.run_dir)}") from error
+                            f"{hint} Continue with: {resume_command(self.run_dir)}") from error
 
     def _save_last(self) -> None:
         self.checkpointer.save_training(self.method, self.optimizer, self.state, self.header)

@@ -258,3 +258,18 @@ def test_unlabelled_batches_are_counted_apart_from_non_finite_steps(tmp_path):
     state = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")
     assert result.step == 6 and state["counters"]["skipped_steps"] == 0
     assert state["counters"]["unlabelled_batches"] == 6
+
+
+def test_out_of_memory_in_the_first_update_says_what_to_lower_and_leaves_nothing(data, tmp_path, monkeypatch):
+    import plca.engine.trainer as trainer
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(trainer, "update", out_of_memory)
+    with pytest.raises(TrainingError) as info:
+        train(tiny_source_only_config(data, tmp_path, "big", iters=2), progress=False)
+    message = str(info.value)
+    assert message.startswith("out of memory during the update at step 0, before anything was trained")
+    assert "train.crop_size" in message and "--resume" not in message
+    assert not (tmp_path / "big").exists()
