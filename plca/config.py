@@ -112,6 +112,8 @@ class TrainConfig:
     scale_range: list[float] | None = None  # or a random ratio [lo, hi] of each image's own size; null = no resize
     target_shorter_side: list[int] | None = None  # the target's own [lo, hi] (DAFormer resizes each domain); null = as the source
     flip: bool = True  # random horizontal flip (p 0.5)
+    cat_max_ratio: float = 1.0  # source crops re-drawn (up to 10x) while one class covers this share or more of the labelled pixels (DAFormer 0.75); 1 = off
+    target_cat_max_ratio: float = 1.0  # the same for target crops: reads the target's labels (DAFormer does, with Cityscapes' ground truth); 1 = off
     optimizer: str = "sgd"  # sgd (the PLCA reference) | adamw (DAFormer: no decay on norm, bias, position)
     lr: float = 2.5e-4  # base learning rate (the backbone's; the head's is lr x head_lr_mult)
     momentum: float = 0.9  # sgd
@@ -465,6 +467,8 @@ def validate(config: Config) -> None:
     check(train.target_shorter_side is None or (len(train.target_shorter_side) == 2
                                                 and 0 < train.target_shorter_side[0] <= train.target_shorter_side[1]),
           "train.target_shorter_side must be null or [lo, hi] with 0 < lo <= hi")
+    for key in ("cat_max_ratio", "target_cat_max_ratio"):
+        check(0.0 < getattr(train, key) <= 1.0, f"train.{key} must be in (0, 1] (1 = off)")
     check(train.target_shorter_side is None or train.scale_range is None,
           "train.target_shorter_side goes with train.shorter_side, not with train.scale_range")
     check(train.scale_range is None or train.shorter_side is None,

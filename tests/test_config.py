@@ -56,6 +56,8 @@ def test_unknown_key_is_named(override, key):
     ("method=dacs", "method"),
     ("train.iters=0", "train.iters"),
     ("model.style=tf", "model.style"),
+    ("train.cat_max_ratio=0", "train.cat_max_ratio"),
+    ("train.target_cat_max_ratio=1.5", "train.target_cat_max_ratio"),
 ])
 def test_bad_values_are_named(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
@@ -111,6 +113,13 @@ def test_reference_hyperparameters_in_shipped_configs():
     synthia = load_config(Path(CONFIGS[0]).parent / "synthia2cityscapes_plca.yaml")
     assert tuple(synthia.data.classes) == SYNTHIA16_CLASSES
     assert synthia.train.iters == 8 * 372 and synthia.train.poly_iters == 10 * 372
+    # PLCA's reference crops any window; DAFormer's re-draws source and target crops (cat_max_ratio 0.75)
+    assert gta.train.cat_max_ratio == gta.train.target_cat_max_ratio == 1.0
+    for name in ("gta2cityscapes_self_training", "synthia2cityscapes_self_training_plca", "gta2cityscapes_daformer_mitb5"):
+        daformer = load_config(Path(CONFIGS[0]).parent / f"{name}.yaml")
+        assert daformer.train.cat_max_ratio == daformer.train.target_cat_max_ratio == 0.75
+    folder = load_config(Path(CONFIGS[0]).parent / "folder_self_training.yaml")
+    assert (folder.train.cat_max_ratio, folder.train.target_cat_max_ratio) == (0.75, 1.0)
 
 
 def test_base_files_compose_and_the_file_overrides_its_bases(tmp_path):

@@ -33,12 +33,13 @@ def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target
 
     ``data``: :class:`plca.config.DataConfig`; ``train``: :class:`plca.config.TrainConfig`.
     """
-    def training_transform(shorter_side) -> TrainTransform:
+    def training_transform(shorter_side, cat_max_ratio: float) -> TrainTransform:
         return TrainTransform(crop_size=tuple(train.crop_size), shorter_side=tuple(shorter_side) if shorter_side else None,
-                              flip=train.flip, scale_range=tuple(train.scale_range) if train.scale_range else None)
+                              flip=train.flip, scale_range=tuple(train.scale_range) if train.scale_range else None,
+                              cat_max_ratio=cat_max_ratio)
 
-    transform = training_transform(train.shorter_side)
-    target_transform = training_transform(train.target_shorter_side or train.shorter_side)
+    transform = training_transform(train.shorter_side, train.cat_max_ratio)
+    target_transform = training_transform(train.target_shorter_side or train.shorter_side, train.target_cat_max_ratio)
     common = dict(classes=data.classes, on_error=data.on_error)
     source = build_dataset(data.source.format, data.source.root, data.source.split, transform=transform,
                            seed=train.seed, **common)
@@ -84,6 +85,10 @@ def check_run_datasets(datasets: RunDatasets, level: str, on_error: str, rank: i
                 scale_range=tuple(train.scale_range) if train.scale_range else None)
             if warning:
                 logger.warning("%s data: %s", name, warning)
+            if name == "target" and train.target_cat_max_ratio < 1.0:
+                logger.info("target data: crops are re-drawn while one class covers >= %g of the target's labelled "
+                            "pixels (train.target_cat_max_ratio): this reads the target's labels, as DAFormer does; "
+                            "set it to 1 for crops that never read them", train.target_cat_max_ratio)
         if report.resized:
             logger.warning("%s: %d label(s) differ in size from their image and are resized when loaded "
                            "(nearest), e.g. %s", dataset.description, len(report.resized), report.resized[0])

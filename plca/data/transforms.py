@@ -17,8 +17,8 @@ from PIL import Image
 
 from plca.data.labels import IGNORE_INDEX
 
-__all__ = ["EvalTransform", "TrainTransform", "crop_larger_than_images", "resize_image", "resize_label",
-           "resize_warnings", "to_tensors"]
+__all__ = ["CAT_MAX_REDRAWS", "EvalTransform", "TrainTransform", "crop_larger_than_images", "resize_image", "resize_label",
+           "resize_warnings", "to_tensors", "window_is_varied"]
 
 
 def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,15 +102,22 @@ class TrainTransform:
        ``ratio_range`` without a fixed base scale). Neither: no rescale.
     2. If ``flip``: mirror left-right with probability 0.5.
     3. Pad bottom / right (image with 0, label with 255) up to ``crop_size = (h, w)`` if smaller,
-       then crop a random ``(h, w)`` window.
+       then crop a random ``(h, w)`` window. With ``cat_max_ratio < 1`` (mmsegmentation's
+       ``RandomCrop``, 0.75 in DAFormer) a window is re-drawn, up to :data:`CAT_MAX_REDRAWS`
+       times, while its labelled pixels hold fewer than two classes or one class covers
+       ``cat_max_ratio`` of them or more; the last window is kept unchecked.
 
     Random numbers are drawn from ``rng`` in this fixed order: shorter side or ratio, flip, crop
-    top, crop left.
+    top, crop left (then top, left of each re-drawn window).
     """
 
     def __init__(self, crop_size: tuple[int, int], shorter_side: tuple[int, int] | None = None,
-                 flip: bool = True, scale_range: tuple[float, float] | None = None) -> None:
+                 flip: bool = True, scale_range: tuple[float, float] | None = None,
+                 cat_max_ratio: float = 1.0) -> None:
         self.crop_size = _pair_of_positive_ints(crop_size, "crop_size")
+        if not 0.0 < float(cat_max_ratio) <= 1.0:
+            raise ValueError(f"cat_max_ratio must be in (0, 1] (1 = any window), got {cat_max_ratio!r}")
+        self.cat_max_ratio = float(cat_max_ratio)
         if shorter_side is not None and scale_range is not None:
             raise ValueError(f"shorter_side {shorter_side!r} and scale_range {scale_range!r} are two ways to rescale: "
                              f"give one of them (the other null)")
@@ -138,15 +145,42 @@ class TrainTransform:
         if pad_h or pad_w:
             image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=0)
             label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
-        top = int(rng.integers(0, image.shape[0] - crop_h + 1))
-        left = int(rng.integers(0, image.shape[1] - crop_w + 1))
+        top, left = self._window(label, rng)
         image = image[top:top + crop_h, left:left + crop_w]
         label = label[top:top + crop_h, left:left + crop_w]
         return to_tensors(image, label)
 
+    def _window(self, label: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+        """Top-left corner of the crop window in the padded ``(H, W)`` label."""
+        crop_h, crop_w = self.crop_size
+
+        def draw() -> tuple[int, int]:
+            return int(rng.integers(0, label.shape[0] - crop_h + 1)), int(rng.integers(0, label.shape[1] - crop_w + 1))
+
+        top, left = draw()
+        if self.cat_max_ratio >= 1.0:
+            return top, left
+        for _ in range(CAT_MAX_REDRAWS):
+            if window_is_varied(label[top:top + crop_h, left:left + crop_w], self.cat_max_ratio):
+                break
+            top, left = draw()
+        return top, left
+
     def __repr__(self) -> str:
         return (f"TrainTransform(crop_size={self.crop_size}, shorter_side={self.shorter_side}, "
-                f"scale_range={self.scale_range}, flip={self.flip})")
+                f"scale_range={self.scale_range}, flip={self.flip}, cat_max_ratio={self.cat_max_ratio})")
+
+
+#: Re-draws of a crop window whose classes are too uniform (mmsegmentation's RandomCrop: 10).
+CAT_MAX_REDRAWS = 10
+
+
+def window_is_varied(label: np.ndarray, cat_max_ratio: float) -> bool:
+    """Whether a label window ``(h, w)`` holds at least two classes, none covering ``cat_max_ratio``
+    or more of its labelled (not :data:`IGNORE_INDEX`) pixels."""
+    counts = np.bincount(label[label != IGNORE_INDEX].ravel())
+    counts = counts[counts > 0]
+    return bool(len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio)
 
 
 # ----------------------------------------------------------------------------------------------

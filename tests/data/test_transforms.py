@@ -240,3 +240,82 @@ def test_resize_warnings():
     found = resize_warnings(small, (730, 730))
     assert len(found) == 1 and "larger than 4 of 4 images" in found[0]
     assert resize_warnings({}, (730, 730)) == []
+
+
+# --- cat_max_ratio: mmsegmentation's RandomCrop re-draws (DAFormer's 0.75) --------------------------
+
+
+def _window_reference(label: np.ndarray, ratio: float) -> bool:
+    """At least two classes among the labelled pixels, none with a share >= ratio (written out)."""
+    values = [int(v) for v in label.ravel() if v != 255]
+    shares = [values.count(c) / len(values) for c in set(values)]
+    return len(shares) >= 2 and max(shares) < ratio
+
+
+@pytest.mark.parametrize("values, ratio, expected", [
+    ([0] * 16, 0.75, False),                       # one class
+    ([0] * 12 + [1] * 4, 0.75, False),             # a share of exactly 0.75 is too much
+    ([0] * 11 + [1] * 5, 0.75, True),
+    ([0] * 11 + [1] * 5, 0.6, False),
+    ([255] * 10 + [0] * 4 + [1] * 2, 0.75, True),  # ignored pixels are not counted (else 0 would be 4/16)
+    ([255] * 16, 0.75, False),                     # nothing labelled
+    ([255] * 15 + [3], 0.75, False),
+])
+def test_window_is_varied_counts_only_labelled_pixels(values, ratio, expected):
+    from plca.data.transforms import window_is_varied
+
+    label = np.array(values, dtype=np.uint8).reshape(4, 4)
+    assert window_is_varied(label, ratio) is expected == _window_reference(label, ratio)
+
+
+def _stripes(height: int = 8, width: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """Class 0 everywhere but a band of class 1 in columns 40..47 (most 8-wide windows are one class)."""
+    image, _ = column_ramp(height, width)
+    label = np.zeros((height, width), np.uint8)
+    label[:, 40:] = 1
+    label[:2, :] = 255
+    return image, label
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cat_max_ratio_keeps_the_first_varied_window_of_the_draws_else_the_last(seed):
+    from plca.data.transforms import CAT_MAX_REDRAWS
+
+    image, label = _stripes()
+    crop = (8, 8)
+    out_image, out_label = TrainTransform(crop, flip=False, cat_max_ratio=0.75)(image, label, np.random.default_rng(seed))
+
+    # The reference: the same generator's windows, drawn as (top, left) pairs, the first varied one of the
+    # first CAT_MAX_REDRAWS + 1 draws checked in turn, the last draw kept unchecked.
+    rng = np.random.default_rng(seed)
+    draws = [(int(rng.integers(0, 1)), int(rng.integers(0, 48 - 8 + 1))) for _ in range(CAT_MAX_REDRAWS + 1)]
+    chosen = next((d for d in draws[:-1] if _window_reference(label[:, d[1]:d[1] + 8], 0.75)), draws[-1])
+    np.testing.assert_array_equal(out_label.numpy(), label[:, chosen[1]:chosen[1] + 8])
+    np.testing.assert_array_equal(out_image[0].numpy(), image[:, chosen[1]:chosen[1] + 8, 0])
+
+
+def test_cat_max_ratio_makes_varied_crops_common_and_one_is_off():
+    image, label = _stripes()
+    varied = {}
+    for ratio in (1.0, 0.75):
+        transform = TrainTransform((8, 8), flip=False, cat_max_ratio=ratio)
+        crops = [transform(image, label, np.random.default_rng(seed))[1].numpy() for seed in range(300)]
+        varied[ratio] = np.mean([_window_reference(c, 0.75) for c in crops])
+    # 3 of the 41 windows (3, 4 or 5 columns of class 1) are varied: 7.3 % unchecked,
+    # 1 - (38/41)^11 = 56.6 % with the re-draws (sd of a 300-crop estimate: under 3 points)
+    assert 0.03 < varied[1.0] < 0.13 and 0.45 < varied[0.75] < 0.68
+
+
+def test_cat_max_ratio_one_draws_the_same_windows_as_before():
+    image, label = _stripes()
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        left = (int(rng.integers(0, 1)), int(rng.integers(0, 41)))[1]
+        out = TrainTransform((8, 8), flip=False)(image, label, np.random.default_rng(seed))[1].numpy()
+        np.testing.assert_array_equal(out, label[:, left:left + 8])
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.5, 1.5])
+def test_cat_max_ratio_out_of_range_is_refused(ratio):
+    with pytest.raises(ValueError, match="cat_max_ratio"):
+        TrainTransform((8, 8), cat_max_ratio=ratio)
