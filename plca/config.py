@@ -75,7 +75,7 @@ class ModelConfig:
     head: str = "deeplabv2"  # deeplabv2 | daformer | segformer
     # ResNets: caffe (BGR 0-255 minus mean; the default) | pytorch (v1.5, RGB, ImageNet mean/std);
     # other backbones have one input normalisation (ImageNet RGB) and leave this null
-    style: str | None = None  # ResNets: caffe (null) | pytorch; must match the weights; null for other backbones
+    style: str | None = None  # ResNets: caffe (null) | pytorch | v1c (deep stem, DAFormer's DeepLab-v2); must match the weights; null for other backbones
     pretrained: str | None = None  # ImageNet weights of the backbone, a local file; null = from scratch
     drop_pretrained_head: bool = False  # drop a classifier stored with the weights (DeepLab's COCO layer5.*)
     features: str = "backbone_last"  # map of the feature-level association: backbone_last | head_embedding
@@ -442,10 +442,10 @@ def validate(config: Config) -> None:
     check(is_known_backbone(model.backbone),
           f"model.backbone '{model.backbone}' is unknown; choose one of {', '.join(backbone_names())}")
     check(model.head in head_names(), f"model.head '{model.head}' is unknown; choose one of {', '.join(head_names())}")
-    check(model.style in (None, "caffe", "pytorch"), "model.style must be 'caffe', 'pytorch' or null")
-    check(model.style != "caffe" or model.backbone.startswith("resnet"),
-          f"model.style caffe is for the ResNet backbones only; {model.backbone} has its own input normalisation "
-          f"(leave model.style null)")
+    check(model.style in (None, "caffe", "pytorch", "v1c"), "model.style must be 'caffe', 'pytorch', 'v1c' or null")
+    check(model.style not in ("caffe", "v1c") or model.backbone.startswith("resnet"),
+          f"model.style {model.style} is for the ResNet backbones only; {model.backbone} has its own input "
+          f"normalisation (leave model.style null)")
     check(model.features in FEATURE_SOURCES, f"model.features must be one of {', '.join(FEATURE_SOURCES)}")
     if model.backbone.startswith("timm:"):
         from plca.models.timm_backbone import check_model_name, import_timm

@@ -1,7 +1,7 @@
 """Dilated ResNet backbones (output stride 8) and the input normalisation that goes with each style.
 
-Two styles share torchvision's parameter names, so either kind of ImageNet
-weights loads into either style; what differs is where the stride sits:
+Three styles. The first two share torchvision's parameter names, so either kind of ImageNet
+weights loads into either of them; what differs is where the stride sits:
 
 * ``"caffe"`` (ResNet v1, the DeepLab-v2 / PLCA reference): a downsampling
   bottleneck strides in its first 1x1 convolution, the stem max-pool uses
@@ -10,11 +10,19 @@ weights loads into either style; what differs is where the stride sits:
   convolution, the max-pool rounds down, and images are RGB scaled to 0-1
   and standardised with the ImageNet mean and std.
 
-For the two-convolution ``BasicBlock`` (ResNet-18/34) only the max-pool changes.
+* ``"v1c"`` (mmsegmentation's ``ResNetV1c``, the DeepLab-v2 of DACS / DAFormer): the
+  ``"pytorch"`` blocks behind a deep stem of three 3x3 convolutions (32, 32, 64 channels,
+  the first with stride 2; parameters ``stem.0``, ``stem.1``, ``stem.3``, ... as mmcv's
+  ``open-mmlab://resnet101_v1c`` file names them) instead of the 7x7 ``conv1``, and the
+  ``"pytorch"`` input normalisation.
+
+For the two-convolution ``BasicBlock`` (ResNet-18/34) only the max-pool (and the v1c stem) changes.
 
 layer3 and layer4 keep stride 1 and use dilation 2 and 4 in *every* block,
 the first one included (the reference's choice; torchvision's own
-``replace_stride_with_dilation`` keeps the old dilation in the first block).
+``replace_stride_with_dilation`` keeps the old dilation in the first block). ``"v1c"``
+follows mmsegmentation's ``contract_dilation=True`` instead: the first block of a dilated
+stage uses half the dilation (1 in layer3, 2 in layer4).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from torch import Tensor, nn
 from plca.models.registry import IMAGENET_RGB, Normalization, register_backbone
 from plca.models.weights import LoadReport, WeightsError, is_counter, load_strict, read_state_dict
 
-STYLES: tuple[str, ...] = ("caffe", "pytorch")
+STYLES: tuple[str, ...] = ("caffe", "pytorch", "v1c")
 
 #: depth -> (block kind, blocks per stage)
 DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
@@ -131,7 +139,8 @@ class ResNet(nn.Module):
     ``"caffe"`` max-pool (``ceil_mode=True``), which gives ``floor(n / 2) + 1`` (one more for
     even ``n``; so a 1024-pixel side gives 129 rather than 128). Parameter and buffer names
     follow torchvision's layout (``conv1.weight``, ``layer1.0.conv1.weight``, ...,
-    ``layer2.0.downsample.0.weight``), without ``fc``.
+    ``layer2.0.downsample.0.weight``), without ``fc``; ``"v1c"`` has ``stem.*`` for ``conv1`` /
+    ``bn1``, as mmcv names them.
     """
 
     def __init__(self, depth: int, style: str = "caffe") -> None:
@@ -143,9 +152,15 @@ class ResNet(nn.Module):
         kind, blocks = DEPTHS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
 
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
+        if style == "v1c":
+            self.stem = nn.Sequential(
+                _conv3x3(3, 32, 2, 1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+                _conv3x3(32, 32, 1, 1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+                _conv3x3(32, 64, 1, 1), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(64)
+            self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=(style == "caffe"))
         in_channels, channels = 64, []
         for index, (planes, count, stride, dilation) in enumerate(
@@ -169,7 +184,8 @@ class ResNet(nn.Module):
         downsample = None
         if stride != 1 or in_channels != out_channels:
             downsample = nn.Sequential(_conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
-        layers = [block(in_channels, planes, stride, dilation, downsample, self.style)]
+        first_dilation = dilation // 2 if self.style == "v1c" and dilation > 1 else dilation
+        layers = [block(in_channels, planes, stride, first_dilation, downsample, self.style)]
         layers += [block(out_channels, planes, 1, dilation, None, self.style) for _ in range(count - 1)]
         return nn.Sequential(*layers)
 
@@ -184,7 +200,8 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Outputs of layer1..layer4 ``[(B, out_channels[k], h_k, w_k)]`` of normalised images ``(B, 3, H, W)``."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.stem(x) if self.style == "v1c" else self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(x)
         levels = []
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = stage(x)
@@ -197,7 +214,7 @@ class ResNet(nn.Module):
 
 
 def style_normalization(style: str) -> Normalization:
-    """``"caffe"``: BGR 0-255 minus :data:`CAFFE_MEAN_BGR`, std 1; ``"pytorch"``: ImageNet RGB mean / std."""
+    """``"caffe"``: BGR 0-255 minus :data:`CAFFE_MEAN_BGR`, std 1; ``"pytorch"``, ``"v1c"``: ImageNet RGB mean / std."""
     if check_style(style) == "caffe":
         return Normalization(bgr=True, mean=CAFFE_MEAN_BGR, std=(1.0, 1.0, 1.0))
     return IMAGENET_RGB
@@ -208,7 +225,7 @@ class InputNormalizer(nn.Module):
 
     Built from a :class:`~plca.models.registry.Normalization` or a ResNet style name:
     ``"caffe"``: channels reversed to BGR, minus :data:`CAFFE_MEAN_BGR`, std 1 (range stays 0-255);
-    ``"pytorch"``: ``(x / 255 - IMAGENET_MEAN_RGB) / IMAGENET_STD_RGB``.
+    ``"pytorch"`` and ``"v1c"``: ``(x / 255 - IMAGENET_MEAN_RGB) / IMAGENET_STD_RGB``.
     Integer images are converted to float32. The constants are non-persistent buffers: they
     follow ``.to(device)`` but never appear in state dicts.
     """
@@ -264,6 +281,8 @@ def load_resnet_weights(backbone: ResNet, path: str | Path, drop_head: bool = Fa
     only with ``drop_head`` (``model.drop_pretrained_head``). Any other missing or unexpected key
     or a shape mismatch raises :class:`WeightsError`. The weights' style (Caffe v1 / torchvision
     v1.5) cannot be read from the file: it must match the ``style`` the backbone was built with.
+    A deep-stem (``stem.*``, mmcv's ``resnet*_v1c``) file and a 7x7-stem (``conv1.*``) file are told
+    apart, and loading one into the other style is an error that names the style to use.
     """
     path = Path(path)
     state: dict[str, Tensor] = {}
@@ -288,7 +307,18 @@ def load_resnet_weights(backbone: ResNet, path: str | Path, drop_head: bool = Fa
         for key in extra:
             del state[key]
         ignored += [f"{key} (DeepLab COCO classifier)" for key in extra]
+    _check_stem(backbone, state, path)
     return load_strict(backbone, state, path, f"ResNet-{backbone.depth} backbone", ignored, optional=True)
+
+
+def _check_stem(backbone: ResNet, state: dict[str, Tensor], path: Path) -> None:
+    deep_stem, plain_stem = "stem.0.weight" in state, "conv1.weight" in state
+    if backbone.style == "v1c" and plain_stem and not deep_stem:
+        raise WeightsError(f"weights file '{path}' is a ResNet with a 7x7 stem (conv1.*, torchvision or Caffe), "
+                           f"not a deep-stem v1c ResNet: set model.style to pytorch or caffe to match it")
+    if backbone.style != "v1c" and deep_stem and not plain_stem:
+        raise WeightsError(f"weights file '{path}' is a deep-stem ResNet (stem.*, e.g. mmcv's resnet101_v1c): "
+                           f"set model.style=v1c to load it")
 
 
 def _resnet_factory(depth: int):
@@ -296,7 +326,7 @@ def _resnet_factory(depth: int):
         return ResNet(depth, style or "caffe")
 
     build.__name__ = f"resnet{depth}"
-    build.__doc__ = f"Dilated ResNet-{depth} (output stride 8), style ``caffe`` (default) or ``pytorch``."
+    build.__doc__ = f"Dilated ResNet-{depth} (output stride 8), style ``caffe`` (default), ``pytorch`` or ``v1c``."
     return build
 
 
