@@ -8,21 +8,12 @@ import pytest
 import torch
 
 import association_reference as reference
+from test_association import make_maps
 from plca import associate, association_loss
 from plca.data.labels import IGNORE_INDEX
 
 METRICS = ("cos", "kl")
 IMPLS = ("dense", "efficient")
-
-
-def make_maps(metric: str, batch: int, channels: int, source_size, target_size, seed: int,
-              dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    source = torch.randn(batch, channels, *source_size, generator=g, dtype=dtype)
-    target = torch.randn(batch, channels, *target_size, generator=g, dtype=dtype)
-    if metric == "kl":
-        source, target = (2 * source).softmax(dim=1), (2 * target).softmax(dim=1)
-    return source, target
 
 
 def unequal_batch(metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
