@@ -7,6 +7,7 @@ backward, optimiser update). Any registered backbone / head and method:
     python bench/train_step.py --size 512x512 --batch 2 --backbone mit_b5 --head daformer --features head_embedding \
         --method self_training_plca --device cuda --amp
     python bench/train_step.py --size 129x129 --batch 1 --backbone resnet18            # CPU smoke run
+    python bench/train_step.py --method self_training_plca --single-backward ...      # vs the staged backward
 
 Random images and labels; no data loading. Prints images/s (source + target images per second)
 and the peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: the process's max RSS).
@@ -15,7 +16,6 @@ and the peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: the process's m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import resource
 import time
@@ -23,8 +23,10 @@ import time
 import torch
 
 from plca.config import build_config
+from plca.engine.distributed import DistInfo
 from plca.engine.optim import optimizer_from_config
 from plca.engine.trainer import build_training_method
+from plca.engine.update import update
 
 #: --method -> (method, loss section)
 METHODS = {
@@ -42,7 +44,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def run(size, batch, backbone, device, amp, impl, steps, warmup, channels_last, num_classes=19, head="deeplabv2",
-        features="backbone_last", method_name="plca") -> dict:
+        features="backbone_last", method_name="plca", staged_backward=True) -> dict:
     torch.manual_seed(0)
     device = torch.device(device)
     name, loss = METHODS[method_name]
@@ -55,6 +57,7 @@ def run(size, batch, backbone, device, amp, impl, steps, warmup, channels_last, 
         "train": {"optimizer": "sgd" if name != "self_training" else "adamw", "lr": 1e-4,
                   "channels_last": channels_last},
         "loss": loss, "device": str(device),
+        **({"self_training": {"staged_backward": staged_backward}} if name == "self_training" else {}),
     })
     method = build_training_method(config, device).train()
     optimizer = optimizer_from_config(method.trainable_module(), config.train)
@@ -69,17 +72,14 @@ def run(size, batch, backbone, device, amp, impl, steps, warmup, channels_last, 
         return {"image": images, "label": labels}
 
     source, target = batch_of(1), batch_of(2)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp and device.type == "cuda"
-                else contextlib.nullcontext())
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    logs: list[dict] = []
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            out = method.training_step(source, target, 0)
-        out.loss.backward()
-        optimizer.step()
-        method.after_update(1)
-        return out
+        # the engine's update (early backward of finished parts included), bf16 autocast on CUDA with --amp
+        update(method, optimizer, [(source, target)], 0, info, None, amp and device.type == "cuda", channels_last,
+               on_logs=logs.append)
+        return logs[-1]
 
     for _ in range(warmup):
         step()
@@ -103,7 +103,8 @@ def run(size, batch, backbone, device, amp, impl, steps, warmup, channels_last, 
         "method": method_name, "device": str(device), "amp": amp, "impl": impl,
         "channels_last": channels_last, "seconds_per_step": seconds,
         "images_per_second": 2 * batch / seconds, "peak_mb": peak_mb, "peak_measured_as": peak_kind,
-        "loss": float(out.loss),
+        "staged_backward": staged_backward if name == "self_training" else None,
+        "loss": float(out["loss/total"]),
     }
 
 
@@ -122,13 +123,17 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--single-backward", action="store_true",
+                        help="self-training: one backward of the summed loss (self_training.staged_backward=false)")
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
     result = run(args.size, args.batch, args.backbone, args.device, args.amp, args.impl, args.steps, args.warmup,
-                 args.channels_last, head=args.head, features=args.features, method_name=args.method)
+                 args.channels_last, head=args.head, features=args.features, method_name=args.method,
+                 staged_backward=not args.single_backward)
     print(f"{args.method}: {result['backbone']} + {args.head} (association on {args.features}) "
           f"{args.size[0]}x{args.size[1]} batch {args.batch} (+{args.batch} target) on {result['device']}, "
-          f"amp={args.amp}, association={args.impl}, channels_last={args.channels_last}")
+          f"amp={args.amp}, association={args.impl}, channels_last={args.channels_last}"
+          + (f", staged_backward={result['staged_backward']}" if result["staged_backward"] is not None else ""))
     print(f"  {result['seconds_per_step']:.3f} s/step  {result['images_per_second']:.2f} images/s  "
           f"peak {result['peak_mb']:.0f} MB ({result['peak_measured_as']})")
     if args.json:

@@ -39,8 +39,9 @@ def update(method: nn.Module, optimizer: torch.optim.Optimizer, batches: Sequenc
            on_logs: Callable[[dict], None]) -> UpdateOutcome:
     """Forward and backward every ``(source, target)`` micro-batch of ``batches``, then step the optimiser.
 
-    Each micro-batch's loss is divided by the number of micro-batches; DDP synchronises gradients
-    on the last one only. The step is skipped on every process when any loss or gradient is
+    Each micro-batch's loss (and each part a method back-propagates early, see
+    :meth:`~plca.methods.base.Method.backward_part`) is divided by the number of micro-batches;
+    DDP synchronises gradients on the last backward of the last one only. The step is skipped on every process when any loss or gradient is
     non-finite anywhere, and the BatchNorm statistics the forward passes changed are put back.
     On an exception the statistics are put back too, so the model is that of the previous update.
     """
@@ -56,10 +57,16 @@ def update(method: nn.Module, optimizer: torch.optim.Optimizer, batches: Sequenc
             no_sync = ddp.no_sync() if (ddp is not None and not last) else contextlib.nullcontext()
             autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp
                         else contextlib.nullcontext())
+            parts_finite: list[Tensor] = []
+
+            def backward_part(loss: Tensor) -> None:
+                parts_finite.append(torch.isfinite(loss.detach()))
+                (loss / len(batches)).backward()
+
             with no_sync:
-                with autocast:
+                with autocast, method.early_backward(backward_part):
                     output = method.training_step(source, target, step)
-                finite = finite and bool(torch.isfinite(output.loss).item())
+                finite = finite and bool(torch.stack([torch.isfinite(output.loss.detach()), *parts_finite]).all())
                 (output.loss / len(batches)).backward()
             on_logs(output.logs)
     except BaseException:

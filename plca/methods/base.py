@@ -12,13 +12,20 @@ The engine owns the loop, devices, precision, DDP and checkpoints; a method:
 - says which network to evaluate and export (:meth:`Method.inference_model`) and its
   test-time default (:attr:`Method.test_time_aggregation`).
 
+A step with several forward passes may back-propagate a finished part of its loss early
+(:meth:`Method.backward_part`, inside :meth:`Method.early_stage`), as DAFormer does with the
+source loss before the mixed forward: the part's graph is freed before the next forwards, and
+the gradients are the same as one backward of the sum. The engine allows it during its updates
+(:meth:`Method.early_backward`); called directly, ``training_step`` returns the whole loss.
+
 A method's own options are a dataclass (:attr:`Method.Options`), read from the config
 section named after the method and handed over untouched by the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -77,6 +84,7 @@ class Method(nn.Module):
         self.options = context.options
         self.classes = tuple(context.classes)
         self.__dict__["_student_forward"] = None  # not a submodule: the engine's DDP wrapper of the student
+        self.__dict__["_backward_part"] = None  # the engine's early backward, during its updates only
 
     # ------------------------------------------------------------------ the engine's side
 
@@ -87,6 +95,16 @@ class Method(nn.Module):
     def set_student_forward(self, wrapper: nn.Module | None) -> None:
         """Route the student's training forward passes through ``wrapper`` (DDP), or directly (None)."""
         self.__dict__["_student_forward"] = wrapper
+
+    @contextlib.contextmanager
+    def early_backward(self, backward: Callable[[Tensor], None]) -> Iterator[None]:
+        """While active, :meth:`backward_part` back-propagates through ``backward(loss)`` (which
+        scales the part as the step's loss is scaled and notes whether it is finite)."""
+        self.__dict__["_backward_part"] = backward
+        try:
+            yield
+        finally:
+            self.__dict__["_backward_part"] = None
 
     def inference_model(self) -> nn.Module:
         """The segmentor to evaluate, export and predict with."""
@@ -104,6 +122,24 @@ class Method(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers for subclasses
+
+    def early_stage(self) -> contextlib.AbstractContextManager:
+        """Context for the forward passes of a part given to :meth:`backward_part`: under DDP their
+        gradients stay local (``no_sync``) and are all-reduced, summed with the rest, by the step's
+        last backward."""
+        wrapper = self.__dict__["_student_forward"]
+        if self.__dict__["_backward_part"] is not None and hasattr(wrapper, "no_sync"):
+            return wrapper.no_sync()
+        return contextlib.nullcontext()
+
+    def backward_part(self, loss: Tensor) -> Tensor:
+        """Back-propagate the scalar ``loss`` now when the engine allows it, and return what the step's
+        loss must still include: a detached zero then, else ``loss`` itself (one backward of the sum)."""
+        backward = self.__dict__["_backward_part"]
+        if backward is None or not loss.requires_grad:
+            return loss
+        backward(loss)
+        return loss.detach().new_zeros(())
 
     def segment(self, images: Tensor, **options) -> dict[str, Tensor]:
         """The student's training forward ``{'features', 'logits'}`` (through DDP when the engine wraps it)."""

@@ -22,6 +22,10 @@ One step (every constant is a key of the ``self_training:`` section, DAFormer's 
    PLCA's feature-level similarity is meant to bridge. It is forwarded first, as in the ``plca``
    method.
 
+With ``staged_backward`` (default), as DAFormer and MIC do, the source part (1, and 5's terms) is
+back-propagated before the teacher and the mixed forward, and with MIC the mix before the masked
+forward: one graph at a time in memory, the same gradients as one backward of the sum.
+
 After each optimiser update the teacher follows the student (alpha = min(1 - 1/(t + 1), alpha_max)).
 The teacher is a submodule: it is in every checkpoint (keys ``teacher.*``) and a resumed run
 continues with it exactly. ``eval.model`` picks which network is evaluated and exported (student, as papers report; teacher; or both,
@@ -30,6 +34,7 @@ each in ``metrics.json``).
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass, field
 
@@ -92,6 +97,7 @@ class SelfTrainingOptions:
     augment: AugmentOptions = field(default_factory=AugmentOptions)
     feature_distance: FeatureDistanceOptions = field(default_factory=FeatureDistanceOptions)
     masking: MaskingOptions = field(default_factory=MaskingOptions)
+    staged_backward: bool = True  # back-propagate each part (source, then mix with MIC) before the next forward, as DAFormer: same gradients, less memory; false = one backward
 
     def validate(self, config) -> None:
         """Checks across keys; raises ``ValueError`` naming the key."""
@@ -188,20 +194,17 @@ class SelfTraining(Method):
         if target is None:
             raise ValueError("self-training needs a target batch")
         options, loss_config = self.options, self.loss_config
-        assoc = loss_config.association
         generator = self._generator(step)
         logs: dict[str, Tensor] = {}
-        with_plca = assoc.feature_weight > 0 or assoc.classifier_weight > 0 or loss_config.lsr_weight > 0
-        tgt = self.segment(target["image"]) if with_plca else None
-        src = self.segment(source["image"], return_bottleneck=self.imagenet is not None)
+        # each part's graph is freed before the next part's forwards when the engine allows it
+        stage = self.early_stage if options.staged_backward else contextlib.nullcontext
+        release = self.backward_part if options.staged_backward else (lambda part: part)
+        last_is_masked = options.masking.enabled
 
-        loss, source_logs = self.source_loss(src["logits"], source["label"])
-        logs.update(source_logs)
-        if self.imagenet is not None:
-            distance = feature_distance_loss(src["bottleneck"], self.imagenet(source["image"]), source["label"],
-                                             self.thing_classes, min_ratio=options.feature_distance.min_ratio)
-            loss = loss + options.feature_distance.weight * distance
-            logs["loss/feature_distance"] = distance.detach()
+        with stage():
+            first = self._source_part(source, target, logs)
+            total = first.detach()
+            loss = release(first)
 
         labels, weights = self._pseudo_labels(target, logs)
         images, mixed_labels, mixed_weights = target["image"], labels, weights
@@ -209,11 +212,13 @@ class SelfTraining(Method):
             images, mixed_labels, mixed_weights, _ = class_mix(source["image"], source["label"], target["image"],
                                                                labels, weights, generator)
         images = self._augment(images, generator)
-        mixed = self.segment(images)
-        mix_loss = weighted_cross_entropy(upsample(mixed["logits"], mixed_labels.shape[-2:]).float(), mixed_labels,
-                                          mixed_weights)
-        loss = loss + mix_loss
-        logs["loss/mix_ce"] = mix_loss.detach()
+        with stage() if last_is_masked else contextlib.nullcontext():
+            mixed = self.segment(images)
+            mix_loss = weighted_cross_entropy(upsample(mixed["logits"], mixed_labels.shape[-2:]).float(),
+                                              mixed_labels, mixed_weights)
+            logs["loss/mix_ce"] = mix_loss.detach()
+            total = total + mix_loss.detach()
+            loss = loss + (release(mix_loss) if last_is_masked else mix_loss)
 
         if options.masking.enabled:
             masks = patch_mask(target["image"], generator, options.masking.patch_size, options.masking.ratio)
@@ -222,8 +227,28 @@ class SelfTraining(Method):
             masked_logits = upsample(self.segment(masked)["logits"], labels.shape[-2:]).float()
             masked_loss = weighted_cross_entropy(masked_logits, labels, weights)
             loss = loss + options.masking.weight * masked_loss
+            total = total + options.masking.weight * masked_loss.detach()
             logs["loss/masked_ce"] = masked_loss.detach()
+        logs["loss/total"] = total
+        return StepOutput(loss=loss, logs=logs)
 
+    def _source_part(self, source: dict, target: dict, logs: dict[str, Tensor]) -> Tensor:
+        """The loss terms of the student's source forward (and, with PLCA on top, of its un-mixed
+        target forward, made first): supervised loss, feature distance, LSR, association."""
+        loss_config = self.loss_config
+        assoc = loss_config.association
+        with_plca = assoc.feature_weight > 0 or assoc.classifier_weight > 0 or loss_config.lsr_weight > 0
+        tgt = self.segment(target["image"]) if with_plca else None
+        src = self.segment(source["image"], return_bottleneck=self.imagenet is not None)
+
+        loss, source_logs = self.source_loss(src["logits"], source["label"])
+        logs.update(source_logs)
+        if self.imagenet is not None:
+            fd = self.options.feature_distance
+            distance = feature_distance_loss(src["bottleneck"], self.imagenet(source["image"]), source["label"],
+                                             self.thing_classes, min_ratio=fd.min_ratio)
+            loss = loss + fd.weight * distance
+            logs["loss/feature_distance"] = distance.detach()
         if with_plca:
             if loss_config.lsr_weight > 0:
                 lsr = lsr_terms(src["logits"], tgt["logits"], loss_config.lsr_threshold)
@@ -232,8 +257,7 @@ class SelfTraining(Method):
             assoc_loss, assoc_logs = association_terms(src, tgt, source["label"], target.get("label"), assoc)
             loss = loss + assoc_loss
             logs.update(assoc_logs)
-        logs["loss/total"] = loss.detach()
-        return StepOutput(loss=loss, logs=logs)
+        return loss
 
     def _pseudo_labels(self, target: dict, logs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         opts = self.options.pseudo_label

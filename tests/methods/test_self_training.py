@@ -42,8 +42,8 @@ def method(loss_overrides=(), **option_changes):
     segmentor = build_segmentor(config.model, 3).train()
     options = config.method_options
     for key, value in option_changes.items():
-        section, name = key.split("__")
-        setattr(getattr(options, section), name, value)
+        section, _, name = key.rpartition("__")
+        setattr(getattr(options, section) if section else options, name, value)
     context = MethodContext(loss=config.loss, options=options, classes=tuple(CLASSES), model=config.model,
                             seed=0)
     return build_method("self_training", segmentor, context)
@@ -156,3 +156,45 @@ def test_shipped_folder_configs_run_with_the_documented_overrides(data, tmp_path
     result = train(config, progress=False)
     assert result.step == 2 and (result.run_dir / "metrics.json").is_file()
     assert "shortened from 1500 to 0" in (result.run_dir / "train.log").read_text()
+
+
+def _grads(module):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+
+
+@pytest.mark.parametrize("masking", [False, True])
+def test_staged_backward_gives_the_gradients_of_one_backward_of_the_sum(masking):
+    import copy
+
+    plca = ["loss.association.feature_weight=0.1", "loss.association.classifier_weight=0.1", "loss.lsr_weight=0.01"]
+    single = method(plca, masking__enabled=masking, masking__patch_size=8, pseudo_label__threshold=0.0)
+    staged = copy.deepcopy(single)
+    source, target = batches(2)
+
+    out = single.training_step(source, target, 0)  # no engine hook: the whole loss comes back
+    out.loss.backward()
+    parts = []
+
+    def backward(loss):
+        parts.append(loss.detach())
+        loss.backward()
+
+    with staged.early_backward(backward):
+        staged_out = staged.training_step(source, target, 0)
+    staged_out.loss.backward()
+
+    assert len(parts) == (2 if masking else 1)  # the source part, and the mix before the masked forward
+    torch.testing.assert_close(staged_out.logs["loss/total"], out.logs["loss/total"])
+    torch.testing.assert_close(sum(parts) + staged_out.loss.detach(), out.loss.detach())
+    for a, b in zip(_grads(staged.student), _grads(single.student), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(staged.buffers(), single.buffers(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_one_backward_when_staging_is_off():
+    st = method(staged_backward=False)
+    parts = []
+    with st.early_backward(lambda loss: parts.append(loss)):
+        out = st.training_step(*batches(3), 0)
+    assert parts == [] and out.loss.requires_grad
