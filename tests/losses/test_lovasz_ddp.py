@@ -2,9 +2,6 @@
 the value and, after DDP's gradient averaging, the parameter gradient of one process with all four."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,17 +9,12 @@ import torch
 
 from plca.data.labels import IGNORE_INDEX
 from plca.losses.lovasz import lovasz_softmax, lovasz_softmax_global
-from processes import free_port
+from processes import run_torchrun
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    worker = Path(__file__).parent / "lovasz_ddp_worker.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", str(worker), str(tmp_path)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_torchrun(Path(__file__).parent / "lovasz_ddp_worker.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["world_size"] == 2 for r in ranks)
     for key, first in ranks[0]["results"].items():
