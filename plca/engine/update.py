@@ -41,9 +41,10 @@ def update(method: nn.Module, optimizer: torch.optim.Optimizer, batches: Sequenc
 
     Each micro-batch's loss (and each part a method back-propagates early, see
     :meth:`~plca.methods.base.Method.backward_part`) is divided by the number of micro-batches;
-    DDP synchronises gradients on the last backward of the last one only. The step is skipped on every process when any loss or gradient is
-    non-finite anywhere, and the BatchNorm statistics the forward passes changed are put back.
-    On an exception the statistics are put back too, so the model is that of the previous update.
+    DDP synchronises gradients on the last backward of the last one only. The step is skipped on
+    every process when any loss or gradient is non-finite anywhere, and the BatchNorm statistics
+    the forward passes changed are put back. On an exception the statistics are put back too, so
+    the model is that of the previous update.
     """
     trained = method.trainable_module()
     buffers = [buffer.detach().clone() for buffer in method.buffers()]
