@@ -411,6 +411,7 @@ def validate(config: Config) -> None:
     """Checks that types alone cannot express."""
     from plca.data.datasets import DATASET_FORMATS
     from plca.models.registry import backbone_names, head_names, is_known_backbone
+    from plca.models.resnet import STYLES as RESNET_STYLES
     from plca.models.segmentor import FEATURE_SOURCES
 
     def check(ok: bool, message: str) -> None:
@@ -442,8 +443,10 @@ def validate(config: Config) -> None:
     check(is_known_backbone(model.backbone),
           f"model.backbone '{model.backbone}' is unknown; choose one of {', '.join(backbone_names())}")
     check(model.head in head_names(), f"model.head '{model.head}' is unknown; choose one of {', '.join(head_names())}")
-    check(model.style in (None, "caffe", "pytorch", "v1c"), "model.style must be 'caffe', 'pytorch', 'v1c' or null")
-    check(model.style not in ("caffe", "v1c") or model.backbone.startswith("resnet"),
+    check(model.style is None or model.style in RESNET_STYLES,
+          f"model.style must be {', '.join(repr(style) for style in RESNET_STYLES)} or null")
+    # the other backbones take RGB with the ImageNet mean / std, which is what "pytorch" means
+    check(model.style in (None, "pytorch") or model.backbone.startswith("resnet"),
           f"model.style {model.style} is for the ResNet backbones only; {model.backbone} has its own input "
           f"normalisation (leave model.style null)")
     check(model.features in FEATURE_SOURCES, f"model.features must be one of {', '.join(FEATURE_SOURCES)}")

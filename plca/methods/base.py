@@ -139,7 +139,7 @@ class Method(nn.Module):
         if backward is None or not loss.requires_grad:
             return loss
         backward(loss)
-        return loss.detach().new_zeros(())
+        return loss.new_zeros(())
 
     def segment(self, images: Tensor, **options) -> dict[str, Tensor]:
         """The student's training forward ``{'features', 'logits'}`` (through DDP when the engine wraps it)."""

@@ -199,7 +199,7 @@ class SelfTraining(Method):
         # each part's graph is freed before the next part's forwards when the engine allows it
         stage = self.early_stage if options.staged_backward else contextlib.nullcontext
         release = self.backward_part if options.staged_backward else (lambda part: part)
-        last_is_masked = options.masking.enabled
+        mix_goes_early = options.masking.enabled  # the masked forward comes after it
 
         with stage():
             first = self._source_part(source, target, logs)
@@ -212,13 +212,13 @@ class SelfTraining(Method):
             images, mixed_labels, mixed_weights, _ = class_mix(source["image"], source["label"], target["image"],
                                                                labels, weights, generator)
         images = self._augment(images, generator)
-        with stage() if last_is_masked else contextlib.nullcontext():
+        with stage() if mix_goes_early else contextlib.nullcontext():
             mixed = self.segment(images)
             mix_loss = weighted_cross_entropy(upsample(mixed["logits"], mixed_labels.shape[-2:]).float(),
                                               mixed_labels, mixed_weights)
             logs["loss/mix_ce"] = mix_loss.detach()
             total = total + mix_loss.detach()
-            loss = loss + (release(mix_loss) if last_is_masked else mix_loss)
+            loss = loss + (release(mix_loss) if mix_goes_early else mix_loss)
 
         if options.masking.enabled:
             masks = patch_mask(target["image"], generator, options.masking.patch_size, options.masking.ratio)
