@@ -71,12 +71,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet101"  # resnet18 | resnet34 | resnet50 | resnet101 | mit_b0..mit_b5 | timm:<name>
+    backbone: str = "resnet101"  # resnet18 | resnet34 | resnet50 | resnet101 | mit_b0..mit_b5 | efficientnet_lite0 | timm:<name>
     head: str = "deeplabv2"  # deeplabv2 | daformer | segformer
     # ResNets: caffe (BGR 0-255 minus mean; the default) | pytorch (v1.5, RGB, ImageNet mean/std);
     # other backbones have one input normalisation (ImageNet RGB) and leave this null
     style: str | None = None  # ResNets: caffe (null) | pytorch | v1c (deep stem, DAFormer's DeepLab-v2); must match the weights; null for other backbones
-    pretrained: str | None = None  # ImageNet weights of the backbone, a local file; null = from scratch
+    pretrained: str | None = None  # ImageNet weights of the backbone: a local file, or package:<name> (weights inside an installed package, e.g. package:efficientnet_lite0); null = from scratch
     drop_pretrained_head: bool = False  # drop a classifier stored with the weights (DeepLab's COCO layer5.*)
     features: str = "backbone_last"  # map of the feature-level association: backbone_last | head_embedding
 
@@ -410,6 +410,7 @@ def replace_model(config: Config, **changes: Any) -> Config:
 def validate(config: Config) -> None:
     """Checks that types alone cannot express."""
     from plca.data.datasets import DATASET_FORMATS
+    from plca.models.packaged import is_packaged, packaged_entry
     from plca.models.registry import backbone_names, head_names, is_known_backbone
     from plca.models.resnet import STYLES as RESNET_STYLES
     from plca.models.segmentor import FEATURE_SOURCES
@@ -450,6 +451,11 @@ def validate(config: Config) -> None:
           f"model.style {model.style} is for the ResNet backbones only; {model.backbone} has its own input "
           f"normalisation (leave model.style null)")
     check(model.features in FEATURE_SOURCES, f"model.features must be one of {', '.join(FEATURE_SOURCES)}")
+    if is_packaged(model.pretrained):
+        try:
+            packaged_entry(model.pretrained)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if model.backbone.startswith("timm:"):
         from plca.models.timm_backbone import check_model_name, import_timm
 

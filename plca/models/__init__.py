@@ -4,7 +4,7 @@ Importing this package registers every built-in backbone and head (see
 :mod:`plca.models.registry`); :func:`build_segmentor` builds one by name.
 """
 
-from plca.models import daformer_head, deeplab, mit, resnet, segformer_head, timm_backbone  # noqa: F401 - registers all
+from plca.models import daformer_head, deeplab, efficientnet_lite, mit, resnet, segformer_head, timm_backbone  # noqa: F401 - registers all
 from plca.models.segmentor import Segmentor, SegmentorSpec, build_segmentor
 
 __all__ = ["Segmentor", "SegmentorSpec", "build_segmentor"]

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from torch import Tensor, nn
 
+from plca.models.packaged import resolve_weights
 from plca.models.registry import create_backbone, create_head
 from plca.models.resnet import InputNormalizer
 from plca.models.weights import WeightsError
@@ -124,12 +125,18 @@ def build_segmentor(options: SegmentorOptions, num_classes: int) -> Segmentor:
     if options.pretrained:
         report = load_backbone_weights(backbone, options.pretrained,
                                        drop_head=getattr(options, "drop_pretrained_head", False))
-        log.info("ImageNet weights from %s: %s", options.pretrained, report)
+        log.info("ImageNet weights from %s: %s (%d of the backbone's %d tensors)", options.pretrained, report,
+                 len(report.loaded), len(backbone.state_dict()))
     return segmentor
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path, drop_head: bool = False):
-    """``backbone.load_pretrained(path)`` (with ``drop_head`` where the backbone knows it)."""
+    """``backbone.load_pretrained(path)`` (with ``drop_head`` where the backbone knows it).
+
+    ``path`` may name weights inside an installed package (``package:<name>``, see
+    :mod:`plca.models.packaged`).
+    """
+    path = resolve_weights(path)
     if not hasattr(backbone, "load_pretrained"):
         raise WeightsError(f"backbone {type(backbone).__name__} cannot load weights from '{path}'")
     if drop_head:
