@@ -67,6 +67,7 @@ class DataConfig:
     num_workers: int = 2  # data-loading processes per training process (at most the CPUs it may use)
     on_error: str = "raise"  # a sample that fails to load: raise | skip (skipped samples are counted)
     rare_class_sampling: RareClassSamplingConfig = field(default_factory=RareClassSamplingConfig)
+    target_label_diagnostics: bool = False  # read the target's training labels for logged diagnostics only (pseudo-label and association accuracy); no loss uses them; false = training never opens a target label file
 
 
 @dataclass
@@ -113,7 +114,7 @@ class TrainConfig:
     target_shorter_side: list[int] | None = None  # the target's own [lo, hi] (DAFormer resizes each domain); null = as the source
     flip: bool = True  # random horizontal flip (p 0.5)
     cat_max_ratio: float = 1.0  # source crops re-drawn (up to 10x) while one class covers this share or more of the labelled pixels (DAFormer 0.75); 1 = off
-    target_cat_max_ratio: float = 1.0  # the same for target crops: reads the target's labels (DAFormer does, with Cityscapes' ground truth); 1 = off
+    target_cat_max_ratio: float = 1.0  # the same for target crops: reads the target's ground truth, so a run with < 1 is NOT unsupervised (DAFormer's early configs did; removed in Jan 2022); 1 = off
     optimizer: str = "sgd"  # sgd (the PLCA reference) | adamw (DAFormer: no decay on norm, bias, position)
     lr: float = 2.5e-4  # base learning rate (the backbone's; the head's is lr x head_lr_mult)
     momentum: float = 0.9  # sgd

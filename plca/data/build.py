@@ -25,6 +25,13 @@ class RunDatasets:
         return {"source": self.source, "target": self.target, "val": self.val}
 
 
+def reads_target_labels(data, train) -> bool:
+    """Whether training opens the target's label files: only for logged diagnostics
+    (``data.target_label_diagnostics``) or target crops chosen by class ratio
+    (``train.target_cat_max_ratio`` < 1, which makes the run no longer unsupervised)."""
+    return data.target_label_diagnostics or train.target_cat_max_ratio < 1.0
+
+
 def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target: bool,
                        world_size: int = 1, cache_dir: Path | None = None) -> RunDatasets:
     """The training source (and target, when the method uses one) with the training transform, and the
@@ -46,7 +53,8 @@ def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target
     target = None
     if uses_target:
         target = build_dataset(data.target.format, data.target.root, data.target.split, transform=target_transform,
-                               seed=train.seed + 1, require_labels=False, **common)
+                               seed=train.seed + 1, require_labels=False,
+                               read_labels=reads_target_labels(data, train), **common)
     for name, dataset in (("source", source), ("target", target)):
         if dataset is not None:
             check_enough_samples(dataset, train.batch_size, world_size, name)
@@ -86,9 +94,10 @@ def check_run_datasets(datasets: RunDatasets, level: str, on_error: str, rank: i
             if warning:
                 logger.warning("%s data: %s", name, warning)
             if name == "target" and train.target_cat_max_ratio < 1.0:
-                logger.info("target data: crops are re-drawn while one class covers >= %g of the target's labelled "
-                            "pixels (train.target_cat_max_ratio): this reads the target's labels, as DAFormer does; "
-                            "set it to 1 for crops that never read them", train.target_cat_max_ratio)
+                logger.warning("target data: crops are re-drawn while one class covers >= %g of the target's labelled "
+                               "pixels (train.target_cat_max_ratio): this reads the target's ground truth, so this run "
+                               "is NOT unsupervised domain adaptation; set it to 1 (the default) for crops that never "
+                               "read target labels", train.target_cat_max_ratio)
         if report.resized:
             logger.warning("%s: %d label(s) differ in size from their image and are resized when loaded "
                            "(nearest), e.g. %s", dataset.description, len(report.resized), report.resized[0])

@@ -28,7 +28,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -649,16 +649,20 @@ def _make(format: str, root: Path, split: str, classes: Sequence[str], listing: 
 
 def build_dataset(format: str, root: str | Path, split: str, classes: Sequence[str],
                   transform: Transform | None = None, *, seed: int = 0, on_error: str = "raise",
-                  require_labels: bool = True) -> SegmentationDataset:
+                  require_labels: bool = True, read_labels: bool = True) -> SegmentationDataset:
     """The ``split`` of the ``format`` dataset in ``root``, labelled with indices of ``classes``.
 
     ``require_labels=False`` allows a dataset without label files (e.g. the target's train
-    split); its samples' labels are then all 255. Raises :class:`DatasetError` for an unknown
-    format, a missing folder or split, an empty split or listed files that do not exist.
+    split); its samples' labels are then all 255. ``read_labels=False`` never opens a label file,
+    even where they exist (every label is 255): the unsupervised target of a training run.
+    Raises :class:`DatasetError` for an unknown format, a missing folder or split, an empty
+    split or listed files that do not exist.
     """
     _check_arguments(format, classes)
     root = Path(root).expanduser()
-    listing = _READERS[format](root, split, classes, require_labels, _Issues(strict=True))
+    listing = _READERS[format](root, split, classes, require_labels and read_labels, _Issues(strict=True))
+    if not read_labels:
+        listing.samples = [replace(sample, label=None) for sample in listing.samples]
     return _make(format, root, split, classes, listing, transform, seed, on_error)
 
 

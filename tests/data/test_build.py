@@ -27,5 +27,6 @@ def test_each_domain_crops_with_its_own_cat_max_ratio(tmp_path, caplog, source_r
 
     with caplog.at_level(logging.INFO):
         check_run_datasets(datasets, "labels", "raise", 0, 1, logging.getLogger("plca.test"), train=config.train)
-    reads_target_labels = [r for r in caplog.records if "reads the target's labels" in r.getMessage()]
+    reads_target_labels = [r for r in caplog.records if "reads the target's ground truth" in r.getMessage()
+                           and r.levelno == logging.WARNING]
     assert len(reads_target_labels) == (target_ratio < 1.0)
