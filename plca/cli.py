@@ -95,7 +95,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from plca.demo import run_demo
 
     run_demo(output_dir=Path(args.output_dir), data_root=Path(args.data_root), seeds=args.seeds,
-             iters=args.iters, with_oracle=args.oracle, progress=not args.no_progress, methods=args.methods)
+             iters=args.iters, with_oracle=args.oracle, progress=not args.no_progress, methods=args.methods,
+             start="scratch" if args.from_scratch else "pretrained", tuning=args.tuning, overrides=args.set)
     return 0
 
 
@@ -237,10 +238,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": (
         "train and compare methods on the embedded two-domain data, on a CPU, in minutes",
         "Generates procedural street scenes in two appearances (a synthetic source, a real-like target), "
-        "trains a ResNet-18 DeepLab-v2 from scratch with each method and prints their per-class IoU on the "
-        "target's validation split, one column per method (mean over the seeds).",
+        "trains EfficientNet-Lite0 from its ImageNet weights with DAFormer's head (or, with --from-scratch, a "
+        "ResNet-18 DeepLab-v2 from random weights) with each method and prints their per-class IoU on the "
+        "target's validation split, one column per method (mean over the seeds). --tuning uses scenes of "
+        "another generator seed: choose settings there, never on the reported scenes.",
         "  plca demo\n"
-        "  plca demo --methods source_only plca self_training self_training_plca --seeds 0 1 2"),
+        "  plca demo --methods source_only plca self_training self_training_plca --seeds 0 1 2\n"
+        "  plca demo --tuning --methods plca --set loss.association.feature_weight=0.3"),
     "predict": (
         "segment images with a trained model; write label, colour and overlay images",
         "Segments an image, a folder of images or a configured split, whole-image or with a sliding window, "
@@ -358,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods to train and compare, one column each (default: source_only plca)")
     p.add_argument("--oracle", action="store_true",
                    help="also train on the target's labels (the upper bound the domain gap is measured against)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="ResNet-18 DeepLab-v2 from random weights (SGD) instead of the ImageNet-pretrained start")
+    p.add_argument("--tuning", action="store_true",
+                   help="train and report on the tuning scenes (another generator seed), where settings are chosen")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides applied to every method's run (e.g. train.lr=1e-4)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 

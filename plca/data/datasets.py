@@ -610,10 +610,10 @@ def _folder(root: Path, split: str, classes: Sequence[str], require_labels: bool
 
 
 def _synthetic(root: Path, split: str, classes: Sequence[str], require_labels: bool, issues: _Issues) -> _Listing:
-    from plca.data.synthetic import ensure_generated
+    from plca.data.synthetic import ensure_generated, generated_parameters
 
     try:
-        ensure_generated(root)
+        ensure_generated(root, **generated_parameters(root))
     except ValueError as error:
         issues.fatal(str(error))
     return _folder(root, split, classes, require_labels, issues)

@@ -629,6 +629,17 @@ def generate(root: str | Path, *, n_train: int = 600, n_val: int = 100, height: 
     return root
 
 
+def generated_parameters(root: str | Path) -> dict[str, int]:
+    """The :func:`generate` arguments of the finished dataset in ``root`` ({} when there is none or its
+    meta.json cannot be read), so a reader can check it is current without knowing its scene seed."""
+    try:
+        meta = json.loads((Path(root) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    keys = ("n_train", "n_val", "height", "width", "seed")
+    return {key: meta[key] for key in keys if isinstance(meta, dict) and isinstance(meta.get(key), int)}
+
+
 def ensure_generated(root: str | Path, **kwargs: int) -> Path:
     """Generate the synthetic data in ``root`` unless it is already there with the same parameters.
 
