@@ -59,10 +59,10 @@ class RareClassSamplingConfig:
 
     enabled: bool = False  # sample source images by their rare classes (DAFormer's RCS)
     temperature: float = 0.01  # T of softmax((1 - f_c) / T): lower draws rare classes more often
-    min_pixels: int | None = 3000  # an image is drawn for class c if it holds more pixels of c than this (its label as stored; DAFormer's 3000 on GTA5); or null and min_pixels_ratio
-    min_pixels_ratio: float | None = None  # or: more pixels of c than this share of its own pixels (height x width of the label as stored, ignored ones included); GTA5's 3000 = 0.00149; set min_pixels null
-    min_crop_ratio: float | None = 0.5  # the crop (as rescaled and cropped) is re-drawn until it holds more than min_pixels x this pixels of c (DAFormer: 1500); 0 = no re-draws; or null and min_crop_pixels_ratio
-    min_crop_pixels_ratio: float | None = None  # or: until c covers more than this share of the crop's pixels (crop_size h x w); DAFormer's 1500 of 512 x 512 = 0.005723; 0 = no re-draws; set min_crop_ratio null
+    min_pixels: int | None = 3000  # an image is drawn for class c if it holds more pixels of c (label as stored; DAFormer: 3000); null: min_pixels_ratio
+    min_pixels_ratio: float | None = None  # or more than this share of its pixels (label's h x w, ignored ones too); GTA5's 3000 = 0.00149
+    min_crop_ratio: float | None = 0.5  # the crop (as rescaled) is re-drawn until it holds > min_pixels x this pixels of c; 0 = never; null: the next
+    min_crop_pixels_ratio: float | None = None  # or until c covers > this share of the crop (h x w); DAFormer's 1500 of 512 x 512 = 0.005723; 0 = never
     retries: int = 10  # crop re-draws at most
     stats: str | None = None  # the class statistics file; null = cached under output_dir/.cache
 

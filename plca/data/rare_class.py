@@ -3,7 +3,7 @@
 1. Per-image per-class pixel counts of the source labels and each label's size
    (:class:`ClassStatistics`, computed once and cached as JSON). DAFormer counts the label files
    as stored (``tools/convert_datasets/gta.py``: GTA5 at its full 1914 x 1052, before the
-   training pipeline's resize to 1280 x 720); the image threshold refers to the counted maps.
+   training pipeline's resize to 1280 x 704); the image threshold refers to the counted maps.
 2. ``f_c``: class ``c``'s share of all labelled source pixels. The class of a sample is drawn
    with probability ``softmax((1 - f) / T)`` (:func:`rcs_class_probabilities`, ``T = 0.01``).
 3. The image: uniform among the images with *more than* ``min_pixels`` (DAFormer: 3000) pixels
@@ -38,6 +38,8 @@ import torch
 from plca.data.io import DatasetError
 from plca.data.labels import IGNORE_INDEX
 
+log = logging.getLogger(__name__)
+
 __all__ = ["DAFORMER_MIN_PIXELS", "ClassStatistics", "RareClassDataset", "RareClassSampler",
            "cached_class_statistics", "class_pixel_counts", "crop_threshold", "crop_with_class", "image_thresholds",
            "pixels_of_class", "rare_class_dataset", "rcs_class_probabilities", "retry_until_class"]
@@ -48,8 +50,6 @@ _VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 #: DAFormer's image threshold, the default when no relative one is given
 DAFORMER_MIN_PIXELS = 3000
-
-log = logging.getLogger(__name__)
 #: separates the sampler's random stream from the other users of (seed, index)
 _STREAM = 0x52435300
 
@@ -293,17 +293,19 @@ class RareClassSampler:
         self.classes = np.array([c for c in present if enough[int(c)].size > 0], dtype=np.int64)
         self.dropped_classes = tuple(int(c) for c in present if enough[int(c)].size == 0)
         if self.classes.size == 0:
-            raise DatasetError(f"rare class sampling: no class has an image with more than {self.describe_threshold()} "
-                               f"of it ({stats.num_images} images); lower "
+            raise DatasetError(f"rare class sampling: no class passes the image threshold: none of the "
+                               f"{stats.num_images} images holds "
+                               f"{self.describe_threshold('any class')}; lower "
                                f"{'min_pixels' if self.min_pixels is not None else 'min_pixels_ratio'}")
         self.images_with_class = {int(c): enough[int(c)] for c in self.classes}
         self.probabilities = rcs_class_probabilities(stats.frequencies[self.classes], self.temperature)
 
-    def describe_threshold(self) -> str:
-        """The image threshold in words, e.g. ``3000 pixels`` or ``0.149 % of its pixels``."""
+    def describe_threshold(self, what: str = "it") -> str:
+        """What an eligible image holds, in words: ``more than 3000 pixels of it`` or
+        ``it on more than 0.149 % of its pixels``."""
         if self.min_pixels is not None:
-            return f"{self.min_pixels} pixels"
-        return f"{100 * self.min_pixels_ratio:.4g} % of its pixels"
+            return f"more than {self.min_pixels} pixels of {what}"
+        return f"{what} on more than {100 * self.min_pixels_ratio:.4g} % of its pixels"
 
     def rng(self, index: int) -> np.random.Generator:
         """The random stream of draw ``index`` (the sampler takes its first two numbers)."""
@@ -326,8 +328,8 @@ def pixels_of_class(label: Any, class_index: int) -> int:
     return int(np.count_nonzero(np.asarray(label) == class_index))
 
 
-def crop_threshold(crop_pixels: int, min_pixels: int | None = DAFORMER_MIN_PIXELS, min_crop_ratio: float | None = 0.5,
-                   min_crop_pixels_ratio: float | None = None) -> float | None:
+def crop_threshold(crop_pixels: int, min_pixels: int | None = DAFORMER_MIN_PIXELS,
+                   min_crop_ratio: float | None = 0.5, min_crop_pixels_ratio: float | None = None) -> float | None:
     """The pixels of the class a crop of ``crop_pixels`` pixels must hold *more than*; None: no check.
 
     ``min_crop_pixels_ratio`` (when given): that share of the crop's pixels; else DAFormer's
@@ -347,9 +349,9 @@ def _label_pixels(label: Any) -> int:
     return int(label.numel()) if isinstance(label, torch.Tensor) else int(np.asarray(label).size)
 
 
-def retry_until_class(draw: Callable[[], tuple[Any, Any]], class_index: int, min_pixels: int | None = DAFORMER_MIN_PIXELS,
-                      min_crop_ratio: float | None = 0.5, retries: int = 10,
-                      min_crop_pixels_ratio: float | None = None) -> tuple[Any, Any]:
+def retry_until_class(draw: Callable[[], tuple[Any, Any]], class_index: int,
+                      min_pixels: int | None = DAFORMER_MIN_PIXELS, min_crop_ratio: float | None = 0.5,
+                      retries: int = 10, min_crop_pixels_ratio: float | None = None) -> tuple[Any, Any]:
     """Call ``draw() -> (image, label)`` until the label holds more than :func:`crop_threshold` pixels
     of ``class_index`` (``min_pixels * min_crop_ratio``, or ``min_crop_pixels_ratio`` x the label's
     pixels when that is given), at most ``1 + retries`` times; the last draw is returned in any case.
@@ -370,8 +372,9 @@ def retry_until_class(draw: Callable[[], tuple[Any, Any]], class_index: int, min
 
 
 def crop_with_class(image: np.ndarray, label: np.ndarray, crop_size: tuple[int, int], class_index: int,
-                    rng: np.random.Generator, min_pixels: int | None = DAFORMER_MIN_PIXELS, min_crop_ratio: float | None = 0.5,
-                    retries: int = 10, min_crop_pixels_ratio: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    rng: np.random.Generator, min_pixels: int | None = DAFORMER_MIN_PIXELS,
+                    min_crop_ratio: float | None = 0.5, retries: int = 10,
+                    min_crop_pixels_ratio: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A random ``crop_size = (h, w)`` window of ``image`` ``(H, W, ...)`` and ``label`` ``(H, W)``,
     re-drawn as in :func:`retry_until_class`; window corners come from ``rng``."""
     crop_h, crop_w = (int(v) for v in crop_size)
@@ -398,8 +401,8 @@ class RareClassDataset:
     image's random transform is then re-drawn (:func:`retry_until_class`) until the crop, as
     the transform rescaled and cropped it, holds enough of the class: more than
     ``sampler.min_pixels * min_crop_ratio`` pixels, or, with ``min_crop_pixels_ratio``, more than
-    that share of the crop's pixels. Everything depends only on (seed, epoch, index): workers and resumed
-    runs see the same samples. A sample that fails to load behaves as in the wrapped dataset
+    that share of the crop's pixels. Everything depends only on (seed, epoch, index): workers and
+    resumed runs see the same samples. A sample that fails to load behaves as in the wrapped dataset
     (``on_error``).
     """
 
@@ -477,7 +480,7 @@ def rare_class_dataset(dataset, options, cache_dir: Path, seed: int) -> RareClas
     sampler = RareClassSampler(stats, options.temperature, options.min_pixels, seed,
                                min_pixels_ratio=options.min_pixels_ratio)
     if sampler.dropped_classes:
-        log.warning("rare class sampling never draws %s: no source image holds more than %s of it",
+        log.warning("rare class sampling never draws %s: no source image holds %s",
                     ", ".join(stats.classes[c] for c in sampler.dropped_classes), sampler.describe_threshold())
     return RareClassDataset(dataset, sampler, options.min_crop_ratio, options.retries,
                             min_crop_pixels_ratio=options.min_crop_pixels_ratio)

@@ -282,7 +282,8 @@ def test_relative_image_threshold_equals_the_written_out_rule():
     assert relative.images_with_class[2].tolist() == [2] and absolute.images_with_class[2].tolist() == [1, 2]
     assert relative.dropped_classes == (3,) and absolute.dropped_classes == (3,)  # train: 4 pixels, both too few
     assert relative.min_pixels is None and absolute.min_pixels_ratio is None
-    assert relative.describe_threshold() == "2 % of its pixels" and absolute.describe_threshold() == "20 pixels"
+    assert relative.describe_threshold() == "it on more than 2 % of its pixels"
+    assert absolute.describe_threshold("car") == "more than 20 pixels of car"
     for index in range(300):
         class_index, image = relative.sample(index)
         assert (labels[image] == class_index).sum() > 0.02 * labels[image].size
@@ -290,7 +291,7 @@ def test_relative_image_threshold_equals_the_written_out_rule():
 
 def test_image_threshold_arguments():
     stats = ClassStatistics.from_label_maps(labels_of_two_sizes(), CLASSES)
-    with pytest.raises(DatasetError, match="more than 3000 pixels"):
+    with pytest.raises(DatasetError, match="more than 3000 pixels of any class"):
         RareClassSampler(stats)  # neither given: DAFormer's 3000, which no class passes here
     with pytest.raises(ValueError, match="not both"):
         RareClassSampler(stats, min_pixels=10, min_pixels_ratio=0.01)

@@ -130,8 +130,8 @@ def test_old_statistics_files_serve_absolute_thresholds_only(data, tmp_path):
 def test_folder_self_training_runs_with_relative_rare_class_sampling(data, tmp_path, name):
     from plca.engine.trainer import train
 
-    overrides = [f"data.source.root={data}", f"data.target.root={data}", f"data.val.root={data}", "data.val.split=train",
-                 "model.backbone=resnet18", "train.iters=2", "train.crop_size=[32,32]", f"output_dir={tmp_path}",
+    overrides = [f"data.source.root={data}", f"data.target.root={data}", f"data.val.root={data}",
+                 "data.val.split=train", "model.backbone=resnet18", "train.iters=2", "train.crop_size=[32,32]", f"output_dir={tmp_path}",
                  "data.num_workers=0", "device=cpu", "train.eval_every=0"]
     config = load_config(CONFIGS / name, overrides)
     rcs = config.data.rare_class_sampling
