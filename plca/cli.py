@@ -407,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-cache", metavar="DIR", help="write each label as a class-index PNG under DIR")
     p.add_argument("--stats", metavar="FILE.json", help="write per-class pixel and image counts")
     p.add_argument("--rcs-stats", metavar="FILE.json",
-                   help="write the per-image class counts of rare class sampling (data.rare_class_sampling.stats); "
+                   help="write the per-image class counts and label sizes of rare class sampling "
+                        "(data.rare_class_sampling.stats); "
                         "give the --split the run trains on")
     p.add_argument("--unlabelled", action="store_true",
                    help="the split(s) are a target's training images: labels are not required")

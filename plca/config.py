@@ -48,12 +48,21 @@ class DatasetConfig:
 
 @dataclass
 class RareClassSamplingConfig:
-    """DAFormer's Rare Class Sampling of source images (class statistics computed once and cached)."""
+    """DAFormer's Rare Class Sampling of source images (class statistics computed once and cached).
+
+    Two thresholds, each absolute (DAFormer's figures, in pixels) or relative (a share, for any
+    image size); each pair takes exactly one, the other null. The image: ``min_pixels`` or
+    ``min_pixels_ratio``; the crop: ``min_crop_ratio`` (a multiple of ``min_pixels``) or
+    ``min_crop_pixels_ratio``. DAFormer on GTA5: 3000 pixels of the 1914 x 1052 label as stored
+    (= 0.00149 of its pixels) and 3000 x 0.5 = 1500 pixels of a 512 x 512 crop (= 0.005723 of it).
+    """
 
     enabled: bool = False  # sample source images by their rare classes (DAFormer's RCS)
     temperature: float = 0.01  # T of softmax((1 - f_c) / T): lower draws rare classes more often
-    min_pixels: int = 3000  # an image is drawn for class c if it holds more pixels of c (labels as stored)
-    min_crop_ratio: float = 0.5  # the crop is re-drawn until it holds min_pixels x this many pixels of c
+    min_pixels: int | None = 3000  # an image is drawn for class c if it holds more pixels of c (label as stored; DAFormer: 3000); null: min_pixels_ratio
+    min_pixels_ratio: float | None = None  # or more than this share of its pixels (label's h x w, ignored ones too); GTA5's 3000 = 0.00149
+    min_crop_ratio: float | None = 0.5  # the crop (as rescaled) is re-drawn until it holds > min_pixels x this pixels of c; 0 = never; null: the next
+    min_crop_pixels_ratio: float | None = None  # or until c covers > this share of the crop (h x w); DAFormer's 1500 of 512 x 512 = 0.005723; 0 = never
     retries: int = 10  # crop re-draws at most
     stats: str | None = None  # the class statistics file; null = cached under output_dir/.cache
 
@@ -408,6 +417,25 @@ def replace_model(config: Config, **changes: Any) -> Config:
 # --------------------------------------------------------------------------- checks across keys
 
 
+def _check_rare_class_thresholds(rcs: RareClassSamplingConfig, check) -> None:
+    """Each of RCS's two thresholds is given once: absolute (DAFormer's pixels) or relative (a share)."""
+    key = "data.rare_class_sampling."
+    for absolute, relative, what in (("min_pixels", "min_pixels_ratio", "the image threshold"),
+                                     ("min_crop_ratio", "min_crop_pixels_ratio", "the crop threshold")):
+        given = [name for name in (absolute, relative) if getattr(rcs, name) is not None]
+        check(len(given) < 2, f"{key}{absolute} and {key}{relative} are both set: two ways to give {what}; "
+                              f"set one of them null")
+        check(len(given) > 0, f"{key}{absolute} and {key}{relative} are both null: give {what} with one of them")
+    check(rcs.min_pixels is None or rcs.min_pixels >= 0, f"{key}min_pixels must be >= 0")
+    check(rcs.min_pixels_ratio is None or 0 <= rcs.min_pixels_ratio < 1,
+          f"{key}min_pixels_ratio must be in [0, 1) (a share of each image's pixels)")
+    check(rcs.min_crop_pixels_ratio is None or 0 <= rcs.min_crop_pixels_ratio < 1,
+          f"{key}min_crop_pixels_ratio must be in [0, 1) (a share of the crop's pixels; 0 = no re-draws)")
+    check(rcs.min_crop_ratio is None or rcs.min_pixels is not None,
+          f"{key}min_crop_ratio multiplies {key}min_pixels, which is null (min_pixels_ratio is set): give the crop "
+          f"threshold as {key}min_crop_pixels_ratio (DAFormer on GTA5: 0.005723) and set min_crop_ratio null")
+
+
 def validate(config: Config) -> None:
     """Checks that types alone cannot express."""
     from plca.data.datasets import DATASET_FORMATS
@@ -438,8 +466,8 @@ def validate(config: Config) -> None:
     check(data.on_error in ("raise", "skip"), "data.on_error must be 'raise' or 'skip'")
     check(data.num_workers >= 0, "data.num_workers must be >= 0")
     rcs = data.rare_class_sampling
-    check(rcs.temperature > 0 and rcs.min_pixels >= 0 and rcs.retries >= 0,
-          "data.rare_class_sampling: temperature must be > 0, min_pixels and retries >= 0")
+    check(rcs.temperature > 0 and rcs.retries >= 0, "data.rare_class_sampling: temperature must be > 0, retries >= 0")
+    _check_rare_class_thresholds(rcs, check)
 
     model = config.model
     check(is_known_backbone(model.backbone),

@@ -183,3 +183,37 @@ def test_a_binary_file_is_not_a_config(tmp_path):
     path.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(ConfigError, match="weights.pth"):
         load_config(path)
+
+
+RCS = "data.rare_class_sampling."
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    ([f"{RCS}min_pixels_ratio=0.002"], ["min_pixels", "min_pixels_ratio", "both set"]),
+    ([f"{RCS}min_pixels=null"], ["min_pixels", "min_pixels_ratio", "both null"]),
+    ([f"{RCS}min_crop_pixels_ratio=0.006"], ["min_crop_ratio", "min_crop_pixels_ratio", "both set"]),
+    ([f"{RCS}min_crop_ratio=null"], ["min_crop_ratio", "min_crop_pixels_ratio", "both null"]),
+    ([f"{RCS}min_pixels=null", f"{RCS}min_pixels_ratio=0.002"], ["min_crop_ratio multiplies", "min_pixels"]),
+    ([f"{RCS}min_pixels=null", f"{RCS}min_pixels_ratio=1.5", f"{RCS}min_crop_ratio=null",
+      f"{RCS}min_crop_pixels_ratio=0.006"], ["min_pixels_ratio must be in"]),
+    ([f"{RCS}min_crop_ratio=null", f"{RCS}min_crop_pixels_ratio=-0.1"], ["min_crop_pixels_ratio must be in"]),
+    ([f"{RCS}min_pixels=-1"], ["min_pixels must be >= 0"]),
+])
+def test_rare_class_thresholds_are_given_once(overrides, keys):
+    with pytest.raises(ConfigError) as error:
+        build_config(MINIMAL, [f"{RCS}enabled=true", *overrides])
+    for key in keys:
+        assert key in str(error.value)
+    if "both" in keys[-1]:
+        assert f"{RCS}{keys[0]} and {RCS}{keys[1]}" in str(error.value)
+
+
+def test_rare_class_thresholds_absolute_relative_or_mixed():
+    default = build_config(MINIMAL).data.rare_class_sampling
+    assert (default.min_pixels, default.min_pixels_ratio, default.min_crop_ratio, default.min_crop_pixels_ratio) == (
+        3000, None, 0.5, None)
+    relative = build_config(MINIMAL, [f"{RCS}min_pixels=null", f"{RCS}min_pixels_ratio=0.00149",
+                                      f"{RCS}min_crop_ratio=null", f"{RCS}min_crop_pixels_ratio=0.005723"])
+    assert relative.data.rare_class_sampling.min_pixels_ratio == 0.00149
+    # an absolute image threshold with a crop share is allowed (the share does not multiply min_pixels)
+    build_config(MINIMAL, [f"{RCS}min_crop_ratio=null", f"{RCS}min_crop_pixels_ratio=0"])

@@ -179,8 +179,8 @@ def check_dataset(fmt: str, root: str | Path, classes: Sequence[str] | None = No
     (as the trainer reads the target). ``crop_size`` ``(h, w)`` and one of ``shorter_side`` ``(lo, hi)``
     / ``scale_range`` ``(lo, hi)``: the run's augmentation (as :class:`~plca.data.transforms.TrainTransform`);
     given, the images' sizes are checked against it (warnings). ``rcs_stats_path``: also write the
-    per-image class pixel counts that rare class sampling reads (``data.rare_class_sampling.stats``;
-    for the ``split`` the run trains on). Bad arguments raise ``ConfigError``.
+    per-image class pixel counts and label sizes that rare class sampling reads
+    (``data.rare_class_sampling.stats``; for the ``split`` the run trains on). Bad arguments raise ``ConfigError``.
     """
     root = Path(root).expanduser()
     classes = list(classes) if classes else default_classes(fmt, root)
@@ -208,7 +208,7 @@ def check_dataset(fmt: str, root: str | Path, classes: Sequence[str] | None = No
 
     cache = Path(write_cache) if write_cache else None
 
-    per_image: dict[str, np.ndarray] = {}
+    per_image: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
     lock = threading.Lock()
 
     def on_label(sample, label: np.ndarray) -> None:
@@ -219,7 +219,7 @@ def check_dataset(fmt: str, root: str | Path, classes: Sequence[str] | None = No
         if rcs_stats_path is not None:
             counts = class_pixel_counts([label], len(classes))[0]
             with lock:
-                per_image[sample.name] = counts
+                per_image[sample.name] = counts, label.shape[:2]
 
     wanted = cache is not None or rcs_stats_path is not None
     files = check_files(dataset, "full", workers=workers, on_label=on_label if wanted else None, progress=progress)
@@ -241,7 +241,9 @@ def check_dataset(fmt: str, root: str | Path, classes: Sequence[str] | None = No
             report.stats_path.write_text(json.dumps(report.stats, indent=2))
         if rcs_stats_path is not None:
             names = [sample.name for sample in dataset.samples if sample.name in per_image]
-            ClassStatistics(classes, np.stack([per_image[n] for n in names]), names).save(rcs_stats_path)
+            ClassStatistics(classes, np.stack([per_image[n][0] for n in names]), names,
+                            np.array([per_image[n][1] for n in names], dtype=np.int64).reshape(-1, 2)
+                            ).save(rcs_stats_path)
             report.add("note", f"per-image class statistics for rare class sampling written to {rcs_stats_path} "
                                f"(data.rare_class_sampling.stats={rcs_stats_path})")
     return report
