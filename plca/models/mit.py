@@ -22,6 +22,7 @@ files in this module's own layout (:meth:`MixTransformer.load_pretrained`).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -428,6 +429,13 @@ class MiTWeightsInfo:
     fits: bool  # every tensor has a place of the right shape in MixTransformer(size)
 
 
+@functools.lru_cache(maxsize=None)
+def _tensor_shapes(size: str) -> dict[str, tuple[int, ...]]:
+    # shapes of MixTransformer(size)'s tensors (built once on the meta device: no memory)
+    with torch.device("meta"):
+        return {key: tuple(value.shape) for key, value in MixTransformer(size).state_dict().items()}
+
+
 def identify_mit_weights(state: Mapping[str, Tensor]) -> MiTWeightsInfo | None:
     """The MiT a state dict in one of :func:`load_mit_weights`' layouts holds; None when it is not one.
 
@@ -449,11 +457,7 @@ def identify_mit_weights(state: Mapping[str, Tensor]) -> MiTWeightsInfo | None:
     size = next((s for s in SIZES.values() if (s.dims, s.depths) == found), None)
     classifier = next((int(v.shape[0]) for k, v in state.items()
                        if k in ("head.weight", "classifier.weight") and v.dim() == 2), None)
-    fits = False
-    if size is not None:
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in MixTransformer(size.name).state_dict().items()}
-        fits = expected == {k: tuple(v.shape) for k, v in converted.items()}
+    fits = size is not None and _tensor_shapes(size.name) == {k: tuple(v.shape) for k, v in converted.items()}
     short = {_from_official: "official", _from_hf: "hf", _from_own: "own"}[convert]
     return MiTWeightsInfo(short, dims, depths, size, classifier, fits)
 

@@ -27,6 +27,7 @@ stage uses half the dilation (1 in layer3, 2 in layer4).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -343,6 +344,14 @@ class ResNetWeightsInfo:
     fits: bool
 
 
+@functools.lru_cache(maxsize=None)
+def _tensor_shapes(depth: int, style: str) -> dict[str, tuple[int, ...]]:
+    # shapes of ResNet(depth, style)'s tensors, counters aside (built once on the meta device: no memory)
+    with torch.device("meta"):
+        state = ResNet(depth, style).state_dict()
+    return {key: tuple(value.shape) for key, value in state.items() if not is_counter(key)}
+
+
 def identify_resnet_weights(state: Mapping[str, Tensor]) -> ResNetWeightsInfo | None:
     """The ResNet a state dict in torchvision's key layout holds; None when it is not one.
 
@@ -369,9 +378,7 @@ def identify_resnet_weights(state: Mapping[str, Tensor]) -> ResNetWeightsInfo | 
            if not (key.startswith(("fc.", "layer5.")) or is_counter(key))}
     fits = False
     if depth in DEPTHS and DEPTHS[depth] == ("bottleneck" if bottleneck else "basic", tuple(blocks)):
-        with torch.device("meta"):
-            model = ResNet(depth, "v1c" if deep_stem else "pytorch").state_dict()
-        expected = {key: tuple(value.shape) for key, value in model.items() if not is_counter(key)}
+        expected = _tensor_shapes(depth, "v1c" if deep_stem else "pytorch")
         fits = expected == {key: tuple(value.shape) for key, value in own.items()}
     return ResNetWeightsInfo(
         depth=depth, blocks=tuple(blocks), bottleneck=bottleneck, deep_stem=deep_stem,
