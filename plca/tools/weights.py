@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from plca.models.deeplab import (PLCA_AUTHORS_CLASS_ORDER, PLCA_AUTHORS_SYNTHIA_
 from plca.models.mit import identify_mit_weights
 from plca.models.registry import backbone_names, is_known_backbone
 from plca.models.resnet import identify_resnet_weights
-from plca.models.trained import EXPORT_FORMAT, ModelFile, inspect_model_file
+from plca.models.trained import ModelFile, inspect_model_file
 from plca.models.weights import WeightsError, is_counter, unwrap_state_dict
 from plca.serialization import UnreadableFileError, load_torch_file
 
@@ -267,7 +268,7 @@ def _plca_segmentor(listing: WeightsListing) -> Identity | None:
     if file.step is not None:
         details.append(f"trained for {file.step} updates")
     return Identity(
-        f"{file.summary()} (a {file.kind}, format {EXPORT_FORMAT if file.kind == 'plca export' else 'plca'})",
+        f"{file.summary()} (a {file.kind})",
         backbone=description.get("backbone"), style=description.get("style"), trained=True,
         use="plca evaluate --checkpoint FILE; plca predict --checkpoint FILE --input IMAGES --output OUT",
         notes=tuple(d for d in details if d))
@@ -294,27 +295,31 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("plca-backbone", f"backbone weights written by plca weights convert (format {BACKBONE_FORMAT})",
            _plca_backbone),
     Layout("plca-authors", "the PLCA authors' released checkpoint ({'weights': ...}: backbone.<ResNet key>, "
-                           "classifier.0.convs.{0,1,2,3}.0.weight)", _authors),
+                           "classifier.0.convs.{0,1,2,3}.0.weight)",
+           _authors),
     Layout("caffe-resnet", "PLCA's Caffe ResNet, the DeepLab ImageNet init (torchvision names, some with a "
                            "'Scale.' component; DeepLab's COCO file adds layer5.conv2d_list.*)",
-           lambda listing: _resnet(listing, "caffe")),
+           partial(_resnet, style="caffe")),
     Layout("mmcv-resnet-v1c", "mmcv / mmsegmentation ResNetV1c, open-mmlab://resnet*_v1c (deep stem "
-                              "stem.0/1/3/4/6/7, layer1.0.conv1.weight, ...)", lambda listing: _resnet(listing, "v1c")),
+                              "stem.0/1/3/4/6/7, layer1.0.conv1.weight, ...)",
+           partial(_resnet, style="v1c")),
     Layout("torchvision-resnet", "torchvision's ResNet (conv1.weight, bn1.*, layer1.0.conv1.weight, ..., fc.weight)",
-           lambda listing: _resnet(listing, "pytorch")),
+           partial(_resnet, style="pytorch")),
     Layout("segformer-mit", "SegFormer's official mit_b* (patch_embed1.proj.weight, block1.0.attn.q.weight, "
-                            "attn.kv, norm1.weight, head.weight)", lambda listing: _mit(listing, "official")),
+                            "attn.kv, norm1.weight, head.weight)",
+           partial(_mit, layout="official")),
     Layout("hf-mit", "Hugging Face nvidia/mit-b* (segformer.encoder.patch_embeddings.0.proj.weight, "
                      "segformer.encoder.block.0.0.attention.self.query.weight, ...)",
-           lambda listing: _mit(listing, "hf")),
+           partial(_mit, layout="hf")),
     Layout("plca-mit", "this project's MiT names (stages.0.embed.conv.weight, stages.0.blocks.0.attn.query.weight)",
-           lambda listing: _mit(listing, "own")),
+           partial(_mit, layout="own")),
     Layout("efficientnet-pytorch-lite0", "efficientnet_pytorch's EfficientNet (_conv_stem.weight, _bn0.*, "
                                          "_blocks.N._expand_conv / _depthwise_conv / _project_conv, _bn0..2, "
-                                         "_conv_head, _bn1, _fc)", lambda listing: _lite0(listing, "efficientnet_pytorch")),
+                                         "_conv_head, _bn1, _fc)",
+           partial(_lite0, layout="efficientnet_pytorch")),
     Layout("timm-efficientnet-lite0", "timm's tf_efficientnet_lite0 (conv_stem.weight, bn1.*, blocks.S.I.conv_pw / "
                                       "conv_dw / conv_pwl, bn1..3, conv_head, bn2, classifier)",
-           lambda listing: _lite0(listing, "timm")),
+           partial(_lite0, layout="timm")),
 )
 _PLCA_LAYOUTS = ("plca-segmentor", "plca-backbone")
 
@@ -375,8 +380,8 @@ def _read_safetensors(path: Path) -> WeightsListing:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise WeightsError(f"weights file '{path}' is not a readable .safetensors file: {detail}") from None
     model_file = None
-    if metadata.get("format") == EXPORT_FORMAT or metadata.get("format") == "plca-deeplabv2":
-        model_file = inspect_model_file(path)
+    if metadata.get("format", "").startswith("plca-") and metadata["format"] != BACKBONE_FORMAT:
+        model_file = inspect_model_file(path)  # a plca export (it checks the format)
     if not tensors:
         raise WeightsError(f"weights file '{path}' holds no tensors")
     return WeightsListing(path, tensors, "safetensors", metadata, model_file)
