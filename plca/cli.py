@@ -505,14 +505,15 @@ def build_parser() -> argparse.ArgumentParser:
                                              "model.style, tensors, sha256 and the configs it fits.",
                                  epilog="examples:\n  plca weights inspect weights/resnet101_v1c-e67eebb6.pth\n"
                                         "  plca weights inspect pytorch_model.bin   # Hugging Face nvidia/mit-b5")
-    inspect.add_argument("file", metavar="FILE", help="a .pth / .pt / .bin / .safetensors file")
+    inspect.add_argument("file", metavar="FILE", help="a .pth / .pt / .bin / .safetensors file, or package:<name>")
     convert = actions.add_parser("convert", help="write a backbone's weights in this project's layout",
                                  formatter_class=_HelpFormatter,
                                  description="Load FILE strictly into the backbone it fits and write that "
                                              "backbone's weights to OUT.safetensors (atomically).",
                                  epilog="examples:\n  plca weights convert resnet101_caffe.pth "
                                         "resnet101_caffe.safetensors")
-    convert.add_argument("file", metavar="FILE", help="ImageNet weights in any layout inspect names")
+    convert.add_argument("file", metavar="FILE",
+                         help="ImageNet weights in any layout inspect names (or package:<name>)")
     convert.add_argument("output", metavar="OUT.safetensors", help="the converted file (not FILE itself)")
     p.set_defaults(func=cmd_weights)
 

