@@ -1,4 +1,4 @@
-"""Command line: ``plca train | evaluate | demo | predict | prepare | report | sweep | export | config``.
+"""Command line: ``plca train | evaluate | demo | predict | prepare | report | sweep | export | weights | config``.
 
 Errors a user can fix (bad config, missing files, bad weights) are printed as
 one clear line and exit with status 2; they never end in a stack trace.
@@ -199,6 +199,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    from plca.tools.weights import convert_weights, inspect_weights
+
+    if args.action == "inspect":
+        report = inspect_weights(args.file)
+        print("\n".join(report.lines()))
+        return 0 if report.usable else 1
+    report, output = convert_weights(args.file, args.output)
+    identity = report.identity
+    style = f" model.style={identity.style}" if identity.style else ""
+    print(f"{report.path}: {identity.architecture} ({report.layout.name} layout)")
+    print(f"wrote {output} in this project's layout (use it as model.backbone={identity.backbone}{style} "
+          f"model.pretrained={output})")
+    return 0
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the descriptions' line breaks and adds each option's default where its help does not say it."""
 
@@ -285,6 +301,20 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "need nothing else. No optimiser state, no pickle.",
         "  plca export runs/<run_name> --output model.safetensors\n"
         "  plca export gta2city_plca.pth --config configs/gta2cityscapes_plca.yaml --output authors.safetensors"),
+    "weights": (
+        "name what a weights file is (inspect); rewrite a backbone's weights in our layout (convert)",
+        "inspect reads a file's tensor names and shapes (nothing in it is run) and names its layout (PLCA's "
+        "Caffe ResNet, torchvision's ResNet, mmcv's ResNet-101 v1c, SegFormer's mit_b* or Hugging Face's "
+        "nvidia/mit-b*, EfficientNet-Lite0 of efficientnet_pytorch or timm, the PLCA authors' released "
+        "checkpoints, plca checkpoints and exports), the architecture, its model.backbone and model.style, "
+        "the number of tensors and parameters, its sha256 (checked against a hash in its name, as torchvision's "
+        "file names carry) and the configs it fits. Exit status 0: something here uses the file; 1: recognised "
+        "but nothing here loads it; 2: unknown or unreadable. convert loads the file strictly into the backbone "
+        "it fits and writes that backbone's weights as one .safetensors file, renamed into place only when "
+        "complete.",
+        "  plca weights inspect weights/resnet101-63fe2227.pth\n"
+        "  plca weights inspect gta2city_plca.pth   # the PLCA authors' release: how to evaluate it\n"
+        "  plca weights convert weights/mit_b5.pth weights/mit_b5_plca.safetensors"),
     "config": (
         "print a resolved config with the meaning of every key",
         "Resolves a config (its _base_ files, the method's defaults and the overrides) and prints it as YAML "
@@ -477,6 +507,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config for a checkpoint that carries none (e.g. the authors' release)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for --config")
     p.set_defaults(func=cmd_export)
+
+    p = _subcommand(sub, "weights")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    inspect = actions.add_parser("inspect", help="name a weights file's layout, architecture, style and configs",
+                                 formatter_class=_HelpFormatter,
+                                 description="Name a weights file's layout, architecture, model.backbone / "
+                                             "model.style, tensors, sha256 and the configs it fits.",
+                                 epilog="examples:\n  plca weights inspect weights/resnet101_v1c-e67eebb6.pth\n"
+                                        "  plca weights inspect pytorch_model.bin   # Hugging Face nvidia/mit-b5")
+    inspect.add_argument("file", metavar="FILE", help="a .pth / .pt / .bin / .safetensors file, or package:<name>")
+    convert = actions.add_parser("convert", help="write a backbone's weights in this project's layout",
+                                 formatter_class=_HelpFormatter,
+                                 description="Load FILE strictly into the backbone it fits and write that "
+                                             "backbone's weights to OUT.safetensors (atomically).",
+                                 epilog="examples:\n  plca weights convert resnet101_caffe.pth "
+                                        "resnet101_caffe.safetensors")
+    convert.add_argument("file", metavar="FILE",
+                         help="ImageNet weights in any layout inspect names (or package:<name>)")
+    convert.add_argument("output", metavar="OUT.safetensors", help="the converted file (not FILE itself)")
+    p.set_defaults(func=cmd_weights)
 
     p = _subcommand(sub, "config")
     p.add_argument("args", nargs="*", metavar="CONFIG.yaml [key=value ...]", help="config file then overrides")

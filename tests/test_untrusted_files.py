@@ -58,6 +58,8 @@ COMMANDS = {
                                    str(root / "data" / "images"), "--output", str(root / "out"), "--no-progress"],
     "export": lambda root, evil: ["export", str(evil), "--output", str(root / "m.safetensors"), "--config",
                                   str(root / "config.yaml")],
+    "weights inspect": lambda root, evil: ["weights", "inspect", str(evil)],
+    "weights convert": lambda root, evil: ["weights", "convert", str(evil), str(root / "w.safetensors")],
 }
 
 

@@ -36,17 +36,19 @@ timm's ``tf_efficientnet_lite0`` configuration).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plca.models.registry import Normalization, register_backbone
-from plca.models.weights import LoadReport, WeightsError, load_strict, read_state_dict
+from plca.models.weights import LoadReport, WeightsError, is_counter, load_strict, read_state_dict
 
 #: The input the TensorFlow-trained EfficientNet-Lite weights expect: RGB in [-1, 1].
 LITE_NORMALIZATION = Normalization(bgr=False, mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5))
@@ -294,6 +296,50 @@ def convert_efficientnet_lite_state(state: dict[str, Tensor], path: str | Path =
         else:
             converted[ours] = tensor
     return layout, converted, unplaced
+
+
+@dataclass(frozen=True)
+class EfficientNetLiteWeightsInfo:
+    """What a file in one of :data:`LAYOUTS` holds, read from its names and shapes alone."""
+
+    layout: str  # a LAYOUTS name
+    unplaced: tuple[str, ...]  # keys with no place in EfficientNet-Lite0 (e.g. squeeze-excitation's)
+    mismatched: tuple[str, ...]  # our names whose shape is not EfficientNet-Lite0's
+    missing: tuple[str, ...]  # backbone tensors (our names) the file lacks
+    classifier: int | None  # outputs of the ImageNet classifier, None without one
+
+    @property
+    def fits(self) -> bool:
+        """Every backbone tensor is there, with EfficientNet-Lite0's shape, and nothing else is."""
+        return not (self.unplaced or self.mismatched or self.missing)
+
+
+@functools.lru_cache(maxsize=None)
+def _tensor_shapes() -> dict[str, tuple[int, ...]]:
+    # shapes of EfficientNet-Lite0's tensors with its ImageNet head, counters aside (built on the meta device)
+    with torch.device("meta"):
+        state = EfficientNetLite(with_classifier=True).state_dict()
+    return {key: tuple(value.shape) for key, value in state.items() if not is_counter(key)}
+
+
+def identify_efficientnet_lite_weights(state: Mapping[str, Tensor]) -> EfficientNetLiteWeightsInfo | None:
+    """How a state dict in one of :data:`LAYOUTS` fits EfficientNet-Lite0; None when its keys follow none.
+
+    Reads names and shapes only (meta tensors do): the keys go through the same renaming as a load.
+    """
+    state = dict(state)
+    layout = detect_layout(state)
+    if layout is None:
+        return None
+    _, converted, unplaced = convert_efficientnet_lite_state(state)
+    expected = _tensor_shapes()
+    found = {key: tuple(value.shape) for key, value in converted.items() if not is_counter(key)}
+    mismatched = sorted(key for key in found if key in expected and found[key] != expected[key])
+    missing = sorted(key for key in expected if key not in found and not key.startswith(("head.", "classifier.")))
+    unplaced = sorted(unplaced + [key for key in found if key not in expected])
+    weight = converted.get("classifier.weight")
+    classifier = int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
+    return EfficientNetLiteWeightsInfo(layout, tuple(unplaced), tuple(mismatched), tuple(missing), classifier)
 
 
 def load_efficientnet_lite_weights(backbone: EfficientNetLite, path: str | Path) -> LoadReport:

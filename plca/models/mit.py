@@ -22,12 +22,14 @@ files in this module's own layout (:meth:`MixTransformer.load_pretrained`).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -367,10 +369,17 @@ _LAYOUTS: dict[str, tuple[Callable[[str], bool], Callable[..., tuple[dict[str, T
 }
 
 
-def _detect_layout(state: dict[str, Tensor], path: Path) -> str:
+def _find_layout(state: Mapping[str, Tensor]) -> str | None:
     for layout, (marks, _) in _LAYOUTS.items():
         if any(marks(key) for key in state):
             return layout
+    return None
+
+
+def _detect_layout(state: dict[str, Tensor], path: Path) -> str:
+    layout = _find_layout(state)
+    if layout is not None:
+        return layout
     shown = ", ".join(list(state)[:6])
     hint = ""
     if any(key.startswith("backbone.patch_embed1.") for key in state):
@@ -406,6 +415,51 @@ def _check_size(backbone: MixTransformer, state: dict[str, Tensor], path: Path) 
             f"weights of no MiT size known here (dims {'/'.join(map(str, dims))}, "
             f"depths {'/'.join(map(str, depths))})")
     raise WeightsError(f"weights file '{path}' holds {what}; this backbone is {ours.describe()}")
+
+
+@dataclass(frozen=True)
+class MiTWeightsInfo:
+    """What a MiT weights file holds, read from its names and shapes alone."""
+
+    layout: str  # "official" (SegFormer / mmseg mit_b*.pth) | "hf" (Hugging Face nvidia/mit-b*) | "own"
+    dims: tuple[int, ...]
+    depths: tuple[int, ...]
+    size: MiTSize | None  # the MiT size with these dims and depths, None for none known here
+    classifier: int | None  # outputs of the ImageNet classifier (head.* / classifier.*), None without one
+    fits: bool  # every tensor has a place of the right shape in MixTransformer(size)
+
+
+@functools.lru_cache(maxsize=None)
+def _tensor_shapes(size: str) -> dict[str, tuple[int, ...]]:
+    # shapes of MixTransformer(size)'s tensors (built once on the meta device: no memory)
+    with torch.device("meta"):
+        return {key: tuple(value.shape) for key, value in MixTransformer(size).state_dict().items()}
+
+
+def identify_mit_weights(state: Mapping[str, Tensor]) -> MiTWeightsInfo | None:
+    """The MiT a state dict in one of :func:`load_mit_weights`' layouts holds; None when it is not one.
+
+    Reads names and shapes only (meta tensors do): the file's tensors go through the same converter as
+    a load, then are compared with a ``MixTransformer`` of the size their dims and depths name.
+    """
+    layout = _find_layout(state)
+    if layout is None:
+        return None
+    convert = _LAYOUTS[layout][1]
+    try:
+        converted, _ = convert(dict(state), Path("<listing>"))
+    except WeightsError:
+        return None
+    found = _architecture(converted)
+    if found is None:
+        return None
+    dims, depths = found
+    size = next((s for s in SIZES.values() if (s.dims, s.depths) == found), None)
+    classifier = next((int(v.shape[0]) for k, v in state.items()
+                       if k in ("head.weight", "classifier.weight") and v.dim() == 2), None)
+    fits = size is not None and _tensor_shapes(size.name) == {k: tuple(v.shape) for k, v in converted.items()}
+    short = {_from_official: "official", _from_hf: "hf", _from_own: "own"}[convert]
+    return MiTWeightsInfo(short, dims, depths, size, classifier, fits)
 
 
 def load_mit_weights(backbone: MixTransformer, path: str | Path) -> LoadReport:

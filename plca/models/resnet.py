@@ -27,6 +27,10 @@ stage uses half the dilation (1 in layer3, 2 in layer4).
 
 from __future__ import annotations
 
+import functools
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -319,6 +323,68 @@ def _check_stem(backbone: ResNet, state: dict[str, Tensor], path: Path) -> None:
     if backbone.style != "v1c" and deep_stem and not plain_stem:
         raise WeightsError(f"weights file '{path}' is a deep-stem ResNet (stem.*, e.g. mmcv's resnet101_v1c): "
                            f"set model.style=v1c to load it")
+
+
+@dataclass(frozen=True)
+class ResNetWeightsInfo:
+    """What a file in torchvision's ResNet key layout holds, read from its names and shapes alone.
+
+    ``depth`` follows from the block kind and count (``3 * blocks + 2`` for bottlenecks, ``2 * blocks + 2``
+    for basic blocks), so a ResNet-152 is named too; ``fits`` says whether every tensor has a place of the
+    right shape in this module's ``ResNet(depth)`` (which has depths 18 / 34 / 50 / 101 only).
+    """
+
+    depth: int
+    blocks: tuple[int, int, int, int]
+    bottleneck: bool
+    deep_stem: bool  # ``stem.*`` (mmcv's v1c) instead of the 7x7 ``conv1``
+    scale_names: bool  # some names carry a ``Scale`` component: the Caffe conversion of the reference
+    coco_head: bool  # DeepLab's COCO classifier ``layer5.conv2d_list.*`` is in the file
+    classifier: int | None  # outputs of the ``fc`` classifier (1000 for ImageNet), None without one
+    fits: bool
+
+
+@functools.lru_cache(maxsize=None)
+def _tensor_shapes(depth: int, style: str) -> dict[str, tuple[int, ...]]:
+    # shapes of ResNet(depth, style)'s tensors, counters aside (built once on the meta device: no memory)
+    with torch.device("meta"):
+        state = ResNet(depth, style).state_dict()
+    return {key: tuple(value.shape) for key, value in state.items() if not is_counter(key)}
+
+
+def identify_resnet_weights(state: Mapping[str, Tensor]) -> ResNetWeightsInfo | None:
+    """The ResNet a state dict in torchvision's key layout holds; None when it is not one.
+
+    Reads names and shapes only (meta tensors do). Recognised: torchvision's files, the Caffe
+    conversion of the reference (``Scale.`` names, DeepLab's COCO ``layer5.*`` classifier) and mmcv's
+    deep-stem ``resnet*_v1c`` files. The Caffe (v1) and torchvision (v1.5) weights have the same names
+    and shapes: which style a file without ``Scale.`` names was trained for cannot be read from it.
+    """
+    names = {_strip_scale(key): value for key, value in state.items()}
+    stem = names.get("stem.0.weight") if "stem.0.weight" in names else names.get("conv1.weight")
+    deep_stem = "stem.0.weight" in names and "conv1.weight" not in names
+    if stem is None or tuple(stem.shape) != ((32, 3, 3, 3) if deep_stem else (64, 3, 7, 7)):
+        return None
+    blocks = []
+    for layer in range(1, 5):
+        indices = {int(m[1]) for key in names if (m := re.match(rf"layer{layer}\.(\d+)\.conv1\.weight$", key))}
+        if not indices or indices != set(range(len(indices))):
+            return None
+        blocks.append(len(indices))
+    bottleneck = "layer1.0.conv3.weight" in names
+    depth = (3 if bottleneck else 2) * sum(blocks) + 2
+    fc = names.get("fc.weight")
+    own = {key: value for key, value in names.items()
+           if not (key.startswith(("fc.", "layer5.")) or is_counter(key))}
+    fits = False
+    if depth in DEPTHS and DEPTHS[depth] == ("bottleneck" if bottleneck else "basic", tuple(blocks)):
+        expected = _tensor_shapes(depth, "v1c" if deep_stem else "pytorch")
+        fits = expected == {key: tuple(value.shape) for key, value in own.items()}
+    return ResNetWeightsInfo(
+        depth=depth, blocks=tuple(blocks), bottleneck=bottleneck, deep_stem=deep_stem,
+        scale_names=any("Scale" in key.split(".") for key in state),
+        coco_head=_is_deeplab_coco_head(sorted(key for key in names if key.startswith("layer5."))),
+        classifier=int(fc.shape[0]) if fc is not None and fc.dim() == 2 else None, fits=fits)
 
 
 def _resnet_factory(depth: int):

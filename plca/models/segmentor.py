@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from plca.models.packaged import resolve_weights
 from plca.models.registry import create_backbone, create_head
 from plca.models.resnet import InputNormalizer
-from plca.models.weights import WeightsError
+from plca.models.weights import LoadReport, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +142,15 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, drop_head: bool
     if drop_head:
         return backbone.load_pretrained(path, drop_head=True)
     return backbone.load_pretrained(path)
+
+
+def build_backbone(name: str, style: str | None = None, pretrained: str | Path | None = None,
+                   drop_head: bool = False) -> tuple[nn.Module, LoadReport | None]:
+    """The backbone registered as ``name`` alone, with weights from ``pretrained`` when given (strictly).
+
+    Returns the backbone and the load's report (None without weights). For tools that handle a
+    backbone's weights without a head (``plca weights convert``).
+    """
+    backbone = create_backbone(name, style=style)
+    report = load_backbone_weights(backbone, pretrained, drop_head=drop_head) if pretrained else None
+    return backbone, report

@@ -13,6 +13,7 @@ ever loaded partially. Pickled files are read with ``weights_only=True`` only
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,12 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return _unwrap_state_dict(raw, path)
 
 
+def unwrap_state_dict(raw: object, path: str | Path) -> dict[str, Tensor]:
+    """The state dict in an object read from a weights file ``path``: the object itself, or the mapping
+    under ``'state_dict'``, ``'model'`` or ``'weights'`` (as :func:`read_state_dict` unwraps it)."""
+    return _unwrap_state_dict(raw, Path(path))
+
+
 def _is_state_dict(obj: object) -> bool:
     return (isinstance(obj, Mapping) and len(obj) > 0
             and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()))
@@ -133,8 +140,9 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], path: Path, what: s
 def save_safetensors(model: nn.Module, path: str | Path, metadata: Mapping[str, str]) -> None:
     """Write every tensor of ``model.state_dict()`` and string ``metadata`` to a ``.safetensors`` file.
 
-    The file is written next to ``path`` and renamed into place, so an interrupted save never
-    leaves a truncated file under the final name.
+    The file is written under a hidden temporary name next to ``path`` and renamed into place, so
+    an interrupted or failed save never leaves a truncated file under the final name (and removes
+    its temporary file).
     """
     from safetensors.torch import save_file
 
@@ -143,12 +151,18 @@ def save_safetensors(model: nn.Module, path: str | Path, metadata: Mapping[str, 
         raise ValueError(f"safetensors metadata must map strings to strings; bad entries: {bad}")
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=dict(metadata))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(partial, 0o666 & ~mask)  # safetensors writes 0600; a model file is for sharing
-    os.replace(partial, path)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    partial = Path(name)
+    try:
+        save_file(tensors, str(partial), metadata=dict(metadata))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(partial, 0o666 & ~mask)  # safetensors (and mkstemp) write 0600; a model file is for sharing
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a failed or interrupted save leaves nothing behind
+        raise
 
 
 def load_safetensors_into(model: nn.Module, path: str | Path) -> dict[str, str]:

@@ -1,1 +1,1 @@
-"""User-facing tools: predict, prepare, report, export."""
+"""User-facing tools: predict, prepare, report, export, weights."""
