@@ -100,6 +100,7 @@ class LossConfig:
     lovasz_weight: float = 3.0  # Lovasz-softmax on the source, against the mean cross-entropy
     lsr_weight: float = 0.01  # LSR on source and target log-softmax (plca)
     lsr_threshold: float = 10.0  # LSR keeps -mean_c log p_c near this value
+    ce_average: str = "labelled"  # source cross-entropy's mean: labelled (over labelled pixels: PyTorch's, the PLCA reference) | all_pixels (over every pixel, ignored ones count 0: mmseg 0.16, DAFormer)
     association: AssociationConfig = field(default_factory=AssociationConfig)
 
 
@@ -411,6 +412,7 @@ def replace_model(config: Config, **changes: Any) -> Config:
 def validate(config: Config) -> None:
     """Checks that types alone cannot express."""
     from plca.data.datasets import DATASET_FORMATS
+    from plca.methods.base import CE_AVERAGES
     from plca.models.packaged import is_packaged, packaged_entry
     from plca.models.registry import backbone_names, head_names, is_known_backbone
     from plca.models.resnet import STYLES as RESNET_STYLES
@@ -510,6 +512,7 @@ def validate(config: Config) -> None:
     for key in ("lovasz_weight", "lsr_weight"):
         check(getattr(loss, key) >= 0, f"loss.{key} must be >= 0, got {getattr(loss, key)}")
     check(loss.lsr_threshold > 0, "loss.lsr_threshold must be > 0")
+    check(loss.ce_average in CE_AVERAGES, f"loss.ce_average must be one of {', '.join(CE_AVERAGES)}, got {loss.ce_average!r}")
     for key in ("feature_weight", "classifier_weight"):
         value = getattr(loss.association, key)
         check(value >= 0, f"loss.association.{key} must be >= 0, got {value}")
