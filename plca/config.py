@@ -73,7 +73,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "resnet101"  # resnet18 | resnet34 | resnet50 | resnet101 | mit_b0..mit_b5 | efficientnet_lite0 | timm:<name>
-    head: str = "deeplabv2"  # deeplabv2 | daformer | segformer
+    head: str = "deeplabv2"  # deeplabv2 (the PLCA reference's four ASPP branches) | deeplabv2_reduced (DACS / DAFormer's two) | daformer | segformer
     # ResNets: caffe (BGR 0-255 minus mean; the default) | pytorch (v1.5, RGB, ImageNet mean/std);
     # other backbones have one input normalisation (ImageNet RGB) and leave this null
     style: str | None = None  # ResNets: caffe (null) | pytorch | v1c (deep stem, DAFormer's DeepLab-v2); must match the weights; null for other backbones
