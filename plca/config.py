@@ -116,11 +116,12 @@ class TrainConfig:
     flip: bool = True  # random horizontal flip (p 0.5)
     cat_max_ratio: float = 1.0  # source crops re-drawn (up to 10x) while one class covers this share or more of the labelled pixels (DAFormer 0.75); 1 = off
     target_cat_max_ratio: float = 1.0  # the same for target crops: reads the target's ground truth, so a run with < 1 is NOT unsupervised (DAFormer's early configs did; removed in Jan 2022); 1 = off
-    optimizer: str = "sgd"  # sgd (the PLCA reference) | adamw (DAFormer: no decay on norm, bias, position)
+    optimizer: str = "sgd"  # sgd (the PLCA reference) | adamw (DAFormer; train.no_decay says which parameters it does not decay)
     lr: float = 2.5e-4  # base learning rate (the backbone's; the head's is lr x head_lr_mult)
     momentum: float = 0.9  # sgd
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
-    weight_decay: float = 5e-4  # sgd: on every parameter; adamw: not on norm, bias, position parameters
+    weight_decay: float = 5e-4  # sgd: on every parameter; adamw: on all but those train.no_decay exempts
+    no_decay: str = "declared"  # adamw's undecayed parameters: declared (DAFormer's: what the backbone / head declare, MiT's LayerNorms) | norm_bias_position (ours, not DAFormer's: every norm, bias, position parameter)
     poly_power: float = 0.9  # lr x (1 - step / poly_iters) ** power
     poly_iters: int | None = None  # iterations over which the poly schedule decays; null = iters
     warmup_iters: int = 0  # linear warmup (at most a quarter of train.iters is used)
@@ -412,6 +413,7 @@ def replace_model(config: Config, **changes: Any) -> Config:
 def validate(config: Config) -> None:
     """Checks that types alone cannot express."""
     from plca.data.datasets import DATASET_FORMATS
+    from plca.engine.optim import NO_DECAY_RULES, OPTIMIZERS
     from plca.methods.base import CE_AVERAGES
     from plca.models.packaged import is_packaged, packaged_entry
     from plca.models.registry import backbone_names, head_names, is_known_backbone
@@ -486,7 +488,9 @@ def validate(config: Config) -> None:
     check(train.scale_range is None or train.shorter_side is None,
           "train.scale_range and train.shorter_side are two ways to resize: set one of them (the other null)")
     check(train.lr > 0, "train.lr must be > 0")
-    check(train.optimizer in ("sgd", "adamw"), f"train.optimizer must be sgd or adamw, got {train.optimizer!r}")
+    check(train.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {train.optimizer!r}")
+    check(train.no_decay in NO_DECAY_RULES,
+          f"train.no_decay must be one of {', '.join(NO_DECAY_RULES)}, got {train.no_decay!r}")
     check(len(train.betas) == 2 and all(0 <= b < 1 for b in train.betas), "train.betas must be [b1, b2] in [0, 1)")
     check(train.warmup_iters >= 0 and 0 < train.warmup_ratio <= 1,
           "train.warmup_iters must be >= 0 and train.warmup_ratio in (0, 1]")
