@@ -82,7 +82,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "resnet101"  # resnet18 | resnet34 | resnet50 | resnet101 | mit_b0..mit_b5 | efficientnet_lite0 | timm:<name>
-    head: str = "deeplabv2"  # deeplabv2 | daformer | segformer
+    head: str = "deeplabv2"  # deeplabv2 (the PLCA reference's four ASPP branches) | deeplabv2_reduced (DACS / DAFormer's two) | daformer | segformer
     # ResNets: caffe (BGR 0-255 minus mean; the default) | pytorch (v1.5, RGB, ImageNet mean/std);
     # other backbones have one input normalisation (ImageNet RGB) and leave this null
     style: str | None = None  # ResNets: caffe (null) | pytorch | v1c (deep stem, DAFormer's DeepLab-v2); must match the weights; null for other backbones
@@ -109,6 +109,7 @@ class LossConfig:
     lovasz_weight: float = 3.0  # Lovasz-softmax on the source, against the mean cross-entropy
     lsr_weight: float = 0.01  # LSR on source and target log-softmax (plca)
     lsr_threshold: float = 10.0  # LSR keeps -mean_c log p_c near this value
+    ce_average: str = "labelled"  # source cross-entropy's mean: labelled (over labelled pixels: PyTorch's, the PLCA reference) | all_pixels (over every pixel, ignored ones count 0: mmseg 0.16, DAFormer)
     association: AssociationConfig = field(default_factory=AssociationConfig)
 
 
@@ -124,11 +125,12 @@ class TrainConfig:
     flip: bool = True  # random horizontal flip (p 0.5)
     cat_max_ratio: float = 1.0  # source crops re-drawn (up to 10x) while one class covers this share or more of the labelled pixels (DAFormer 0.75); 1 = off
     target_cat_max_ratio: float = 1.0  # the same for target crops: reads the target's ground truth, so a run with < 1 is NOT unsupervised (DAFormer's early configs did; removed in Jan 2022); 1 = off
-    optimizer: str = "sgd"  # sgd (the PLCA reference) | adamw (DAFormer: no decay on norm, bias, position)
+    optimizer: str = "sgd"  # sgd (the PLCA reference) | adamw (DAFormer; train.no_decay says which parameters it does not decay)
     lr: float = 2.5e-4  # base learning rate (the backbone's; the head's is lr x head_lr_mult)
     momentum: float = 0.9  # sgd
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
-    weight_decay: float = 5e-4  # sgd: on every parameter; adamw: not on norm, bias, position parameters
+    weight_decay: float = 5e-4  # sgd: on every parameter; adamw: on all but those train.no_decay exempts
+    no_decay: str = "declared"  # adamw's undecayed parameters: declared (DAFormer's: what the backbone / head declare, MiT's LayerNorms) | norm_bias_position (ours, not DAFormer's: every norm, bias, position parameter)
     poly_power: float = 0.9  # lr x (1 - step / poly_iters) ** power
     poly_iters: int | None = None  # iterations over which the poly schedule decays; null = iters
     warmup_iters: int = 0  # linear warmup (at most a quarter of train.iters is used)
@@ -439,6 +441,8 @@ def _check_rare_class_thresholds(rcs: RareClassSamplingConfig, check) -> None:
 def validate(config: Config) -> None:
     """Checks that types alone cannot express."""
     from plca.data.datasets import DATASET_FORMATS
+    from plca.engine.optim import NO_DECAY_RULES, OPTIMIZERS
+    from plca.methods.base import CE_AVERAGES
     from plca.models.packaged import is_packaged, packaged_entry
     from plca.models.registry import backbone_names, head_names, is_known_backbone
     from plca.models.resnet import STYLES as RESNET_STYLES
@@ -512,7 +516,9 @@ def validate(config: Config) -> None:
     check(train.scale_range is None or train.shorter_side is None,
           "train.scale_range and train.shorter_side are two ways to resize: set one of them (the other null)")
     check(train.lr > 0, "train.lr must be > 0")
-    check(train.optimizer in ("sgd", "adamw"), f"train.optimizer must be sgd or adamw, got {train.optimizer!r}")
+    check(train.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {train.optimizer!r}")
+    check(train.no_decay in NO_DECAY_RULES,
+          f"train.no_decay must be one of {', '.join(NO_DECAY_RULES)}, got {train.no_decay!r}")
     check(len(train.betas) == 2 and all(0 <= b < 1 for b in train.betas), "train.betas must be [b1, b2] in [0, 1)")
     check(train.warmup_iters >= 0 and 0 < train.warmup_ratio <= 1,
           "train.warmup_iters must be >= 0 and train.warmup_ratio in (0, 1]")
@@ -538,6 +544,7 @@ def validate(config: Config) -> None:
     for key in ("lovasz_weight", "lsr_weight"):
         check(getattr(loss, key) >= 0, f"loss.{key} must be >= 0, got {getattr(loss, key)}")
     check(loss.lsr_threshold > 0, "loss.lsr_threshold must be > 0")
+    check(loss.ce_average in CE_AVERAGES, f"loss.ce_average must be one of {', '.join(CE_AVERAGES)}, got {loss.ce_average!r}")
     for key in ("feature_weight", "classifier_weight"):
         value = getattr(loss.association, key)
         check(value >= 0, f"loss.association.{key} must be >= 0, got {value}")

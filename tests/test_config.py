@@ -122,6 +122,21 @@ def test_reference_hyperparameters_in_shipped_configs():
     assert (folder.train.cat_max_ratio, folder.train.target_cat_max_ratio) == (0.75, 1.0)
 
 
+def test_deeplab_v2_heads_of_the_shipped_configs():
+    # PLCA's configs keep the reference's four ASPP branches; DAFormer's recipe on DeepLab-v2 uses its reduced head
+    folder = Path(CONFIGS[0]).parent
+    for name in ("gta2cityscapes_plca", "gta2cityscapes_source_only", "synthia2cityscapes_plca",
+                 "synthia2cityscapes_source_only", "folder_plca", "folder_source_only"):
+        assert load_config(folder / f"{name}.yaml").model.head == "deeplabv2", name
+    for name in ("gta2cityscapes_self_training", "gta2cityscapes_self_training_plca", "synthia2cityscapes_self_training",
+                 "synthia2cityscapes_self_training_plca", "folder_self_training", "folder_self_training_plca"):
+        config = load_config(folder / f"{name}.yaml")
+        assert config.model.head == "deeplabv2_reduced", name
+        assert config.model.style == ("caffe" if "cityscapes" in name else "pytorch")
+    v1c = read_config_file(folder / "_base_" / "models" / "deeplabv2_r101_v1c.yaml")
+    assert v1c["model"]["head"] == "deeplabv2_reduced"  # DACS / DAFormer's DeepLab-v2
+
+
 def test_base_files_compose_and_the_file_overrides_its_bases(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "model.yaml").write_text("model: {backbone: resnet18, style: pytorch}\ntrain: {iters: 5}\n")

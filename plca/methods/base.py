@@ -149,12 +149,13 @@ class Method(nn.Module):
     def source_loss(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Cross-entropy (+ weighted Lovasz-softmax) on logits ``(B, K, h, w)`` upsampled to labels ``(B, H, W)``.
 
-        A batch without any labelled pixel gives 0 with a zero gradient (and ``data/unlabelled_batch`` 1).
+        The cross-entropy is averaged as ``loss.ce_average`` says (see :func:`cross_entropy`). A batch
+        without any labelled pixel gives 0 with a zero gradient (and ``data/unlabelled_batch`` 1).
         Under DDP the Lovasz term sorts the pixels of every process together, as the reference does
         (:func:`~plca.losses.lovasz.lovasz_softmax_global`): a collective, so every process computes it.
         """
         upsampled = upsample(logits, labels.shape[-2:]).float()
-        ce, valid = cross_entropy(upsampled, labels)
+        ce, valid = cross_entropy(upsampled, labels, average=self.loss_config.ce_average)
         loss, logs = ce, {"loss/source_ce": ce.detach(), "data/unlabelled_batch": (valid == 0).float()}
         if self.loss_config.lovasz_weight > 0:
             lovasz = lovasz_softmax_global(upsampled.softmax(dim=1), labels, ignore_index=IGNORE_INDEX)
@@ -163,16 +164,30 @@ class Method(nn.Module):
         return loss, logs
 
 
-def cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy of ``(B, K, H, W)`` logits over the labelled pixels of ``(B, H, W)`` labels.
+#: How :func:`cross_entropy` averages (``loss.ce_average``): over the labelled pixels (PyTorch's
+#: mean, the PLCA reference) or over all pixels, ignored ones counting 0 (mmseg 0.16 / DAFormer).
+CE_AVERAGES: tuple[str, ...] = ("labelled", "all_pixels")
 
-    Returns ``(loss, number of labelled pixels)``; 0 with a zero gradient when no pixel is labelled
-    (PyTorch's mean would be NaN). With ``weights`` ``(B, H, W)``: ``sum(w * ce) / labelled pixels``.
+
+def cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor | None = None,
+                  average: str = "labelled") -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy of ``(B, K, H, W)`` logits against ``(B, H, W)`` labels (255 = ignored).
+
+    ``average``: ``labelled`` divides the sum over labelled pixels by their number (PyTorch's
+    ``reduction='mean'`` with ``ignore_index``; 0 with a zero gradient when no pixel is labelled,
+    where PyTorch gives NaN); ``all_pixels`` divides it by ``B * H * W`` (mmseg 0.16's
+    ``weight_reduce_loss`` with no ``avg_factor``: ignored pixels count 0). With ``weights``
+    ``(B, H, W)`` each pixel's loss is multiplied by its weight first. Returns ``(loss, number of
+    labelled pixels)``.
     """
+    if average not in CE_AVERAGES:
+        raise ValueError(f"unknown cross-entropy average {average!r}; choose one of {', '.join(CE_AVERAGES)}")
     per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
     valid = (labels != IGNORE_INDEX).sum()
     if weights is not None:
         per_pixel = per_pixel * weights
+    if average == "all_pixels":
+        return per_pixel.mean(), valid
     return per_pixel.sum() / valid.clamp(min=1), valid
 
 

@@ -46,7 +46,7 @@ from plca.data.labels import IGNORE_INDEX
 from plca.methods.addons import (EMATeacher, class_mix, feature_distance_loss, mask_images, normalized_zero,
                                  patch_mask, pseudo_label_accuracy, pseudo_labels, strong_augment,
                                  thing_class_indices)
-from plca.methods.base import Method, MethodContext, StepOutput, upsample
+from plca.methods.base import Method, MethodContext, StepOutput, cross_entropy, upsample
 from plca.methods.plca import association_terms, lsr_terms
 from plca.methods.registry import register_method
 
@@ -150,8 +150,8 @@ class SelfTraining(Method):
     uses_target = True
     has_teacher = True
     Options = SelfTrainingOptions
-    # DAFormer's losses: plain cross-entropy; PLCA's terms only when asked for
-    config_defaults = {"loss": {"lovasz_weight": 0.0, "lsr_weight": 0.0,
+    # DAFormer's losses: plain cross-entropy averaged as mmseg 0.16 does; PLCA's terms only when asked for
+    config_defaults = {"loss": {"lovasz_weight": 0.0, "lsr_weight": 0.0, "ce_average": "all_pixels",
                                 "association": {"feature_weight": 0.0, "classifier_weight": 0.0}}}
 
     def __init__(self, segmentor: nn.Module, context: MethodContext) -> None:
@@ -281,7 +281,8 @@ class SelfTraining(Method):
 def weighted_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
     """DAFormer's pixel-weighted cross-entropy: ``mean over all pixels of weight * CE`` (ignored pixels count 0).
 
+    As mmseg 0.16 computes DAFormer's mix loss (``seg_weight`` = the pseudo-label weights,
+    ``weight_reduce_loss`` without ``avg_factor``), whatever ``loss.ce_average`` says for the source.
     logits ``(B, K, H, W)``, labels ``(B, H, W)`` (255 = ignore), weights ``(B, H, W)``.
     """
-    per_pixel = nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-    return (per_pixel * weights).mean()
+    return cross_entropy(logits, labels, weights, average="all_pixels")[0]

@@ -105,6 +105,11 @@ class DAFormerHead(nn.Module):
     def forward(self, levels: Sequence[Tensor]) -> Tensor:
         return self.classify(self.embed(levels))
 
+    def no_weight_decay(self) -> set[str]:
+        """None: DAFormer decays every parameter of its decode head, BatchNorms and biases included
+        (mmcv names the BatchNorms ``bn``, which its optimiser's ``norm`` key does not match)."""
+        return set()
+
 
 @register_head("daformer")
 def daformer_head(in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, channels: int = 256,

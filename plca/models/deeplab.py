@@ -1,10 +1,17 @@
-"""DeepLab-v2's ASPP head and the PLCA authors' released DeepLab-v2 checkpoints.
+"""DeepLab-v2's ASPP heads and the PLCA authors' released DeepLab-v2 checkpoints.
 
-The ASPP head of DeepLab-v2 is four parallel 3x3 convolutions straight to the
-class scores, with dilations 6, 12, 18 and 24, whose outputs are **summed**
-(no bias, no batch norm, PyTorch's default initialisation). It reads the
-backbone's last map only, so that map is both its embedding and the feature
-map of PLCA's feature-level association.
+The ASPP head of DeepLab-v2 is parallel dilated 3x3 convolutions straight to the class
+scores, whose outputs are **summed**; it reads the backbone's last map only, so that map is
+both its embedding and the feature map of PLCA's feature-level association. Two variants:
+
+- ``deeplabv2`` (the PLCA reference): four branches, dilations 6, 12, 18 and 24, no bias,
+  PyTorch's default initialisation;
+- ``deeplabv2_reduced`` (DACS and DAFormer's ``dlv2red``: mmseg ``DLV2Head`` with
+  ``dilations=(6, 12)``, ``configs/_base_/models/deeplabv2red_r50-d8.py``): two branches,
+  dilations 6 and 12, each convolution with a bias (mmcv ``ConvModule`` without a norm), weights
+  drawn from Normal(0, 0.01) and biases 0 (``init_cfg=dict(type='Normal', std=0.01,
+  override=dict(name='aspp_modules'))``). AdaptSegNet's code, which DACS and later works copied,
+  returns inside its loop over the four branches, so only the first two were ever summed.
 """
 
 from __future__ import annotations
@@ -33,18 +40,38 @@ PLCA_AUTHORS_SYNTHIA_CLASS_ORDER: tuple[str, ...] = tuple(
 )
 
 
-class ASPPHead(nn.Module):
-    """Sum of dilated 3x3 convolutions: ``(B, in_channels, h, w) -> (B, num_classes, h, w)``."""
+#: Dilations of the PLCA reference's head (DeepLab-v2's own).
+REFERENCE_DILATIONS: tuple[int, ...] = (6, 12, 18, 24)
+#: Dilations of DACS / DAFormer's reduced head.
+REDUCED_DILATIONS: tuple[int, ...] = (6, 12)
+#: Standard deviation of the reduced head's Normal initialisation.
+REDUCED_INIT_STD = 0.01
 
-    def __init__(self, in_channels: int, num_classes: int, dilations: Sequence[int] = (6, 12, 18, 24)) -> None:
+
+class ASPPHead(nn.Module):
+    """Sum of dilated 3x3 convolutions: ``(B, in_channels, h, w) -> (B, num_classes, h, w)``.
+
+    ``bias``: each convolution has a bias. ``init_std``: weights drawn from Normal(0, init_std)
+    and biases set to 0; None keeps PyTorch's default initialisation.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, dilations: Sequence[int] = REFERENCE_DILATIONS, *,
+                 bias: bool = False, init_std: float | None = None) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         self.dilations = tuple(dilations)
+        if not self.dilations or any(d < 1 for d in self.dilations):
+            raise ValueError(f"ASPP dilations must be positive integers, got {self.dilations}")
         self.embed_channels = in_channels
         self.convs = nn.ModuleList(
-            nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d, bias=False) for d in self.dilations
+            nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d, bias=bias) for d in self.dilations
         )
+        if init_std is not None:
+            for conv in self.convs:
+                nn.init.normal_(conv.weight, 0.0, init_std)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
 
     def embed(self, levels: Sequence[Tensor]) -> Tensor:
         """The backbone's last map ``(B, in_channels, h, w)``: DeepLab-v2 classifies it directly."""
@@ -61,12 +88,22 @@ class ASPPHead(nn.Module):
         """Logits of a feature map, or of the last of a list of maps."""
         return self.classify(features if isinstance(features, Tensor) else self.embed(features))
 
+    def no_weight_decay(self) -> set[str]:
+        """None: DAFormer decays the DeepLab-v2 head's weights and biases (it has no norm layer)."""
+        return set()
+
 
 @register_head("deeplabv2")
 def deeplabv2_head(in_channels: Sequence[int], num_classes: int,
-                   dilations: Sequence[int] = (6, 12, 18, 24)) -> ASPPHead:
-    """DeepLab-v2's summed ASPP on the backbone's last level."""
+                   dilations: Sequence[int] = REFERENCE_DILATIONS) -> ASPPHead:
+    """The PLCA reference's DeepLab-v2 head: four summed branches (6, 12, 18, 24), no bias, on the last level."""
     return ASPPHead(in_channels[-1], num_classes, dilations)
+
+
+@register_head("deeplabv2_reduced")
+def deeplabv2_reduced_head(in_channels: Sequence[int], num_classes: int) -> ASPPHead:
+    """DACS / DAFormer's DeepLab-v2 head (``dlv2red``): two summed branches (6, 12) with biases, Normal(0, 0.01)."""
+    return ASPPHead(in_channels[-1], num_classes, REDUCED_DILATIONS, bias=True, init_std=REDUCED_INIT_STD)
 
 
 def build_deeplab_v2(num_classes: int, backbone: str = "resnet101", style: str = "caffe",

@@ -237,6 +237,19 @@ class MixTransformer(nn.Module):
             levels.append(x)
         return levels
 
+    def no_weight_decay(self) -> set[str]:
+        """The parameters AdamW leaves undecayed: the weight and bias of every LayerNorm.
+
+        This is DAFormer's rule for MiT: its optimiser config exempts names containing ``norm``
+        (``patch_embed*.norm``, ``block*.*.norm1`` / ``norm2``, ``attn.norm``, ``norm1``-``norm4``: all
+        LayerNorms, here ``embed.norm``, ``attn_norm``, ``ffn_norm``, ``attn.reduce_norm``, the stage
+        ``norm``) or ``pos_block``, which names no MiT parameter: the Mix-FFN's depthwise
+        convolution (``mlp.dwconv.dwconv`` there, ``ffn.dwconv`` here) is decayed like every other
+        convolution, linear layer and bias.
+        """
+        return {f"{module_name}.{param_name}" for module_name, module in self.named_modules()
+                if isinstance(module, nn.LayerNorm) for param_name, _ in module.named_parameters(recurse=False)}
+
     def load_pretrained(self, path: str | Path, drop_head: bool = False) -> LoadReport:
         """ImageNet weights from a local file in any layout :func:`load_mit_weights` knows, strictly.
 

@@ -9,7 +9,11 @@ is about ``H / strides[k]`` high). It carries:
 - ``normalization: Normalization``, the input its weights expect (the segmentor builds
   its input normaliser from it);
 - ``load_pretrained(path) -> LoadReport``: load ImageNet weights from a local file in
-  any layout it knows, strictly (see :mod:`plca.models.weights`).
+  any layout it knows, strictly (see :mod:`plca.models.weights`);
+- optionally ``no_weight_decay() -> set[str]`` (timm's convention, also for heads): the names,
+  relative to the module, of its parameters that AdamW must not decay under
+  ``train.no_decay: declared``. A module without the method declares none; this is all a new
+  backbone or head does to take part in the optimiser's parameter groups.
 
 A **head** is an ``nn.Module`` built as ``factory(in_channels, num_classes, **options)``
 with ``in_channels`` the backbone's ``out_channels``; it has
@@ -90,6 +94,13 @@ def register_head(name: str) -> Callable[[HeadFactory], HeadFactory]:
         return factory
 
     return decorate
+
+
+def declared_no_weight_decay(module: nn.Module) -> set[str]:
+    """The parameter names ``module`` declares exempt from weight decay (its ``no_weight_decay()``),
+    relative to it; the empty set for a module without the method."""
+    declare = getattr(module, "no_weight_decay", None)
+    return set(declare()) if callable(declare) else set()
 
 
 def backbone_names() -> list[str]:

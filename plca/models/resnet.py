@@ -212,6 +212,11 @@ class ResNet(nn.Module):
             levels.append(x)
         return levels
 
+    def no_weight_decay(self) -> set[str]:
+        """None: DAFormer decays every parameter of its ResNets, BatchNorms included (its optimiser's
+        ``norm`` key does not match mmcv's ``bn1``, ``downsample.1``, ``stem.1`` names)."""
+        return set()
+
     def load_pretrained(self, path: str | Path, drop_head: bool = False) -> LoadReport:
         """ImageNet weights in torchvision's key layout, strictly (see :func:`load_resnet_weights`)."""
         return load_resnet_weights(self, path, drop_head=drop_head)

@@ -108,6 +108,11 @@ class SegFormerHead(nn.Module):
     def forward(self, levels: Sequence[Tensor]) -> Tensor:
         return self.classify(self.embed(levels))
 
+    def no_weight_decay(self) -> set[str]:
+        """None: DAFormer decays every parameter of its decode head, BatchNorms and biases included
+        (mmcv names the BatchNorms ``bn``, which its optimiser's ``norm`` key does not match)."""
+        return set()
+
 
 @register_head("segformer")
 def segformer_head(in_channels: Sequence[int], num_classes: int, embed_dim: int = 256,

@@ -16,7 +16,7 @@ from typing import Protocol
 from torch import Tensor, nn
 
 from plca.models.packaged import resolve_weights
-from plca.models.registry import create_backbone, create_head
+from plca.models.registry import create_backbone, create_head, declared_no_weight_decay
 from plca.models.resnet import InputNormalizer
 from plca.models.weights import LoadReport, WeightsError
 
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 #: Which map the feature-level association reads: the backbone's last level, or the map the
 #: head's classifier reads (its fused embedding; for DeepLab-v2 the two are the same map).
 FEATURE_SOURCES: tuple[str, ...] = ("backbone_last", "head_embedding")
+#: The parts of a segmentor that hold parameters (the input normaliser holds none).
+PARTS: tuple[str, ...] = ("backbone", "head")
 
 
 class SegmentorOptions(Protocol):
@@ -97,6 +99,17 @@ class Segmentor(nn.Module):
         if return_bottleneck:
             output["bottleneck"] = levels[-1]
         return output
+
+    def parameter_parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Every parameter by part, named as :meth:`named_parameters` names it: ``{'backbone': [...],
+        'head': [...]}`` (the optimiser gives the head its own learning rate)."""
+        return {part: list(getattr(self, part).named_parameters(prefix=part)) for part in PARTS}
+
+    def no_weight_decay(self) -> set[str]:
+        """The parameters the backbone and the head declare exempt from weight decay (each part's
+        ``no_weight_decay()``, timm's convention; see :mod:`plca.models.registry`), named as
+        :meth:`named_parameters` names them."""
+        return {f"{part}.{name}" for part in PARTS for name in declared_no_weight_decay(getattr(self, part))}
 
     def describe(self) -> dict:
         """What rebuilds this network: names, style, class count, feature map, input normalisation."""

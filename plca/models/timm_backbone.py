@@ -25,9 +25,10 @@ are dropped and reported as ignored, and everything else loads strictly into the
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,6 +165,21 @@ class TimmBackbone(nn.Module):
             return self.pyramid(levels[-1])
         return levels
 
+    def no_weight_decay(self) -> set[str]:
+        """What timm declares exempt from weight decay, in this module's names.
+
+        The classification model's ``no_weight_decay()`` (names or timm's fnmatch patterns, such as a
+        ViT's ``pos_embed`` and ``cls_token``) matched against the trunk's parameters under their
+        classification-model names (``trunk.model.pos_embed`` for a ViT); the simple feature pyramid
+        declares nothing. Empty for a model without the method.
+        """
+        reference = _reference_model(self.name, self.model_kwargs)
+        declare = getattr(reference, "no_weight_decay", None)
+        if not callable(declare):
+            return set()
+        trunk_names = [name for name, _ in self.trunk.named_parameters()]
+        return {f"trunk.{name}" for name in declared_in_trunk(declare(), trunk_names, set(reference.state_dict()))}
+
     def load_pretrained(self, path: str | Path, drop_head: bool = False) -> TimmLoadReport:
         """Weights of the timm classification model ``name`` from a local file, strictly (trunk only).
 
@@ -294,6 +310,18 @@ def _filtered(state: dict[str, Tensor], reference: nn.Module, path: Path, name: 
     return dict(converted)
 
 
+def declared_in_trunk(patterns: Iterable[str], trunk_names: Iterable[str], model_keys: set[str]) -> list[str]:
+    """The trunk's parameter names whose classification-model name matches one of ``patterns``.
+
+    ``patterns``: a timm model's ``no_weight_decay()``, parameter names or fnmatch patterns, as
+    timm's ``param_groups_weight_decay`` reads them; ``model_keys``: the classification model's
+    state-dict keys (see :func:`_source_key`).
+    """
+    patterns = list(patterns)
+    return [name for name in trunk_names
+            if any(fnmatch.fnmatchcase(_source_key(name, model_keys) or name, pattern) for pattern in patterns)]
+
+
 def _source_key(trunk_key: str, model_keys: set[str]) -> str | None:
     """The classification model's name for a key of timm's feature extractor.
 
@@ -315,5 +343,5 @@ def timm_backbone(name: str, style: str | None = None) -> TimmBackbone:
     return TimmBackbone(name, style=style)
 
 
-__all__ = ["SimpleFeaturePyramid", "TimmBackbone", "TimmLoadReport", "check_model_name", "normalization_from_cfg",
-           "timm_backbone"]
+__all__ = ["SimpleFeaturePyramid", "TimmBackbone", "TimmLoadReport", "check_model_name", "declared_in_trunk",
+           "normalization_from_cfg", "timm_backbone"]

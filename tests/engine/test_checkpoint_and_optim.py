@@ -69,11 +69,23 @@ def test_poly_lr():
     assert poly_lr(0.1, 100, 100) == 0.0
 
 
+class _TwoParts(nn.Module):
+    """A model that says which of its parameters are the head's (as a Segmentor does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone, self.classifier = nn.Linear(2, 2), nn.Linear(2, 3)
+
+    def parameter_parts(self):
+        return {"backbone": list(self.backbone.named_parameters(prefix="backbone")),
+                "head": list(self.classifier.named_parameters(prefix="classifier"))}
+
+
 def test_head_lr_multiplier_groups():
-    model = nn.ModuleDict({"backbone": nn.Linear(2, 2), "classifier": nn.Linear(2, 3)})
+    model = _TwoParts()
     optimizer = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0)
     set_lr(optimizer, 0.02)
     backbone, head = optimizer.param_groups
     assert backbone["lr"] == 0.02 and head["lr"] == pytest.approx(0.2)
-    assert {id(p) for p in head["params"]} == {id(p) for p in model["classifier"].parameters()}
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.classifier.parameters()}
     assert len(backbone["params"]) == 2 and optimizer.defaults["weight_decay"] == 5e-4

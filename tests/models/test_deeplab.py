@@ -1,4 +1,5 @@
-"""DeepLab-v2: the summed ASPP head, the model's outputs and the factory."""
+"""DeepLab-v2: the summed ASPP heads (the reference's four branches, DAFormer's reduced two), the model's outputs
+and the factory."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from plca.models.deeplab import ASPPHead, build_deeplab_v2
-from plca.models.segmentor import Segmentor
+from plca.models.registry import create_head, head_names
+from plca.models.segmentor import Segmentor, SegmentorSpec, build_segmentor
 from plca.models.resnet import ResNet
 
 
@@ -43,6 +45,50 @@ def test_aspp_layout_no_bias_and_default_init():
 def test_aspp_custom_dilations():
     head = ASPPHead(4, 3, dilations=(1, 2))
     assert len(head.convs) == 2 and head.convs[1].dilation == (2, 2)
+
+
+def test_reduced_head_is_two_branches_with_bias_and_normal_init():
+    # DAFormer's dlv2red: DLV2Head(dilations=(6, 12)), mmcv ConvModule without norm (bias=True), Normal(0, 0.01)
+    assert "deeplabv2_reduced" in head_names()
+    torch.manual_seed(0)
+    head = create_head("deeplabv2_reduced", (64, 2048), 19)
+    assert isinstance(head, ASPPHead) and head.embed_channels == 2048
+    assert list(head.state_dict()) == ["convs.0.weight", "convs.0.bias", "convs.1.weight", "convs.1.bias"]
+    assert head.dilations == (6, 12)
+    for conv, d in zip(head.convs, (6, 12)):
+        assert conv.kernel_size == (3, 3) and conv.dilation == (d, d) and conv.padding == (d, d)
+        assert conv.weight.shape == (19, 2048, 3, 3)
+        assert conv.weight.std().item() == pytest.approx(0.01, rel=0.02)  # 350k draws
+        assert abs(conv.weight.mean().item()) < 1e-4
+        assert torch.equal(conv.bias, torch.zeros(19))
+
+
+def test_reduced_head_output_is_the_sum_of_its_two_convolutions():
+    torch.manual_seed(0)
+    head = create_head("deeplabv2_reduced", (8,), 5)
+    with torch.no_grad():
+        for conv in head.convs:
+            conv.bias.normal_()  # non-zero biases: both must be added
+    x = torch.randn(2, 8, 13, 30)
+    expected = sum(F.conv2d(x, conv.weight, conv.bias, padding=d, dilation=d) for conv, d in zip(head.convs, (6, 12)))
+    torch.testing.assert_close(head(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head([torch.randn(2, 4, 26, 60), x]), expected, rtol=1e-5, atol=1e-6)  # the last level
+    assert head(x).shape == (2, 5, 13, 30)
+
+
+def test_reduced_head_in_a_segmentor_is_described_and_rebuilt(tmp_path):
+    from plca.models.trained import inspect_model_file, load_model_file
+
+    torch.manual_seed(0)
+    model = build_segmentor(SegmentorSpec(backbone="resnet18", head="deeplabv2_reduced", style="pytorch"), 3).eval()
+    assert model.describe()["head"] == "deeplabv2_reduced"
+    path = tmp_path / "final.pt"
+    torch.save({"model": model.state_dict(), "segmentor": model.describe(), "classes": ["a", "b", "c"]}, path)
+    rebuilt = load_model_file(inspect_model_file(path))
+    assert isinstance(rebuilt.head, ASPPHead) and rebuilt.head.dilations == (6, 12)
+    images = torch.rand(1, 3, 40, 48) * 255
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images)["logits"], model(images)["logits"])
 
 
 @pytest.fixture(scope="module")

@@ -131,6 +131,14 @@ def test_normalization_comes_from_the_pretrained_cfg():
     assert normalization_from_cfg({"mean": (0.5,), "std": (0.5,)}) == IMAGENET_RGB
 
 
+def test_no_weight_decay_is_timms_declaration_in_our_names():
+    # timm's ViT declares pos_embed, cls_token (and reg / dist tokens it may not have); the getter holds it as 'model'
+    vit = TimmBackbone("vit_small_patch14_dinov2", depth=2)
+    assert vit.no_weight_decay() == {"trunk.model.pos_embed", "trunk.model.cls_token"}
+    assert vit.no_weight_decay() <= {name for name, _ in vit.named_parameters()}
+    assert TimmBackbone("resnet10t").no_weight_decay() == set()  # timm's ResNet declares nothing
+
+
 def test_styles():
     assert TimmBackbone("resnet10t", style=None).style is None
     assert create_backbone("timm:resnet10t", style="pytorch").style == "pytorch"

@@ -174,3 +174,20 @@ def test_model_files_get_ordinary_permissions(run_dir, tmp_path):
         os.umask(previous)
     for path in (exported, tmp_path / "final.pt"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_round_trip_of_the_reduced_deeplab_v2_head(tmp_path):
+    # DAFormer's two-branch head (biases included) survives checkpoint -> export -> rebuilt model
+    config = build_config(to_dict(tiny_config()), ["model.head=deeplabv2_reduced"])
+    model = trained_like_model(config)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "segmentor": model.describe(), "classes": CLASSES,
+                "config": to_dict(config), "step": 3, "optimizer": {}}, run / "checkpoints" / "last.pt")
+    path = export_model(run, tmp_path / "reduced.safetensors")
+    assert json.loads(read_export_metadata(path)["segmentor"])["head"] == "deeplabv2_reduced"
+    loaded, loaded_config = load_exported(path)
+    assert loaded_config.model.head == "deeplabv2_reduced" and len(loaded.head.convs) == 2
+    assert loaded.head.convs[0].bias is not None
+    images = torch.rand(2, 3, 32, 64) * 255
+    assert torch.equal(logits(loaded, images), logits(model, images))
