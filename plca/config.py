@@ -107,6 +107,7 @@ class LossConfig:
     # Defaults are the PLCA reference's values. Effective weight of Lovasz-softmax against the
     # mean cross-entropy: the reference uses 0.75 multiplied by world_size x ITER_SIZE = 4, i.e. 3.0.
     lovasz_weight: float = 3.0  # Lovasz-softmax on the source, against the mean cross-entropy
+    lovasz_reduction: str = "global"  # under DDP: global (the exact loss of the global batch) | reference (the PLCA reference's: global sort, each GPU's mean over its own classes x world size)
     lsr_weight: float = 0.01  # LSR on source and target log-softmax (plca)
     lsr_threshold: float = 10.0  # LSR keeps -mean_c log p_c near this value
     ce_average: str = "labelled"  # source cross-entropy's mean: labelled (over labelled pixels: PyTorch's, the PLCA reference) | all_pixels (over every pixel, ignored ones count 0: mmseg 0.16, DAFormer)
@@ -545,6 +546,8 @@ def validate(config: Config) -> None:
         check(getattr(loss, key) >= 0, f"loss.{key} must be >= 0, got {getattr(loss, key)}")
     check(loss.lsr_threshold > 0, "loss.lsr_threshold must be > 0")
     check(loss.ce_average in CE_AVERAGES, f"loss.ce_average must be one of {', '.join(CE_AVERAGES)}, got {loss.ce_average!r}")
+    check(loss.lovasz_reduction in ("global", "reference"),
+          f"loss.lovasz_reduction must be global or reference, got {loss.lovasz_reduction!r}")
     for key in ("feature_weight", "classifier_weight"):
         value = getattr(loss.association, key)
         check(value >= 0, f"loss.association.{key} must be >= 0, got {value}")

@@ -170,6 +170,7 @@ def test_method_defaults_sit_below_what_the_user_gives():
     ("train.weight_decay=-1e-4", "train.weight_decay"),
     ("train.poly_power=-1", "train.poly_power"),
     ("loss.lovasz_weight=-1", "loss.lovasz_weight"),
+    ("loss.lovasz_reduction=mean", "loss.lovasz_reduction"),
     ("loss.association.feature_weight=-0.1", "loss.association.feature_weight"),
     ("train.seed=-1", "train.seed"),
     ("train.flip=1", "train.flip"),

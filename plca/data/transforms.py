@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from plca.data.labels import IGNORE_INDEX
@@ -28,12 +29,25 @@ def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torc
     return image_tensor, label_tensor
 
 
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of ``(H, W, 3) uint8`` to ``size = (h, w)``."""
+def resize_image(image: np.ndarray, size: tuple[int, int], antialias: bool = False) -> np.ndarray:
+    """Bilinear resize of ``(H, W, 3) uint8`` to ``size = (h, w)``, rounded to uint8.
+
+    ``antialias=False`` (the default): output pixel ``x`` samples the source at
+    ``(x + 0.5) * W / w - 0.5`` (half-pixel centres, clamped to the border) and interpolates its
+    two neighbours per axis, whatever the scale: the sampling of cv2's ``INTER_LINEAR``, with which
+    mmcv (mmsegmentation, DAFormer) resizes images. Downscaling by more than 2 skips source pixels
+    (aliasing), as there. ``antialias=True``: Pillow's bilinear filter, which widens with the
+    downscale factor and averages every source pixel (what the PLCA reference gets from
+    torchvision's ``resize`` of PIL images); the same as the default when upscaling.
+    """
     height, width = size
     if image.shape[:2] == (height, width):
         return image
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+    if antialias:
+        return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    resized = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
+    return resized[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -95,7 +109,8 @@ def _ratio_size(height: int, width: int, ratio: float) -> tuple[int, int]:
 class TrainTransform:
     """Random rescale, horizontal flip and crop, applied identically to image and label.
 
-    1. Rescale (bilinear for the image, nearest for the label), one of:
+    1. Rescale (bilinear for the image, see :func:`resize_image` and ``antialias``; nearest for
+       the label), one of:
        ``shorter_side = (lo, hi)``: the shorter side becomes a random integer in ``[lo, hi]``
        (inclusive); ``scale_range = (lo, hi)``: both sides are multiplied by one random ratio
        drawn uniformly from ``[lo, hi]``, relative to each image's own size (mmsegmentation's
@@ -113,7 +128,8 @@ class TrainTransform:
 
     def __init__(self, crop_size: tuple[int, int], shorter_side: tuple[int, int] | None = None,
                  flip: bool = True, scale_range: tuple[float, float] | None = None,
-                 cat_max_ratio: float = 1.0) -> None:
+                 cat_max_ratio: float = 1.0, antialias: bool = False) -> None:
+        self.antialias = bool(antialias)
         self.crop_size = _pair_of_positive_ints(crop_size, "crop_size")
         if not 0.0 < float(cat_max_ratio) <= 1.0:
             raise ValueError(f"cat_max_ratio must be in (0, 1] (1 = any window), got {cat_max_ratio!r}")
@@ -137,7 +153,7 @@ class TrainTransform:
         elif self.scale_range is not None:
             size = _ratio_size(*image.shape[:2], float(rng.uniform(*self.scale_range)))
         if size is not None:
-            image, label = resize_image(image, size), resize_label(label, size)
+            image, label = resize_image(image, size, self.antialias), resize_label(label, size)
         if self.flip and rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
         crop_h, crop_w = self.crop_size
@@ -168,7 +184,8 @@ class TrainTransform:
 
     def __repr__(self) -> str:
         return (f"TrainTransform(crop_size={self.crop_size}, shorter_side={self.shorter_side}, "
-                f"scale_range={self.scale_range}, flip={self.flip}, cat_max_ratio={self.cat_max_ratio})")
+                f"scale_range={self.scale_range}, flip={self.flip}, cat_max_ratio={self.cat_max_ratio}, "
+                f"antialias={self.antialias})")
 
 
 #: Re-draws of a crop window whose classes are too uniform (mmsegmentation's RandomCrop: 10).
@@ -276,21 +293,23 @@ def resize_warnings(image_sizes: Mapping[tuple[int, int], int] | Iterable[tuple[
 
 
 class EvalTransform:
-    """Resize the image to ``size = (h, w)`` (bilinear; ``None`` keeps it); the label keeps its full resolution.
+    """Resize the image to ``size = (h, w)`` (bilinear, see :func:`resize_image` and ``antialias``;
+    ``None`` keeps it); the label keeps its full resolution.
 
     Evaluation upsamples the predictions to the label, so scores are at full label resolution.
     """
 
-    def __init__(self, size: tuple[int, int] | None = None) -> None:
+    def __init__(self, size: tuple[int, int] | None = None, antialias: bool = False) -> None:
         self.size = None if size is None else _pair_of_positive_ints(size, "size")
+        self.antialias = bool(antialias)
 
     def __call__(self, image: np.ndarray, label: np.ndarray,
                  rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(H, W, 3) uint8``, ``(H, W) uint8`` -> ``(3, h, w) uint8``, ``(H, W) int64``."""
         _check_pair(image, label)
         if self.size is not None:
-            image = resize_image(image, self.size)
+            image = resize_image(image, self.size, self.antialias)
         return to_tensors(image, label)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(size={self.size})"
+        return f"EvalTransform(size={self.size}, antialias={self.antialias})"

@@ -1,8 +1,11 @@
 """Run a segmentation model over a labelled dataset and accumulate the confusion matrix.
 
-Predictions are made at the (optionally resized) input size, upsampled
-bilinearly to the full label resolution and scored there. Under DDP each
-process scores every ``world_size``-th image and the matrices are summed.
+The model runs on the (optionally resized) input; its logits are upsampled bilinearly
+(align_corners False) to the full label resolution and their argmax is scored there, as
+mmsegmentation and the PLCA reference do (the argmax of upsampled logits is not that of
+upsampled probabilities where classes compete). With test-time aggregation the reference
+upsamples its aggregated probabilities instead, and so do we. Under DDP each process scores
+every ``world_size``-th image and the matrices are summed.
 
 Per-image scores (:class:`PerImageScores`, optional) come from the same pass: each
 image's own confusion matrix gives its mean IoU over the classes present in its label
@@ -33,12 +36,14 @@ from plca.losses.association import spatial_aggregate
 
 
 @torch.no_grad()
-def predict_probabilities(model: nn.Module, images: Tensor, test_time_aggregation: bool = False,
-                          alpha: float = 0.5, amp: bool = False) -> Tensor:
-    """Class probabilities ``(B, K, h, w)`` at the model's output stride for images ``(B, 3, H, W)``.
+def predict_scores(model: nn.Module, images: Tensor, test_time_aggregation: bool = False,
+                   alpha: float = 0.5, amp: bool = False) -> Tensor:
+    """Class scores ``(B, K, h, w)`` (float32) at the model's output stride for images ``(B, 3, H, W)``.
 
-    With test-time aggregation (the reference's evaluation of PLCA): features are spatially
-    aggregated (cos) before the classifier, then the probabilities are aggregated (kl).
+    The logits; with test-time aggregation (the reference's evaluation of PLCA) class
+    probabilities: features spatially aggregated (cos) before the classifier, softmax, then
+    the probabilities aggregated (kl). Either is what the reference upsamples to the label
+    (:func:`upsampled_probabilities`).
     """
     autocast = (torch.autocast(device_type=images.device.type, dtype=torch.bfloat16)
                 if amp and images.device.type == "cuda" else contextlib.nullcontext())
@@ -47,7 +52,24 @@ def predict_probabilities(model: nn.Module, images: Tensor, test_time_aggregatio
             features = spatial_aggregate(model.extract_features(images), "cos", alpha)
             probs = model.classify(features).float().softmax(dim=1)
             return spatial_aggregate(probs, "kl", alpha)
-        return model(images)["logits"].float().softmax(dim=1)
+        return model(images)["logits"].float()
+
+
+def upsample_scores(scores: Tensor, size: tuple[int, int]) -> Tensor:
+    """``(B, K, h, w)`` scores resized bilinearly (align_corners False) to ``size = (H, W)``."""
+    if tuple(scores.shape[-2:]) == tuple(size):
+        return scores
+    return F.interpolate(scores, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def upsampled_probabilities(scores: Tensor, size: tuple[int, int], test_time_aggregation: bool) -> Tensor:
+    """Class probabilities ``(B, K, H, W)`` at ``size`` from :func:`predict_scores`' output.
+
+    Logits are upsampled, then the softmax is taken (mmsegmentation, the PLCA reference);
+    the test-time-aggregated probabilities are upsampled as they are (the reference).
+    """
+    upsampled = upsample_scores(scores, size)
+    return upsampled if test_time_aggregation else upsampled.softmax(dim=1)
 
 
 @dataclass(frozen=True)
@@ -183,9 +205,9 @@ def evaluate(model: nn.Module, dataset, num_classes: int, device: torch.device, 
                                           dynamic_ncols=True)):
         images = batch["image"].to(device, non_blocking=True).float()
         labels = batch["label"].to(device, non_blocking=True)
-        probs = predict_probabilities(model, images, test_time_aggregation, alpha, amp)
-        probs = F.interpolate(probs, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        predictions = probs.argmax(dim=1)
+        scores = predict_scores(model, images, test_time_aggregation, alpha, amp)
+        # the softmax after upsampling (upsampled_probabilities) would not change the argmax
+        predictions = upsample_scores(scores, labels.shape[-2:]).argmax(dim=1)
         if image_scores is None:
             confusion.update(predictions, labels)
             continue

@@ -9,7 +9,11 @@ decreasing order ``m_(1) >= m_(2) >= ...`` and ``M_k`` the ``k`` pixels of large
 increments ``J(M_k) - J(M_(k-1))``, which do not depend on ``m`` inside a piece.
 
 :func:`lovasz_softmax` takes the pixels of its own batch; :func:`lovasz_softmax_global` those of
-the whole global batch of a process group (DDP), as the PLCA reference does on several GPUs.
+the whole global batch of a process group (DDP): the exact loss of the global batch.
+:func:`lovasz_softmax_reference_ddp` is the PLCA reference's multi-GPU version
+(``solver/lov_softmax_multigpu.py``), which sorts the global batch too but averages, on each
+process, over the classes present in that process's own labels only (see its docstring for how
+its weight differs).
 """
 
 from __future__ import annotations
@@ -122,11 +126,15 @@ def lovasz_softmax_global(probs: Tensor, labels: Tensor, classes: str = "present
     gradient is therefore scaled by the world size (value unchanged,
     :func:`plca.losses.distributed.undo_gradient_averaging`): after DDP's averaging the parameter
     gradient of ``w * lovasz_softmax_global(...)`` equals the gradient of ``w`` times the global
-    Lovasz computed by one process on all images. (The PLCA reference's multi-GPU version likewise
-    multiplies its per-GPU share by the number of GPUs; the further ``world_size x ITER_SIZE`` factor
-    on its Lovasz weight is a separate matter, see METHOD.md.) Use it only where the gradients are
-    averaged over ``group`` (DDP); a plain ``backward`` on one process gives ``world`` times that
-    process's share.
+    Lovasz computed by one process on all images. Use it only where the gradients are averaged over
+    ``group`` (DDP); a plain ``backward`` on one process gives ``world`` times that process's share.
+
+    The PLCA reference's multi-GPU version differs (:func:`lovasz_softmax_reference_ddp`): it
+    sorts the same global errors, but each process averages its share over the classes present in
+    its *own* labels, so a class's share weighs ``1 / |classes of that process|`` instead of
+    ``1 / |classes of the global batch|``, and a process's pixels add nothing for a class that only
+    other processes' labels hold. (The further ``world_size x ITER_SIZE`` factor on the reference's
+    Lovasz weight is a separate matter, see METHOD.md.)
 
     Without an initialised process group, or with one process, it is :func:`lovasz_softmax`.
     Memory: each process holds the probabilities of the whole global batch's valid pixels and a
@@ -145,3 +153,59 @@ def lovasz_softmax_global(probs: Tensor, labels: Tensor, classes: str = "present
     _check_label_range(flat_labels, probs.shape[1], ignore_index, name)
     loss = _class_mean(lovasz_softmax_per_class(flat_probs, flat_labels), flat_labels, classes)
     return undo_gradient_averaging(loss, world)
+
+
+def _increments_by_pixel(probs: Tensor, labels: Tensor) -> Tensor:
+    """``(K, P)``: each pixel's Lovasz gradient (Jaccard increment) for each class, in pixel order.
+
+    probs ``(P, K)``, labels ``(P,)`` as in :func:`lovasz_softmax_per_class` (no gradient flows).
+    ``lovasz_softmax_per_class(probs, labels)[c] == (errors[c] * increments[c]).sum()``.
+    """
+    classes = torch.arange(probs.shape[1], device=labels.device)
+    foreground = (labels.unsqueeze(0) == classes.unsqueeze(1)).to(probs.dtype)
+    errors = (foreground - probs.detach().t()).abs()
+    _, order = torch.sort(errors, dim=1, descending=True, stable=True)
+    increments = _jaccard_increments(torch.gather(foreground, 1, order))
+    return torch.zeros_like(increments).scatter_(1, order, increments)
+
+
+def lovasz_softmax_reference_ddp(probs: Tensor, labels: Tensor, classes: str = "present",
+                                 ignore_index: int = IGNORE_INDEX,
+                                 group: dist.ProcessGroup | None = None) -> Tensor:
+    """The PLCA reference's multi-GPU Lovasz-softmax (``solver/lov_softmax_multigpu.py``), under DDP.
+
+    Same arguments and collective as :func:`lovasz_softmax_global`. Every process's valid pixels are
+    gathered and each class's errors sorted over all of them, which gives each pixel its Lovasz
+    gradient ``g_ic`` (the increments of the global sort). Then each process keeps its own pixels:
+    ``world x mean over c of sum_i m_ic g_ic``, the mean over the classes present in *this process's*
+    valid labels (``"present"``) or over all ``K`` (``"all"``); 0 (attached) when this process has no
+    valid pixel. The value differs between processes; the gradient of process ``r`` flows into its
+    own pixels only.
+
+    Against :func:`lovasz_softmax_global`: after DDP's averaging, the gradient is
+    ``sum_r (1 / |C_r|) sum_{c in C_r} grad(share_rc)`` instead of
+    ``(1 / |C|) sum_c sum_r grad(share_rc)`` (``C_r``: classes of process ``r``; ``C``: of the
+    global batch). Both are equal when every process holds every class of the global batch; else a
+    process's shares weigh more (``|C_r| < |C|``) and its pixels' errors on the classes only other
+    processes hold (false positives) are not penalised. With one process it is :func:`lovasz_softmax`.
+    Memory: as :func:`lovasz_softmax_global`, plus the ``(K, P_global)`` increments in pixel order.
+    """
+    world = group_size(group)
+    if world == 1:
+        return lovasz_softmax(probs, labels, classes, ignore_index)
+    name = "lovasz_softmax_reference_ddp"
+    _check_arguments(probs, labels, classes, name)
+    local_probs, local_labels = _valid_pixels(probs, labels, ignore_index)
+    owner = torch.full_like(local_labels, dist.get_rank(group))
+    flat_probs, flat_labels, owners = all_gather_rows([local_probs, local_labels, owner], group)
+    if flat_labels.numel() == 0:
+        return probs.sum().to(local_probs.dtype) * 0.0
+    # checked on the gathered labels, so that every process raises, not one while the others wait
+    _check_label_range(flat_labels, probs.shape[1], ignore_index, name)
+    if local_labels.numel() == 0:
+        return probs.sum().to(local_probs.dtype) * 0.0
+    increments = _increments_by_pixel(flat_probs, flat_labels)[:, owners == dist.get_rank(group)]
+    class_ids = torch.arange(probs.shape[1], device=labels.device)
+    foreground = (local_labels.unsqueeze(0) == class_ids.unsqueeze(1)).to(local_probs.dtype)
+    errors = (foreground - local_probs.t()).abs()
+    return world * _class_mean((errors * increments).sum(dim=1), local_labels, classes)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plca.data.labels import IGNORE_INDEX
-from plca.losses.lovasz import lovasz_softmax_global
+from plca.losses.lovasz import lovasz_softmax_global, lovasz_softmax_reference_ddp
 
 
 @dataclass
@@ -151,14 +151,18 @@ class Method(nn.Module):
 
         The cross-entropy is averaged as ``loss.ce_average`` says (see :func:`cross_entropy`). A batch
         without any labelled pixel gives 0 with a zero gradient (and ``data/unlabelled_batch`` 1).
-        Under DDP the Lovasz term sorts the pixels of every process together, as the reference does
-        (:func:`~plca.losses.lovasz.lovasz_softmax_global`): a collective, so every process computes it.
+        Under DDP the Lovasz term sorts the pixels of every process together: a collective, so every
+        process computes it. ``loss.lovasz_reduction``: ``global``, the exact loss of the global batch
+        (:func:`~plca.losses.lovasz.lovasz_softmax_global`), or ``reference``, the PLCA reference's
+        per-process class mean (:func:`~plca.losses.lovasz.lovasz_softmax_reference_ddp`).
         """
         upsampled = upsample(logits, labels.shape[-2:]).float()
         ce, valid = cross_entropy(upsampled, labels, average=self.loss_config.ce_average)
         loss, logs = ce, {"loss/source_ce": ce.detach(), "data/unlabelled_batch": (valid == 0).float()}
         if self.loss_config.lovasz_weight > 0:
-            lovasz = lovasz_softmax_global(upsampled.softmax(dim=1), labels, ignore_index=IGNORE_INDEX)
+            lovasz_loss = (lovasz_softmax_reference_ddp if self.loss_config.lovasz_reduction == "reference"
+                           else lovasz_softmax_global)
+            lovasz = lovasz_loss(upsampled.softmax(dim=1), labels, ignore_index=IGNORE_INDEX)
             loss = loss + self.loss_config.lovasz_weight * lovasz
             logs["loss/source_lovasz"] = lovasz.detach()
         return loss, logs

@@ -8,9 +8,11 @@ For each input image ``NAME`` it writes, at the input's full resolution::
     OUTPUT/legend.png        which colour is which class
 
 Inference is either on the whole (optionally resized) image or with a sliding
-window whose probabilities are averaged where windows overlap; horizontal flip
-and several scales can be averaged on top (in probability space). Test-time
-aggregation (PLCA's) applies to every forward pass.
+window whose logits are averaged where windows overlap; the logits are upsampled to
+the input's full size before the softmax; horizontal flip and several scales can be
+averaged on top, in probability space (mmsegmentation's inference). Test-time
+aggregation (PLCA's) applies to every forward pass; its scores are already
+probabilities, averaged and upsampled as they are (the PLCA reference).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from plca.config import Config, ConfigError
 from plca.data.labels import palette
 from plca.engine.distributed import available_cpus
 from plca.engine.image_grids import colour_legend
+from plca.evaluation.evaluator import predict_scores, upsample_scores, upsampled_probabilities
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -79,16 +82,16 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
 
 
 def _forward(model: nn.Module, images: Tensor, options: InferenceOptions) -> Tensor:
-    """Probabilities ``(B, K, h, w)`` at the model's output stride, ``batch_size`` images per pass."""
-    from plca.evaluation.evaluator import predict_probabilities
-
-    chunks = [predict_probabilities(model, chunk, options.test_time_aggregation, options.alpha, options.amp)
+    """Scores ``(B, K, h, w)`` at the model's output stride (logits, or aggregated probabilities with
+    test-time aggregation: :func:`plca.evaluation.evaluator.predict_scores`), ``batch_size`` images per pass."""
+    chunks = [predict_scores(model, chunk, options.test_time_aggregation, options.alpha, options.amp)
               for chunk in images.split(options.batch_size)]
     return torch.cat(chunks)
 
 
 def _sliding_window(model: nn.Module, images: Tensor, options: InferenceOptions) -> Tensor:
-    """Probabilities ``(B, K, H, W)`` at the input size, averaged over overlapping windows."""
+    """Scores ``(B, K, H, W)`` at the input size: each window's, upsampled to the window, averaged
+    where windows overlap (mmsegmentation's ``slide_inference``)."""
     _, _, height, width = images.shape
     win_h, win_w = min(options.window[0], height), min(options.window[1], width)
     stride_h, stride_w = options.stride or (max(1, -(-2 * win_h // 3)), max(1, -(-2 * win_w // 3)))
@@ -100,31 +103,31 @@ def _sliding_window(model: nn.Module, images: Tensor, options: InferenceOptions)
     for first in range(0, len(boxes), per_pass):
         group = boxes[first:first + per_pass]
         crops = torch.cat([images[:, :, top:top + win_h, left:left + win_w] for top, left in group])
-        probs = F.interpolate(_forward(model, crops, options), size=(win_h, win_w), mode="bilinear",
-                              align_corners=False)
+        scores = upsample_scores(_forward(model, crops, options), (win_h, win_w))
         if total is None:
-            total = images.new_zeros((batch, probs.shape[1], height, width))
+            total = images.new_zeros((batch, scores.shape[1], height, width))
             count = images.new_zeros((1, 1, height, width))
         for n, (top, left) in enumerate(group):
-            total[:, :, top:top + win_h, left:left + win_w] += probs[n * batch:(n + 1) * batch]
+            total[:, :, top:top + win_h, left:left + win_w] += scores[n * batch:(n + 1) * batch]
             count[:, :, top:top + win_h, left:left + win_w] += 1
     return total / count
 
 
-def resize_images(images: Tensor, size: tuple[int, int]) -> Tensor:
+def resize_images(images: Tensor, size: tuple[int, int], antialias: bool = False) -> Tensor:
     """Images ``(B, 3, H, W)`` resized bilinearly to ``size``, as float.
 
-    uint8 images go through :func:`plca.data.transforms.resize_image` (Pillow), exactly as
-    ``plca evaluate`` resizes them; float images through an antialiased ``F.interpolate``.
+    uint8 images go through :func:`plca.data.transforms.resize_image`, exactly as ``plca
+    evaluate`` resizes them; float images through ``F.interpolate`` (the same sampling, unrounded).
     """
     if tuple(images.shape[-2:]) == tuple(size):
         return images.float()
     if images.dtype == torch.uint8:
         from plca.data.transforms import resize_image
 
-        arrays = [resize_image(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()), size) for image in images]
+        arrays = [resize_image(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()), size, antialias)
+                  for image in images]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(images.device).float()
-    return F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=antialias)
 
 
 @torch.no_grad()
@@ -132,8 +135,10 @@ def predict_full(model: nn.Module, images: Tensor, options: InferenceOptions = I
     """Class probabilities ``(B, K, H, W)`` at full input resolution for images ``(B, 3, H, W)`` (RGB, 0-255).
 
     Each (scale, flip) variant is the input resized to ``options.size x scale`` (see
-    :func:`resize_images`), then mirrored if flipped, segmented (whole image or sliding window),
-    upsampled bilinearly to ``(H, W)`` and un-mirrored; the variants' probabilities are averaged.
+    :func:`resize_images`), then mirrored if flipped, segmented (whole image or sliding window);
+    its scores are upsampled bilinearly to ``(H, W)``, turned into probabilities (softmax of the
+    logits; test-time-aggregated scores already are) and un-mirrored; the variants' probabilities
+    are averaged (:func:`plca.evaluation.evaluator.upsampled_probabilities`, mmsegmentation's order).
     """
     height, width = images.shape[-2:]
     base_h, base_w = options.size or (height, width)
@@ -142,9 +147,8 @@ def predict_full(model: nn.Module, images: Tensor, options: InferenceOptions = I
         scaled = resize_images(images, (max(1, round(base_h * scale)), max(1, round(base_w * scale))))
         for flipped in (False, True) if options.flip else (False,):
             inputs = scaled.flip(-1) if flipped else scaled
-            probs = _sliding_window(model, inputs, options) if options.window else _forward(model, inputs, options)
-            if probs.shape[-2:] != (height, width):
-                probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
+            scores = _sliding_window(model, inputs, options) if options.window else _forward(model, inputs, options)
+            probs = upsampled_probabilities(scores, (height, width), options.test_time_aggregation)
             if flipped:
                 probs = probs.flip(-1)
             total = probs if total is None else total + probs

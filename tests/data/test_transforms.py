@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from plca.data.transforms import EvalTransform, TrainTransform
+from plca.data.transforms import EvalTransform, TrainTransform, resize_image
 
 
 def column_ramp(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,6 +119,74 @@ def test_eval_transform_bilinear_on_a_constant_image_is_constant():
     image = np.full((10, 20, 3), 77, np.uint8)
     out, _ = EvalTransform((7, 13))(image, np.zeros((10, 20), np.uint8))
     assert (out == 77).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Image resize: cv2 INTER_LINEAR's sampling (mmcv), not Pillow's antialiased filter
+
+
+def bilinear_reference(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Plain bilinear sampling with half-pixel centres, pixel by pixel, in float64 (unrounded).
+
+    Output pixel ``x`` reads the source at ``(x + 0.5) * W / w - 0.5``, clamped to ``[0, W - 1]``,
+    and mixes the two neighbouring source pixels (likewise for rows): cv2's ``INTER_LINEAR``.
+    """
+    def taps(out_index: int, out_len: int, src_len: int) -> tuple[int, int, float]:
+        position = min(max((out_index + 0.5) * src_len / out_len - 0.5, 0.0), src_len - 1)
+        low = int(np.floor(position))
+        return low, min(low + 1, src_len - 1), position - low
+
+    source = image.astype(np.float64)
+    out = np.zeros((*size, image.shape[2]))
+    for y in range(size[0]):
+        y0, y1, fy = taps(y, size[0], image.shape[0])
+        for x in range(size[1]):
+            x0, x1, fx = taps(x, size[1], image.shape[1])
+            top = (1 - fx) * source[y0, x0] + fx * source[y0, x1]
+            bottom = (1 - fx) * source[y1, x0] + fx * source[y1, x1]
+            out[y, x] = (1 - fy) * top + fy * bottom
+    return out
+
+
+@pytest.mark.parametrize("size", [(3, 4), (5, 3), (15, 23), (9, 30)], ids=["down", "down-3x", "up", "mixed"])
+def test_image_resize_is_plain_bilinear_sampling(size):
+    image = np.random.default_rng(0).integers(0, 256, size=(7, 11, 3), dtype=np.uint8)
+    got = resize_image(image, size)
+    assert got.dtype == np.uint8 and got.shape == (*size, 3)
+    difference = got.astype(np.float64) - bilinear_reference(image, size)
+    assert np.abs(difference).max() <= 0.5 + 1e-4  # rounded to the nearest integer
+
+
+def test_downscale_does_not_antialias_as_pillow_does_and_upscale_agrees_with_it():
+    image = np.random.default_rng(1).integers(0, 256, size=(24, 36, 3), dtype=np.uint8)
+    pillow = lambda size: np.asarray(Image.fromarray(image).resize(size[::-1], Image.Resampling.BILINEAR))  # noqa: E731
+    # a 3x downscale samples exactly source pixel 3x + 1 (one in three per axis); Pillow's filter averages all
+    down = resize_image(image, (8, 12)).astype(int)
+    assert np.abs(down - pillow((8, 12)).astype(int)).mean() > 10
+    assert down.std() > 2 * pillow((8, 12)).std()  # random pixels, not averaged: full contrast
+    np.testing.assert_array_equal(resize_image(image, (8, 12), antialias=True), pillow((8, 12)))
+    up = resize_image(image, (50, 70)).astype(int)
+    assert np.abs(up - pillow((50, 70)).astype(int)).max() <= 1  # only rounding differs when upscaling
+
+
+def test_image_resize_matches_cv2_when_it_is_installed():
+    cv2 = pytest.importorskip("cv2")
+    image = np.random.default_rng(2).integers(0, 256, size=(31, 47, 3), dtype=np.uint8)
+    for size in ((10, 15), (17, 29), (62, 94), (45, 20)):
+        want = cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR)
+        assert np.abs(resize_image(image, size).astype(int) - want.astype(int)).max() <= 1  # cv2's fixed point
+
+
+def test_train_and_eval_transforms_resize_images_without_antialiasing():
+    image = np.random.default_rng(3).integers(0, 256, size=(24, 48, 3), dtype=np.uint8)
+    label = np.zeros((24, 48), np.uint8)
+    resized, _ = TrainTransform((8, 16), shorter_side=(8, 8), flip=False)(image, label, np.random.default_rng(0))
+    np.testing.assert_array_equal(resized.permute(1, 2, 0).numpy(), resize_image(image, (8, 16)))
+    evaluated, _ = EvalTransform((8, 16))(image, label)
+    np.testing.assert_array_equal(evaluated.permute(1, 2, 0).numpy(), resize_image(image, (8, 16)))
+    pillow, _ = EvalTransform((8, 16), antialias=True)(image, label)
+    np.testing.assert_array_equal(pillow.permute(1, 2, 0).numpy(), resize_image(image, (8, 16), antialias=True))
+    assert not np.array_equal(pillow.numpy(), evaluated.numpy())
 
 
 @pytest.mark.parametrize("kwargs", [

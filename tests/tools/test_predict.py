@@ -60,16 +60,22 @@ def image_tensor(path):
     return torch.from_numpy(read(path).copy()).permute(2, 0, 1)[None]
 
 
-def reference_probs(model, images, size, flip=False):
-    """Probabilities of uint8 ``images`` resized to ``size`` the way evaluation does (Pillow bilinear),
-    optionally mirrored, at the model's stride, upsampled to the input size (and mirrored back)."""
+def reference_logits(model, images, size, flip=False, out_size=None):
+    """Logits of uint8 ``images`` resized to ``size`` the way evaluation does (:func:`resize_image`),
+    optionally mirrored, upsampled from the model's stride to ``out_size`` (default: the input size),
+    mirrored back."""
     resized = resize_image(images[0].permute(1, 2, 0).numpy(), size)
     x = torch.from_numpy(np.array(resized)).permute(2, 0, 1)[None].float()
     x = x.flip(-1) if flip else x
     with torch.no_grad():
-        probs = model(x)["logits"].softmax(dim=1)
-    probs = F.interpolate(probs, size=images.shape[-2:], mode="bilinear", align_corners=False)
-    return probs.flip(-1) if flip else probs
+        logits = model(x)["logits"]
+    logits = F.interpolate(logits, size=out_size or images.shape[-2:], mode="bilinear", align_corners=False)
+    return logits.flip(-1) if flip else logits
+
+
+def reference_probs(model, images, size, flip=False):
+    """As :func:`reference_logits`, then the softmax: logits are upsampled first (mmsegmentation's order)."""
+    return reference_logits(model, images, size, flip).softmax(dim=1)
 
 
 def test_window_starts_cover_the_length():
@@ -111,12 +117,13 @@ def test_sliding_window_of_the_whole_image_equals_whole_image(setup):
 def test_sliding_window_averages_overlapping_windows(setup):
     model, images = setup["model"], image_tensor(setup["inputs"] / "a.png")
     got = predict_full(model, images, InferenceOptions(window=(32, 40), stride=(16, 16), batch_size=2))
-    # plain reference: windows at columns 0, 16 and 24 (the last one ends at the border), full height
+    # plain reference: windows at columns 0, 16 and 24 (the last one ends at the border), full height;
+    # their logits (upsampled to the window) are averaged, then the softmax (mmsegmentation's slide_inference)
     total, count = torch.zeros(1, 3, 32, 64), torch.zeros(32, 64)
     for left in (0, 16, 24):
-        total[:, :, :, left:left + 40] += reference_probs(model, images[:, :, :, left:left + 40], (32, 40))
+        total[:, :, :, left:left + 40] += reference_logits(model, images[:, :, :, left:left + 40], (32, 40))
         count[:, left:left + 40] += 1
-    assert torch.allclose(got, total / count, atol=1e-6)
+    assert torch.allclose(got, (total / count).softmax(dim=1), atol=1e-6)
     assert torch.allclose(got.sum(dim=1), torch.ones(1, 32, 64), atol=1e-5)
 
 
