@@ -89,6 +89,7 @@ class ModelConfig:
     pretrained: str | None = None  # ImageNet weights of the backbone: a local file, or package:<name> (weights inside an installed package, e.g. package:efficientnet_lite0); null = from scratch
     drop_pretrained_head: bool = False  # drop a classifier stored with the weights (DeepLab's COCO layer5.*)
     features: str = "backbone_last"  # map of the feature-level association: backbone_last | head_embedding
+    head_width: int | None = None  # channels of the DAFormer / SegFormer head's embeddings and fusion; null = the head's own (256); DeepLab-v2 heads have none
 
 
 @dataclass
@@ -485,6 +486,9 @@ def validate(config: Config) -> None:
           f"model.style {model.style} is for the ResNet backbones only; {model.backbone} has its own input "
           f"normalisation (leave model.style null)")
     check(model.features in FEATURE_SOURCES, f"model.features must be one of {', '.join(FEATURE_SOURCES)}")
+    check(model.head_width is None or model.head_width > 0, f"model.head_width must be > 0 or null, got {model.head_width}")
+    check(model.head_width is None or not model.head.startswith("deeplabv2"),
+          f"model.head_width: the {model.head} head has no width (its output is the class count); leave it null")
     if is_packaged(model.pretrained):
         try:
             packaged_entry(model.pretrained)

@@ -25,7 +25,8 @@ def description_from_config(config: Config) -> dict:
     """The segmentor description (:meth:`Segmentor.describe`, without normalisation) ``config`` asks for."""
     return {"backbone": config.model.backbone, "head": config.model.head,
             "style": resolved_style(config.model.backbone, config.model.style),
-            "num_classes": len(config.data.classes), "features": config.model.features}
+            "num_classes": len(config.data.classes), "features": config.model.features,
+            "head_width": config.model.head_width}
 
 
 def check_config_matches(file: ModelFile, config: Config) -> None:
@@ -34,7 +35,7 @@ def check_config_matches(file: ModelFile, config: Config) -> None:
         return
     have = file.description
     want = description_from_config(config)
-    differs = [key for key in ("backbone", "head", "style") if have.get(key) != want[key]]
+    differs = [key for key in ("backbone", "head", "style", "head_width") if have.get(key) != want[key]]
     classes = list(file.classes or [])
     if differs or len(classes) != len(config.data.classes):
         asked = describe_model(want, config.data.classes)

@@ -278,6 +278,9 @@ class _Session:
                 return self._already_finished()
         barrier()
         self.logger = logger = setup_logger(self.run_dir, info.is_main)  # now also RUN_DIR/train.log
+        weights_note = getattr(method.trainable_module(), "weights_note", None)
+        if weights_note and self.place.resume_from is None:
+            logger.info("%s", weights_note)
         if self.place.resume_from is not None:
             logger.info("resumed from %s at step %d", self.place.resume_from, self.state.step)
             for note in self.resume_notes:

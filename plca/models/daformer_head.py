@@ -113,7 +113,13 @@ class DAFormerHead(nn.Module):
 
 @register_head("daformer")
 def daformer_head(in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, channels: int = 256,
-                  dilations: Sequence[int] = (1, 6, 12, 18), dropout: float = 0.1) -> DAFormerHead:
-    """DAFormer's head with its defaults: 256-channel embeddings, separable ASPP of dilations 1/6/12/18."""
+                  dilations: Sequence[int] = (1, 6, 12, 18), dropout: float = 0.1,
+                  width: int | None = None) -> DAFormerHead:
+    """DAFormer's head with its defaults: 256-channel embeddings, separable ASPP of dilations 1/6/12/18.
+
+    ``width`` (``model.head_width``) sets both the embedding and the fusion channels.
+    """
+    if width is not None:
+        embed_dim = channels = width
     return DAFormerHead(in_channels, num_classes, embed_dim=embed_dim, channels=channels, dilations=dilations,
                         dropout=dropout)

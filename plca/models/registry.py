@@ -31,6 +31,7 @@ the factory registered for ``<prefix>``, which receives ``<rest>``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -131,4 +132,9 @@ def create_head(name: str, in_channels: Sequence[int], num_classes: int, **optio
     """The head registered as ``name`` for a backbone with ``in_channels`` per level."""
     if name not in _HEADS:
         raise ValueError(f"unknown head {name!r}; choose one of: {', '.join(head_names())}")
+    accepted = inspect.signature(_HEADS[name]).parameters
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        raise ValueError(f"head {name!r} has no option {', '.join(map(repr, unknown))}"
+                         + (" (its width is the class count: leave model.head_width null)" if "width" in unknown else ""))
     return _HEADS[name](tuple(in_channels), num_classes, **options)

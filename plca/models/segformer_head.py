@@ -116,6 +116,11 @@ class SegFormerHead(nn.Module):
 
 @register_head("segformer")
 def segformer_head(in_channels: Sequence[int], num_classes: int, embed_dim: int = 256,
-                   dropout: float = 0.1) -> SegFormerHead:
-    """SegFormer's all-MLP head (``embed_dim`` 256 as for MiT-B0/B1; SegFormer uses 768 for B2-B5)."""
+                   dropout: float = 0.1, width: int | None = None) -> SegFormerHead:
+    """SegFormer's all-MLP head (``embed_dim`` 256 as for MiT-B0/B1; SegFormer uses 768 for B2-B5).
+
+    ``width`` (``model.head_width``) sets ``embed_dim``.
+    """
+    if width is not None:
+        embed_dim = width
     return SegFormerHead(in_channels, num_classes, embed_dim=embed_dim, dropout=dropout)

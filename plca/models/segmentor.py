@@ -38,6 +38,7 @@ class SegmentorOptions(Protocol):
     pretrained: str | None
     features: str
     drop_pretrained_head: bool
+    head_width: int | None
 
 
 @dataclass
@@ -50,6 +51,7 @@ class SegmentorSpec:
     pretrained: str | None = None
     features: str = "backbone_last"
     drop_pretrained_head: bool = False
+    head_width: int | None = None
 
 
 class Segmentor(nn.Module):
@@ -60,13 +62,15 @@ class Segmentor(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, num_classes: int, *, backbone_name: str,
-                 head_name: str, features: str = "backbone_last") -> None:
+                 head_name: str, features: str = "backbone_last", head_width: int | None = None) -> None:
         super().__init__()
         if features not in FEATURE_SOURCES:
             raise ValueError(f"features must be one of {', '.join(FEATURE_SOURCES)}, got {features!r}")
         self.num_classes = num_classes
         self.backbone_name = backbone_name
         self.head_name = head_name
+        self.head_width = head_width
+        self.weights_note: str | None = None  # what loading ImageNet weights did (build_segmentor), for the run's log
         self.features = features
         self.style: str | None = getattr(backbone, "style", None)
         self.normalizer = InputNormalizer(self.style or backbone.normalization)
@@ -119,6 +123,7 @@ class Segmentor(nn.Module):
             "style": self.style,
             "num_classes": self.num_classes,
             "features": self.features,
+            "head_width": self.head_width,
             "normalization": self.normalizer.normalization.as_dict(),
         }
 
@@ -132,14 +137,16 @@ def build_segmentor(options: SegmentorOptions, num_classes: int) -> Segmentor:
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     backbone = create_backbone(options.backbone, style=options.style)
-    head = create_head(options.head, backbone.out_channels, num_classes)
+    width = getattr(options, "head_width", None)
+    head = create_head(options.head, backbone.out_channels, num_classes, **({"width": width} if width else {}))
     segmentor = Segmentor(backbone, head, num_classes, backbone_name=options.backbone, head_name=options.head,
-                          features=getattr(options, "features", "backbone_last"))
+                          features=getattr(options, "features", "backbone_last"), head_width=width)
     if options.pretrained:
         report = load_backbone_weights(backbone, options.pretrained,
                                        drop_head=getattr(options, "drop_pretrained_head", False))
-        log.info("ImageNet weights from %s: %s (%d of the backbone's %d tensors)", options.pretrained, report,
-                 len(report.loaded), len(backbone.state_dict()))
+        segmentor.weights_note = (f"ImageNet weights from {options.pretrained}: {report} ({len(report.loaded)} of "
+                                  f"the backbone's {len(backbone.state_dict())} tensors)")
+        log.debug("%s", segmentor.weights_note)
     return segmentor
 
 

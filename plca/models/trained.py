@@ -48,7 +48,8 @@ def describe_model(description: dict, classes=None) -> str:
     """``'resnet18 (pytorch style) + deeplabv2 head with 9 classes'``."""
     style = f" ({description['style']} style)" if description.get("style") else ""
     count = len(classes) if classes is not None else description.get("num_classes")
-    return f"{description['backbone']}{style} + {description['head']} head with {count} classes"
+    width = f" (width {description['head_width']})" if description.get("head_width") else ""
+    return f"{description['backbone']}{style} + {description['head']} head{width} with {count} classes"
 
 
 def resolve_model_path(source: str | Path, which: str = "final") -> Path:
@@ -75,7 +76,8 @@ def _description_from_config(config: dict) -> tuple[dict, list[str]]:
     backbone = model.get("backbone", "resnet101")
     style = model.get("style") or ("caffe" if backbone.startswith("resnet") else None)
     return {"backbone": backbone, "head": model.get("head", "deeplabv2"), "style": style,
-            "num_classes": len(classes), "features": model.get("features", "backbone_last")}, classes
+            "num_classes": len(classes), "features": model.get("features", "backbone_last"),
+            "head_width": model.get("head_width")}, classes
 
 
 def inspect_model_file(path: str | Path) -> ModelFile:
@@ -117,7 +119,8 @@ def inspect_model_file(path: str | Path) -> ModelFile:
 
 def spec_of(description: dict) -> SegmentorSpec:
     return SegmentorSpec(backbone=description["backbone"], head=description["head"], style=description.get("style"),
-                         features=description.get("features", "backbone_last"))
+                         features=description.get("features", "backbone_last"),
+                         head_width=description.get("head_width"))
 
 
 def load_model_file(file: ModelFile, description: dict | None = None, classes=None) -> Segmentor:

@@ -1,5 +1,6 @@
 """End-to-end training on tiny folder-format data: logging, metrics, exact resume, CLI."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def weights(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_plca_steps_log_finite_terms_and_write_metrics(folder_data, tmp_path):
-    result = train(tiny_config(folder_data, tmp_path, run_name="a"), progress=False)
+    config = tiny_config(folder_data, tmp_path, run_name="a")
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, target_label_diagnostics=True))
+    result = train(config, progress=False)
     lines = [json.loads(line) for line in (result.run_dir / "scalars.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     for line in lines:
@@ -58,7 +61,7 @@ def test_plca_steps_log_finite_terms_and_write_metrics(folder_data, tmp_path):
             assert key in line and torch.isfinite(torch.tensor(line[key])), key
     assert any(line["loss/assoc_feature"] > 0 for line in lines)
     assert any(line["loss/assoc_classifier"] > 0 for line in lines)
-    assert "assoc/feature_target_acc" in lines[0]  # the folder target has labels: diagnostic only
+    assert "assoc/feature_target_acc" in lines[0]  # asked for, and the folder target has labels: diagnostic only
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert 0 <= metrics["mIoU"] <= 100 and set(metrics["per_class_IoU"]) == set(CLASSES)
     assert metrics["protocol"] and metrics["test_time_aggregation"] is True

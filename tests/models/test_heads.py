@@ -209,3 +209,16 @@ def test_mit_b0_segmentor_end_to_end(name):
     assert out["logits"].shape == (1, 19, 16, 24)
     assert out["features"].shape == (1, 256, 16, 24)
     assert model.describe()["style"] is None
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+def test_head_width_sets_the_embedding_and_fusion_channels(name):
+    head = create_head(name, B0_CHANNELS, 5, width=24)
+    assert head.embed_channels == 24
+    assert all(module.out_features == 24 for module in head.modules() if isinstance(module, PixelLinear))
+    assert head(mit_levels()).shape == (2, 5, 16, 24)
+
+
+def test_a_deeplab_head_has_no_width():
+    with pytest.raises(ValueError, match="no option 'width'.*class count"):
+        create_head("deeplabv2", B0_CHANNELS, 5, width=24)

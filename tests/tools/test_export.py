@@ -191,3 +191,21 @@ def test_round_trip_of_the_reduced_deeplab_v2_head(tmp_path):
     assert loaded.head.convs[0].bias is not None
     images = torch.rand(2, 3, 32, 64) * 255
     assert torch.equal(logits(loaded, images), logits(model, images))
+
+
+def test_round_trip_of_a_narrow_daformer_head(tmp_path):
+    # model.head_width is part of the description: the export rebuilds the same narrow head
+    config = build_config(to_dict(tiny_config()), ["model.backbone=efficientnet_lite0", "model.head=daformer",
+                                                   "model.head_width=16", "model.style=null"])
+    model = trained_like_model(config)
+    assert model.head.embed_channels == 16 and model.head.classifier.in_channels == 16
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "segmentor": model.describe(), "classes": CLASSES,
+                "config": to_dict(config), "step": 3, "optimizer": {}}, run / "checkpoints" / "last.pt")
+    path = export_model(run, tmp_path / "narrow.safetensors")
+    assert json.loads(read_export_metadata(path)["segmentor"])["head_width"] == 16
+    loaded, _ = load_exported(path)
+    assert loaded.head.embed_channels == 16
+    images = torch.rand(2, 3, 32, 64) * 255
+    assert torch.equal(logits(loaded, images), logits(model, images))
