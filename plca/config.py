@@ -76,6 +76,7 @@ class DataConfig:
     num_workers: int = 2  # data-loading processes per training process (at most the CPUs it may use)
     on_error: str = "raise"  # a sample that fails to load: raise | skip (skipped samples are counted)
     rare_class_sampling: RareClassSamplingConfig = field(default_factory=RareClassSamplingConfig)
+    resize_antialias: bool = False  # resize images as Pillow does (antialiased when downscaling: the PLCA reference) instead of cv2 INTER_LINEAR's sampling (mmseg, DAFormer); training and evaluation alike
     target_label_diagnostics: bool = False  # read the target's training labels for logged diagnostics only (pseudo-label and association accuracy); no loss uses them; false = training never opens a target label file
 
 

@@ -43,7 +43,7 @@ def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target
     def training_transform(shorter_side, cat_max_ratio: float) -> TrainTransform:
         return TrainTransform(crop_size=tuple(train.crop_size), shorter_side=tuple(shorter_side) if shorter_side else None,
                               flip=train.flip, scale_range=tuple(train.scale_range) if train.scale_range else None,
-                              cat_max_ratio=cat_max_ratio)
+                              cat_max_ratio=cat_max_ratio, antialias=data.resize_antialias)
 
     transform = training_transform(train.shorter_side, train.cat_max_ratio)
     target_transform = training_transform(train.target_shorter_side or train.shorter_side, train.target_cat_max_ratio)
@@ -65,7 +65,8 @@ def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target
     val = None
     if data.val is not None:
         val = build_dataset(data.val.format, data.val.root, data.val.split,
-                            transform=EvalTransform(tuple(eval_size) if eval_size else None),
+                            transform=EvalTransform(tuple(eval_size) if eval_size else None,
+                                                    antialias=data.resize_antialias),
                             seed=train.seed, **common)
     return RunDatasets(source, target, val)
 

@@ -44,7 +44,8 @@ def evaluate_checkpoint(source: str | Path, config_path: str | Path | None = Non
         raise ConfigError(str(error)) from None
     val = build_dataset(config.data.val.format, config.data.val.root, config.data.val.split,
                         classes=config.data.classes,
-                        transform=EvalTransform(tuple(config.eval.size) if config.eval.size else None))
+                        transform=EvalTransform(tuple(config.eval.size) if config.eval.size else None,
+                                                antialias=config.data.resize_antialias))
     tta = test_time_aggregation_enabled(config) if test_time_aggregation is None else test_time_aggregation
     image_scores = PerImageScores(gallery) if gallery else None
     confusion = evaluate(model.to(device), val, len(config.data.classes), device, test_time_aggregation=tta,

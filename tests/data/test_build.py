@@ -30,3 +30,29 @@ def test_each_domain_crops_with_its_own_cat_max_ratio(tmp_path, caplog, source_r
     reads_target_labels = [r for r in caplog.records if "reads the target's ground truth" in r.getMessage()
                            and r.levelno == logging.WARNING]
     assert len(reads_target_labels) == (target_ratio < 1.0)
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_resize_antialias_reaches_the_training_and_validation_transforms(tmp_path, antialias):
+    write_folder(tmp_path / "data", classes_count=3, splits={"train": 4, "val": 2}, size=(24, 32))
+    folder = {"format": "folder", "root": str(tmp_path / "data")}
+    config = build_config({
+        "method": "plca", "data": {"classes": ["a", "b", "c"], "source": {**folder, "split": "train"},
+                                   "target": {**folder, "split": "train"}, "val": {**folder, "split": "val"},
+                                   "resize_antialias": antialias},
+        "train": {"crop_size": [16, 16], "batch_size": 2}, "output_dir": str(tmp_path / "runs"),
+    })
+    datasets = build_run_datasets(config.data, config.train, [12, 16], uses_target=True)
+    assert datasets.source.transform.antialias is datasets.target.transform.antialias is antialias
+    assert datasets.val.transform.antialias is antialias
+
+
+def test_only_the_plca_reference_configs_resize_as_pillow():
+    from pathlib import Path
+
+    from plca.config import load_config
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    for path in sorted(configs.glob("*.yaml")):
+        reference = path.stem.split("_", 1)[1] in ("plca", "source_only") and not path.stem.startswith("folder")
+        assert load_config(path).data.resize_antialias is reference, path.name
