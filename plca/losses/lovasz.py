@@ -134,7 +134,7 @@ def lovasz_softmax_global(probs: Tensor, labels: Tensor, classes: str = "present
     its *own* labels, so a class's share weighs ``1 / |classes of that process|`` instead of
     ``1 / |classes of the global batch|``, and a process's pixels add nothing for a class that only
     other processes' labels hold. (The further ``world_size x ITER_SIZE`` factor on the reference's
-    Lovasz weight is a separate matter, see METHOD.md.)
+    Lovasz weight is a separate matter, see the README on the Lovasz weight.)
 
     Without an initialised process group, or with one process, it is :func:`lovasz_softmax`.
     Memory: each process holds the probabilities of the whole global batch's valid pixels and a
