@@ -69,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from plca.evaluation.metrics import format_table
-    from plca.evaluation.run import evaluate_checkpoint
+    from plca.tools.evaluate import evaluate_checkpoint
 
     from plca.tools.gallery import default_gallery_dir
 

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from plca.data.io import DatasetError, ImageModeError, image_mode_problem, png_header, read_image
+from plca.data.io import DatasetError, Finding, ImageModeError, image_mode_problem, png_header, read_image
 
 if TYPE_CHECKING:
     from plca.data.datasets import Sample
@@ -68,15 +68,6 @@ _PROBLEMS = {
 }
 #: Kinds that are not problems: labels resized when loaded (GTA5), labels without any class of the run.
 _REMARKS = ("resized", "all_ignore")
-
-
-@dataclass
-class Finding:
-    """One kind of problem (or remark) about a dataset, and the files or names that have it."""
-
-    level: str  # "error" | "warning" | "note"
-    message: str
-    items: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

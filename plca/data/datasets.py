@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from plca.data.checks import Finding
 from plca.data.io import (
     IMAGE_SUFFIXES,
     DatasetError,
+    Finding,
     duplicate_names,
     read_image,
     read_label,

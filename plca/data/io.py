@@ -18,7 +18,9 @@ once unpacking the high byte and once the low byte of every 16-bit sample. A pur
 decoder would be short but slow: the Average and Paeth filters are sequential along each row,
 seconds per 1280 x 760 label in Python.
 
-Every failure is a :class:`DatasetError` whose message names the file, the problem and what to do.
+Every failure is a :class:`DatasetError` whose message names the file, the problem and what to do;
+a problem that does not stop a reader (the layout checks of :mod:`plca.data.datasets` and
+:mod:`plca.data.checks`) is recorded as a :class:`Finding`.
 """
 
 from __future__ import annotations
@@ -27,14 +29,16 @@ import codecs
 import struct
 import zlib
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 __all__ = [
-    "DatasetError", "IMAGE_SUFFIXES", "ImageModeError", "duplicate_names", "image_mode_problem", "png_header",
-    "read_image", "read_label", "read_split_file", "read_synthia_label", "read_text_lines", "write_png_16bit",
+    "DatasetError", "Finding", "IMAGE_SUFFIXES", "ImageModeError", "duplicate_names", "image_mode_problem",
+    "png_header", "read_image", "read_label", "read_split_file", "read_synthia_label", "read_text_lines",
+    "write_png_16bit",
 ]
 
 #: Image file suffixes a split file's names may carry (dropped) and the folder format looks for.
@@ -71,6 +75,15 @@ class DatasetError(ValueError):
 
 class ImageModeError(DatasetError):
     """An image whose mode (e.g. 32-bit float) has no faithful 8-bit RGB conversion."""
+
+
+@dataclass
+class Finding:
+    """One kind of problem (or remark) about a dataset, and the files or names that have it."""
+
+    level: str  # "error" | "warning" | "note"
+    message: str
+    items: list[str] = field(default_factory=list)
 
 
 def image_mode_problem(mode: str) -> str | None:

@@ -671,7 +671,7 @@ def write_run_gallery(run: RunRecord, folder: Path, count: int, panel_width: int
     from plca.data.io import DatasetError
     from plca.engine.checkpoint import CheckpointError
     from plca.engine.distributed import DeviceError
-    from plca.evaluation.run import evaluate_checkpoint
+    from plca.tools.evaluate import evaluate_checkpoint
     from plca.models.weights import WeightsError
     from plca.serialization import UnreadableFileError
 

@@ -9,9 +9,11 @@ from plca.config import ConfigError
 from plca.data.datasets import build_dataset
 from plca.data.transforms import EvalTransform
 from plca.engine.distributed import DeviceError, resolve_device
+from plca.engine.trainer import test_time_aggregation_enabled
 from plca.evaluation.evaluator import PerImageScores, evaluate
 from plca.evaluation.metrics import summarize
 from plca.inference import load_for_inference
+from plca.tools.gallery import write_gallery
 
 
 def evaluate_checkpoint(source: str | Path, config_path: str | Path | None = None, overrides: Sequence[str] = (),
@@ -29,8 +31,6 @@ def evaluate_checkpoint(source: str | Path, config_path: str | Path | None = Non
     into ``gallery_dir`` (default: ``<model file stem>.gallery`` next to the model file); the
     metrics then hold ``"gallery": {"dir", "lowest", "highest"}`` (names and scores).
     """
-    from plca.engine.trainer import test_time_aggregation_enabled
-
     if gallery < 0:
         raise ConfigError(f"--gallery must be a positive number of images, got {gallery}")
 
@@ -54,8 +54,6 @@ def evaluate_checkpoint(source: str | Path, config_path: str | Path | None = Non
     metrics.update(checkpoint=str(file.path), checkpoint_format=file.kind, step=file.step,
                    test_time_aggregation=tta, images=len(val), model=file.summary())
     if image_scores is not None:
-        from plca.tools.gallery import write_gallery
-
         folder = Path(gallery_dir) if gallery_dir is not None else file.path.with_name(f"{file.path.stem}.gallery")
         val_set = config.data.val
         index = write_gallery(folder, image_scores, val, config.data.classes, panel_width,
