@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 
 from plca.data.io import DatasetError
 from plca.data.labels import IGNORE_INDEX
+from plca.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,7 @@ class ClassStatistics:
         payload = {"format": _FORMAT, "version": _VERSION, "classes": list(self.classes),
                    "names": None if self.names is None else list(self.names), "counts": self.counts.tolist(),
                    "sizes": None if self.sizes is None else self.sizes.tolist()}
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(payload), encoding="utf-8")
-        os.replace(temporary, path)
+        atomic_write_json(path, payload, indent=None)
 
     @classmethod
     def load(cls, path: str | Path, classes: Sequence[str] | None = None, num_images: int | None = None,

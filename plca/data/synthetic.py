@@ -27,15 +27,14 @@ and ``meta.json``.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from plca.files import atomic_path
 
 #: The classes of the synthetic scenes (Cityscapes names, in Cityscapes train-id order).
 SYNTHETIC_CLASSES: tuple[str, ...] = (
@@ -618,14 +617,8 @@ def generate(root: str | Path, *, n_train: int = 600, n_val: int = 100, height: 
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise ValueError(f"cannot generate synthetic data in {root}: it exists and is not an empty folder")
     root.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-    try:
+    with atomic_path(root, folder=True) as partial:  # renamed over an empty `root` folder too
         _write_dataset(partial, n_train, n_val, height, width, seed)
-        os.chmod(partial, 0o755)  # mkdtemp makes it private; a dataset folder is not
-        os.replace(partial, root)  # atomic; also replaces an empty `root` folder
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return root
 
 

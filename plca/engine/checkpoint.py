@@ -15,16 +15,15 @@ last good checkpoint.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from plca.files import atomic_open
 from plca.serialization import UnreadableFileError, load_torch_file
 
 
@@ -35,35 +34,16 @@ class CheckpointError(RuntimeError):
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash or a full disk at any point leaves the previous file at ``path`` intact.
+    A crash or a full disk at any point leaves the previous file at ``path`` intact (see
+    :func:`plca.files.atomic_open`); a failed write raises :class:`CheckpointError`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # like tempfile.mkstemp, but the file gets the usual permissions (0666 minus the umask), not 0600
-    tmp_name = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as error:
-        raise _write_failed(path, error) from error
-    try:
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_open(path, "wb") as handle:
             torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as error:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        if isinstance(error, (OSError, RuntimeError)):  # torch's writer may wrap an I/O error in a RuntimeError
-            raise _write_failed(path, error) from error
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    except (OSError, RuntimeError) as error:  # torch's writer may wrap an I/O error in a RuntimeError
+        raise _write_failed(path, error) from error
 
 
 def _write_failed(path: Path, error: Exception) -> CheckpointError:

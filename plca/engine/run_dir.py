@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from plca.config import ConfigError, to_dict
+from plca.files import flatten
 
 #: Keys that may differ between a run and its resume (schedule bookkeeping, logging, where things are).
 RESUMABLE_CHANGES: tuple[str, ...] = (
@@ -116,20 +117,6 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def flatten(data, prefix: str = "") -> dict:
-    """``{'train': {'lr': 1}}`` -> ``{'train.lr': 1}`` (lists stay values)."""
-    if not isinstance(data, dict):
-        return {prefix: data}
-    flat: dict = {}
-    for key, value in data.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name))
-        else:
-            flat[name] = value
-    return flat
 
 
 def config_differences(requested: dict, stored: dict) -> dict[str, tuple]:

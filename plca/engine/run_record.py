@@ -22,10 +22,11 @@ import shlex
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+
+from plca.files import atomic_write_json
 
 RUN_RECORD = "run.json"
 _GIT_TIMEOUT_S = 5.0
@@ -113,19 +114,6 @@ def read_run_record(run_dir: str | Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _command(argv: Sequence[str]) -> str:
     """``argv`` as a shell command; ``python -m plca.cli`` runs show as such, so they can be pasted."""
     argv = list(argv)
@@ -169,5 +157,5 @@ def write_run_record(run_dir: str | Path, config_dict: dict, argv: Sequence[str]
         "sessions": sessions,
     }
     path = run_dir / RUN_RECORD
-    _atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+    atomic_write_json(path, record, default=str)
     return path

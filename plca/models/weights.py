@@ -12,14 +12,13 @@ ever loaded partially. Pickled files are read with ``weights_only=True`` only
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import Tensor, nn
 
+from plca.files import atomic_path
 from plca.serialization import UnreadableFileError, load_torch_file, read_safetensors
 
 # keys of the wrapping dict under which a checkpoint file may hold its state dict
@@ -151,18 +150,8 @@ def save_safetensors(model: nn.Module, path: str | Path, metadata: Mapping[str, 
         raise ValueError(f"safetensors metadata must map strings to strings; bad entries: {bad}")
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(handle)
-    partial = Path(name)
-    try:
+    with atomic_path(path) as partial:  # the usual permissions, not 0600: a model file is for sharing
         save_file(tensors, str(partial), metadata=dict(metadata))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(partial, 0o666 & ~mask)  # safetensors (and mkstemp) write 0600; a model file is for sharing
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)  # a failed or interrupted save leaves nothing behind
-        raise
 
 
 def load_safetensors_into(model: nn.Module, path: str | Path) -> dict[str, str]:

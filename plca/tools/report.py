@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from plca.engine.run_record import read_run_record
+from plca.files import flatten
 from plca.tools.sweep_table import (DEFAULT_FLAG_RANGE, MANIFEST, aggregate, combine, read_manifest, results_markdown,
                                     short_keys, write_results)
 
@@ -352,15 +353,6 @@ def plot_per_class_iou(runs: Sequence[RunRecord], path: str | Path) -> Path:
 # --------------------------------------------------------------------------- report.md
 
 
-def _flatten(data, prefix: str = "") -> dict[str, object]:
-    if isinstance(data, dict):
-        flat: dict[str, object] = {}
-        for key, value in data.items():
-            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return flat
-    return {prefix: data}
-
-
 def _differing(flats: Sequence[dict], skip: Sequence[str] = ()) -> dict:
     keys = sorted({key for flat in flats for key in flat})
     return {key: [flat.get(key, "-") for flat in flats] for key in keys
@@ -369,7 +361,7 @@ def _differing(flats: Sequence[dict], skip: Sequence[str] = ()) -> dict:
 
 def config_differences(runs: Sequence[RunRecord], skip: Sequence[str] = ("run_name", "output_dir")) -> dict:
     """``{dotted key: [value per run]}`` for config keys whose values differ between runs."""
-    return _differing([_flatten(run.config or {}) for run in runs], skip)
+    return _differing([flatten(run.config or {}) for run in runs], skip)
 
 
 def environment_differences(runs: Sequence[RunRecord]) -> dict:
@@ -378,7 +370,7 @@ def environment_differences(runs: Sequence[RunRecord]) -> dict:
     recorded = [run for run in runs if run.run_info and isinstance(run.run_info.get("environment"), dict)]
     if len(recorded) < 2:
         return {}
-    differing = _differing([_flatten(run.run_info["environment"]) for run in recorded])
+    differing = _differing([flatten(run.run_info["environment"]) for run in recorded])
     column = {id(run): index for index, run in enumerate(recorded)}
     return {key: [values[column[id(run)]] if id(run) in column else "-" for run in runs]
             for key, values in differing.items()}

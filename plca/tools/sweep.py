@@ -31,13 +31,13 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from plca.engine.run_dir import LockHeldError, acquire_lock, release_lock
+from plca.files import atomic_write_json, flatten
 from plca.tools.sweep_table import (DEFAULT_FLAG_RANGE, MANIFEST, SweepError, aggregate, format_summary,
                                     read_manifest, write_results)
 
@@ -298,28 +298,9 @@ def parse_slurm_args(pairs: Sequence[str]) -> dict[str, str]:
 # --------------------------------------------------------------------------- manifest
 
 
-def _flatten(data, prefix: str = "") -> dict:
-    if isinstance(data, dict) and data:
-        flat = {}
-        for key, value in data.items():
-            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return flat
-    return {prefix: data}
-
-
 def _plain(data):
     """JSON round trip: tuples become lists, as they are once read back from the manifest."""
     return json.loads(json.dumps(data, default=str))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def check_same_sweep(manifest: dict, base_config: dict, grid: dict[str, list[str]], sweep_dir: Path) -> None:
@@ -331,7 +312,7 @@ def check_same_sweep(manifest: dict, base_config: dict, grid: dict[str, list[str
             f"sweep is over [{', '.join(grid) or 'none'}]; one sweep directory holds one set of grid keys: give "
             f"this sweep another output_dir")
     ignored = set(RESERVED_KEYS) | set(grid) | set(old_keys)
-    old, new = _flatten(manifest.get("base_config") or {}), _flatten(_plain(base_config))
+    old, new = flatten(manifest.get("base_config") or {}), flatten(_plain(base_config))
     differences = [(key, old.get(key, "(absent)"), new.get(key, "(absent)")) for key in sorted(set(old) | set(new))
                    if key not in ignored and old.get(key, "(absent)") != new.get(key, "(absent)")]
     if differences:
@@ -421,7 +402,7 @@ class _Sweep:
 
     def save(self) -> None:
         self.manifest["updated"] = _now()
-        _write_json(self.dir / MANIFEST, self.manifest)
+        atomic_write_json(self.dir / MANIFEST, self.manifest)
 
     def job(self, entry: dict, nproc_per_node: int, nnodes: int = 1) -> TrainJob:
         return TrainJob(config=str(Path(self.config).absolute()), overrides=entry["overrides"],
