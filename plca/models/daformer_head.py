@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from plca.models.head_base import ConvBNReLU, FusedLevelsHead, check_levels, embed_levels
 from plca.models.registry import register_head
-from plca.models.segformer_head import ConvBNReLU, PixelLinear, check_levels, embed_levels
 
 
 class DepthwiseSeparableConv(nn.Sequential):
@@ -70,45 +70,28 @@ class SeparableASPP(nn.Module):
         return self.bottleneck(torch.cat([branch(x) for branch in self.branches], dim=1))
 
 
-class DAFormerHead(nn.Module):
+class DAFormerHead(FusedLevelsHead):
     """DAFormer's decoder: levels ``[(B, C_k, h_k, w_k)]`` (finest first) -> logits ``(B, K, h_0, w_0)``.
 
     With a MiT backbone ``h_0, w_0`` is 1/4 of the image; with any other backbone it is the size
-    of its first level. Works with any number of levels >= 1 and any channel counts.
+    of its first level. Works with any number of levels >= 1 and any channel counts. The fusion
+    (``fuse``) is a :class:`SeparableASPP` to ``channels``; dropout and classifier as
+    :class:`~plca.models.head_base.FusedLevelsHead`, the classifier initialised Normal(0, 0.01).
     """
+
+    head_name = "DAFormer"
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, channels: int = 256,
                  dilations: Sequence[int] = (1, 6, 12, 18), dropout: float = 0.1) -> None:
-        super().__init__()
-        self.in_channels = tuple(in_channels)
-        if not self.in_channels:
-            raise ValueError("the DAFormer head needs at least one level")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-        self.embed_channels = channels
-        self.embeddings = nn.ModuleList(PixelLinear(c, embed_dim) for c in self.in_channels)
-        self.fuse = SeparableASPP(embed_dim * len(self.in_channels), channels, dilations)
-        self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        super().__init__(in_channels, num_classes, embed_dim=embed_dim, channels=channels, dropout=dropout,
+                         fuse=lambda width: SeparableASPP(width, channels, dilations))
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
 
     def embed(self, levels: Sequence[Tensor]) -> Tensor:
         """The fused map after the ASPP bottleneck ``(B, channels, h_0, w_0)``, before dropout."""
-        check_levels(levels, self.in_channels, "DAFormer")
+        check_levels(levels, self.in_channels, self.head_name)
         return self.fuse(torch.cat(embed_levels(self.embeddings, levels), dim=1))
-
-    def classify(self, embedding: Tensor) -> Tensor:
-        """Class logits ``(B, K, h, w)`` of the fused map ``(B, channels, h, w)``: dropout, then a 1x1 conv."""
-        return self.classifier(self.dropout(embedding))
-
-    def forward(self, levels: Sequence[Tensor]) -> Tensor:
-        return self.classify(self.embed(levels))
-
-    def no_weight_decay(self) -> set[str]:
-        """None: DAFormer decays every parameter of its decode head, BatchNorms and biases included
-        (mmcv names the BatchNorms ``bn``, which its optimiser's ``norm`` key does not match)."""
-        return set()
 
 
 @register_head("daformer")
