@@ -1,8 +1,10 @@
-"""The package's shape: no import cycles, one place that reads pickles, one place that builds networks."""
+"""The package's shape: layers that import only downwards, no import cycles, one place that reads
+pickles, one place that builds networks."""
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Sequence
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "plca"
@@ -30,11 +32,13 @@ def _runtime_nodes(tree: ast.AST):
             stack.append(child)
 
 
-def imports_of(path: Path, known: set[str]) -> set[str]:
+def imports_of(path: Path, known: set[str], type_checking: bool = False) -> set[str]:
     """Every plca module ``path`` imports at run time, at module level or inside functions
-    (``from a import b`` counts as ``a.b`` when that is a module, else ``a``)."""
+    (``from a import b`` counts as ``a.b`` when that is a module, else ``a``); with
+    ``type_checking`` also those under ``if TYPE_CHECKING:``."""
     found = set()
-    for node in _runtime_nodes(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for node in (ast.walk(tree) if type_checking else _runtime_nodes(tree)):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -68,15 +72,21 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def package_graph() -> dict[str, set[str]]:
+def package_graph(type_checking: bool = False) -> dict[str, set[str]]:
     known = set(modules())
-    graph = {name: imports_of(path, known) for name, path in modules().items()}
+    graph = {name: imports_of(path, known, type_checking) for name, path in modules().items()}
     # importing a submodule runs its parents' __init__ first; that is not a dependency of the child
     return {name: {dep for dep in deps if dep != name and not name.startswith(dep + ".")} for name, deps in graph.items()}
 
 
 def test_no_import_cycles_in_the_package():
     assert find_cycle(package_graph()) is None, " -> ".join(find_cycle(package_graph()))
+
+
+def test_no_import_cycles_with_the_type_checking_imports():
+    """An import needed only for a type hint is still a dependency: no cycle through one either."""
+    graph = package_graph(type_checking=True)
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
 def test_the_cycle_finder_finds_a_cycle():
@@ -109,3 +119,102 @@ def test_networks_are_assembled_in_one_place():
     assert builders == {"plca.models.segmentor"}, builders
     direct = {name for name, path in modules().items() if calls_in(path, "Segmentor")}
     assert direct == {"plca.models.segmentor"}, direct
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+#: The package's layers, lowest first. A module may import modules of its own layer or of lower
+#: ones, never of a higher one; imports under ``if TYPE_CHECKING:`` count. A package stands for all
+#: its modules; ``plca`` is the root ``__init__`` alone. Every module must fall in a layer, so a new
+#: top-level module is placed here on purpose.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    # file helpers (atomic writes, flatten) and the one reader of pickles: they import nothing of plca
+    ("plca.files", "plca.serialization"),
+    # dataset formats, label maps, transforms, checks of the files
+    ("plca.data",),
+    # networks (backbones, heads, weights); pure loss functions; the root re-exports the loss API
+    ("plca.models", "plca.losses", "plca"),
+    # metrics, protocols and the evaluation pass: a library of data, models and losses, below the
+    # methods (which may use its metrics) and the engine (which evaluates during training)
+    ("plca.evaluation",),
+    # what a training step computes (source-only, PLCA, self-training and its add-ons)
+    ("plca.methods",),
+    # the loop, devices, checkpoints, logging; the config (checked against the registries of data,
+    # models, methods and engine.optim; run_dir and the trainer read it); loading a trained model
+    # for inference (the config and models)
+    ("plca.engine", "plca.config", "plca.inference"),
+    # the commands' implementations: evaluate, predict, export, prepare, report, sweep, weights, demo
+    ("plca.tools", "plca.demo"),
+    # argument parsing and error reporting
+    ("plca.cli",),
+)
+
+#: ``(importer, imported)`` edges allowed against the layer rule, each with the reason.
+LAYER_EXCEPTIONS: dict[tuple[str, str], str] = {}
+
+
+def layer_of(module: str, layers: Sequence[Sequence[str]] = LAYERS) -> int | None:
+    """Index in ``layers`` of the entry that is ``module`` or its nearest enclosing package (the root
+    ``plca`` only for the root itself); None when none is."""
+    index = {name: level for level, names in enumerate(layers) for name in names}
+    name = module
+    while name:
+        if name in index and (name != "plca" or module == "plca"):
+            return index[name]
+        name = name.rpartition(".")[0]
+    return None
+
+
+def layer_violations(graph: dict[str, set[str]], layers: Sequence[Sequence[str]] = LAYERS) -> list[tuple[str, str]]:
+    """``(importer, imported)`` for every edge that goes up a layer (modules in no layer are skipped:
+    :func:`test_every_module_is_in_a_layer` names them)."""
+    found = []
+    for module in sorted(graph):
+        for dep in sorted(graph[module]):
+            low, high = layer_of(module, layers), layer_of(dep, layers)
+            if low is not None and high is not None and high > low:
+                found.append((module, dep))
+    return found
+
+
+def full_import_graph() -> dict[str, set[str]]:
+    """Every import edge, TYPE_CHECKING ones included; also a module's import of a parent package."""
+    known = set(modules())
+    return {name: imports_of(path, known, type_checking=True) - {name} for name, path in modules().items()}
+
+
+def test_every_module_is_in_a_layer():
+    unplaced = sorted(name for name in modules() if layer_of(name) is None)
+    assert not unplaced, f"place these modules in LAYERS: {unplaced}"
+
+
+def test_modules_import_only_their_own_layer_or_lower_ones():
+    graph = full_import_graph()
+    violations = [edge for edge in layer_violations(graph) if edge not in LAYER_EXCEPTIONS]
+    assert not violations, "imports that go up a layer:\n" + "\n".join(
+        f"{module} (layer {layer_of(module)}) -> {dep} (layer {layer_of(dep)})" for module, dep in violations)
+
+
+def test_the_layer_exceptions_are_still_needed():
+    graph = full_import_graph()
+    stale = [edge for edge in LAYER_EXCEPTIONS if edge[1] not in graph.get(edge[0], set())]
+    assert not stale, f"remove these from LAYER_EXCEPTIONS, the import is gone: {stale}"
+
+
+def test_evaluation_is_a_library_of_data_models_and_losses():
+    """``plca.evaluation`` (the confusion matrix, the protocols, the evaluation pass) needs neither a
+    tool, nor the training engine, nor a method: ``plca evaluate`` lives in :mod:`plca.tools.evaluate`."""
+    graph = full_import_graph()
+    used = {dep for name, deps in graph.items() if name.startswith("plca.evaluation") for dep in deps}
+    assert {layer_of(dep) for dep in used} <= {layer_of("plca.data"), layer_of("plca.models"),
+                                                 layer_of("plca.evaluation")}, sorted(used)
+    assert not any(dep.startswith(("plca.tools", "plca.engine", "plca.methods", "plca.config")) for dep in used)
+
+
+def test_the_layer_check_finds_an_upward_import():
+    layers = (("plca.a",), ("plca.b", "plca"), ("plca.c",))
+    graph = {"plca.a.x": {"plca.b.y"}, "plca.b.y": {"plca.a.x", "plca"}, "plca": {"plca.a"},
+             "plca.c": {"plca.b.y", "plca.a.x"}}
+    assert layer_of("plca.a.x.z", layers) == 0 and layer_of("plca", layers) == 1
+    assert layer_of("plca.d", layers) is None  # the root's entry is the root alone
+    assert layer_violations(graph, layers) == [("plca.a.x", "plca.b.y")]
