@@ -1,1 +1,1 @@
-"""User-facing tools: predict, prepare, report, export, weights."""
+"""User-facing tools, the commands' implementations: evaluate, predict, prepare, report, sweep, export, weights."""
