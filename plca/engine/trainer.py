@@ -1,7 +1,9 @@
 """The training loop: run directory, method, data streams, updates, logging, checkpoints, validation.
 
-What a step computes belongs to the method (:mod:`plca.methods`), one update to
-:mod:`plca.engine.update`, saving and restoring to :mod:`plca.engine.checkpointer`.
+What a step computes belongs to the method (:mod:`plca.methods`, built from the config with the
+run's other parts in :mod:`plca.engine.build`), one update to :mod:`plca.engine.update`, saving
+and restoring to :mod:`plca.engine.checkpointer`; which directory a run uses to
+:mod:`plca.engine.run_place`, its other files to :mod:`plca.engine.run_files`.
 A run lives in one directory::
 
     RUN_DIR/config.yaml                 the resolved config (data roots absolute)
@@ -37,38 +39,40 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from plca.config import Config, save_config, to_dict
+from plca.config import Config
 from plca.data.build import RunDatasets, build_run_datasets, check_run_datasets
 from plca.data.io import DatasetError
+from plca.engine.build import absolute_roots, build_training_method, checkpoint_header, seed_everything
 from plca.engine.checkpoint import CheckpointError, load_checkpoint
 from plca.engine.checkpointer import Checkpointer
 from plca.engine.distributed import (DistInfo, all_reduce_mean, all_true, any_true, available_cpus, average_buffers,
-                                     barrier, broadcast_object, init_distributed)
+                                     barrier, init_distributed)
 from plca.engine.image_grids import log_image_grid
 from plca.engine.loader import batch_stream
 from plca.engine.logger import ScalarWindow, TensorBoard, setup_logger
 from plca.engine.optim import effective_warmup, optimizer_from_config, scheduled_lr, set_lr
-from plca.engine.run_dir import RunDirError, RunLock, check_resume_config, create_unique, default_run_name
+from plca.engine.run_dir import RunLock, check_resume_config
+from plca.engine.run_files import append_jsonl, prepare_run_dir, read_jsonl, record_run
+from plca.engine.run_place import RunPlace, locate_run, resume_command
 from plca.engine.state import TrainState
 from plca.engine.update import UpdateOutcome, update
 from plca.evaluation.evaluator import evaluate
 from plca.evaluation.metrics import summarize
-from plca.methods import Method, MethodContext, build_method
-from plca.models import build_segmentor
+
+__all__ = ["RunResult", "TrainingError", "TrainingInterrupted", "absolute_roots", "build_training_method",
+           "checkpoint_header", "resume_command", "seed_everything", "test_time_aggregation_enabled", "train"]
 
 
 class TrainingError(RuntimeError):
@@ -87,93 +91,12 @@ class RunResult:
     model: nn.Module | None = None  # the trained inference model (unwrapped from DDP)
 
 
-def resume_command(run_dir: Path) -> str:
-    return f"plca train --resume {run_dir}"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def absolute_roots(config: Config) -> Config:
-    """``config`` with its dataset roots as absolute paths (the saved config then works from anywhere)."""
-    data = config.data
-    changes = {name: replace(spec, root=str(Path(spec.root).expanduser().absolute()))
-               for name in ("source", "target", "val") if (spec := getattr(data, name)) is not None and spec.root}
-    return replace(config, data=replace(data, **changes))
-
-
 def test_time_aggregation_enabled(config: Config) -> bool:
     """``eval.test_time_aggregation``, where null means the method's default (on for plca)."""
     from plca.methods import get_method
 
     tta = config.eval.test_time_aggregation
     return get_method(config.method).test_time_aggregation if tta is None else tta
-
-
-def build_training_method(config: Config, device: torch.device) -> Method:
-    """The config's method around a freshly built segmentor, on ``device``."""
-    segmentor = build_segmentor(config.model, len(config.data.classes))
-    context = MethodContext(loss=config.loss, options=config.method_options, classes=tuple(config.data.classes),
-                            model=config.model, iters=config.train.iters, seed=config.train.seed,
-                            eval_model=config.eval.model)
-    method = build_method(config.method, segmentor, context).to(device)
-    if config.train.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    return method
-
-
-def checkpoint_header(config: Config, method: Method) -> dict:
-    """What every checkpoint and model file says about itself."""
-    return {"segmentor": method.inference_model().describe(), "classes": list(config.data.classes),
-            "config": to_dict(config)}
-
-
-# --------------------------------------------------------------------------- the run directory
-
-
-@dataclass
-class RunPlace:
-    run_dir: Path
-    resume_from: Path | None  # the last.pt to continue from
-    created: bool  # this call created the directory (removed again if the run fails before its first step)
-
-
-def _locate_run(config: Config, resume: str | Path | None, info: DistInfo) -> RunPlace:
-    if resume is not None:
-        resume = Path(resume)
-        if resume.is_file():
-            run_dir = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
-            return RunPlace(run_dir, resume, created=False)
-        if not resume.is_dir():
-            raise CheckpointError(f"--resume '{resume}' is neither a run directory nor a checkpoint file")
-        last = resume / "checkpoints" / "last.pt"
-        if not last.is_file():
-            raise CheckpointError(f"run directory '{resume}' has no checkpoints/last.pt to resume from")
-        return RunPlace(resume, last, created=False)
-    output_dir = Path(config.output_dir)
-    if config.run_name:
-        run_dir = output_dir / config.run_name
-        last = run_dir / "checkpoints" / "last.pt"
-        created = False
-        if info.is_main and not run_dir.exists():
-            create_unique(output_dir, lambda: config.run_name)
-            created = True
-        return RunPlace(run_dir, last if last.is_file() else None, created=broadcast_object(created))
-    name = create_unique(output_dir, lambda: default_run_name(config)).name if info.is_main else None
-    return RunPlace(output_dir / broadcast_object(name), None, created=True)
-
-
-def _truncate_jsonl(path: Path, after_step: int) -> None:
-    """Drop the lines of ``path`` logged after ``after_step`` (a resumed run logs them again)."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= after_step]
-    if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept))
 
 
 class _StopSignal:
@@ -221,7 +144,7 @@ def train(config: Config, resume: str | Path | None = None, max_steps: int | Non
         torch.use_deterministic_algorithms(True, warn_only=True)
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = not config.train.deterministic
-    place = _locate_run(config, resume, info)
+    place = locate_run(config, resume, info)
     lock = RunLock(place.run_dir)
     if info.is_main:
         try:
@@ -286,17 +209,7 @@ class _Session:
             for note in self.resume_notes:
                 logger.warning("%s", note)
         if info.is_main:
-            try:
-                save_config(config, self.run_dir / "config.yaml")
-                (self.run_dir / "checkpoints").mkdir(exist_ok=True)
-                for name in ("scalars.jsonl", "eval_history.jsonl"):
-                    _truncate_jsonl(self.run_dir / name, self.state.step)
-            except OSError as error:
-                raise RunDirError(f"cannot write to the run directory '{self.run_dir}': "
-                                  f"{error.strerror or error}{_free_space(self.run_dir)}") from None
-            _record_run(self.run_dir, config, self.argv, self.started, None, logger)
-            for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):
-                stale.unlink(missing_ok=True)  # left by a checkpoint write cut short (the checkpoint is intact)
+            prepare_run_dir(self.run_dir, config, self.state.step, self.argv, self.started, logger)
         barrier()
         self.board = TensorBoard(self.run_dir / "tb" if info.is_main else None)
         self.datasets = self._datasets()
@@ -504,7 +417,7 @@ class _Session:
         scalars["data/skipped_samples"] = self._total("skipped_samples")
         self.board.scalars(scalars, state.step)
         if self.info.is_main:
-            _append_jsonl(self.run_dir / "scalars.jsonl", {"step": state.step, **scalars}, self.logger)
+            append_jsonl(self.run_dir / "scalars.jsonl", {"step": state.step, **scalars}, self.logger)
         bar.set_postfix(loss=f"{scalars.get('loss/total', math.nan):.3f}")
         terms = " ".join(f"{key.split('/', 1)[1]} {value:.4g}" for key, value in scalars.items()
                          if key.startswith("loss/"))
@@ -556,7 +469,7 @@ class _Session:
         if info.is_main:
             self.board.scalars({"val/mIoU": metrics["mIoU"], "val/pixel_accuracy": metrics["pixel_accuracy"],
                                 **{f"val/{name}_mIoU": extra["mIoU"] for name, extra in others}}, state.step)
-            _append_jsonl(self.run_dir / "eval_history.jsonl", metrics, self.logger)
+            append_jsonl(self.run_dir / "eval_history.jsonl", metrics, self.logger)
             self.logger.info("validation at step %d: %s %.2f (%s)%s", state.step, metrics["protocol"], metrics["mIoU"],
                              primary, "".join(f", {name} {extra['mIoU']:.2f}" for name, extra in others))
         if metrics["mIoU"] > state.best_miou:
@@ -575,7 +488,7 @@ class _Session:
         if metrics is not None:
             metrics.update(method=config.method, skipped_steps=state.counters["skipped_steps"],
                            skipped_samples=self._total("skipped_samples"), model="final")
-            history = _read_jsonl(self.run_dir / "eval_history.jsonl")
+            history = read_jsonl(self.run_dir / "eval_history.jsonl")
             best = max(history, key=lambda m: m["mIoU"]) if history else None
             if best is not None and info.is_main:
                 metrics["best_on_val"] = {
@@ -586,42 +499,8 @@ class _Session:
         if info.is_main:
             if metrics is not None:
                 (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            _record_run(self.run_dir, config, self.argv, self.started, time.time(), self.logger)
+            record_run(self.run_dir, config, self.argv, self.started, time.time(), self.logger)
             self.logger.info("finished at step %d. Run dir %s: metrics.json (final model), checkpoints/final.pt "
                              "(final model), checkpoints/last.pt (to resume)%s", state.step, self.run_dir,
                              ", checkpoints/best_on_val.pt (oracle selection)" if metrics is not None else "")
         return RunResult(self.run_dir, state.step, metrics, model)
-
-
-def _free_space(folder: Path) -> str:
-    try:
-        return f" ({shutil.disk_usage(folder).free / 2**30:.2f} GiB free there)"
-    except OSError:
-        return ""
-
-
-def _append_jsonl(path: Path, record: dict, logger) -> None:
-    """One JSON line; a failure (e.g. a full disk) is a warning, never the end of the run."""
-    try:
-        with open(path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-    except OSError as error:
-        logger.warning("could not append to %s (%s); training goes on", path, error)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _record_run(run_dir: Path, config: Config, argv, started: float, finished: float | None, logger) -> None:
-    """``run.json``: what is needed to reproduce the run (versions, commit, command, times)."""
-    try:
-        from plca.engine.run_record import write_run_record
-    except ImportError:
-        return
-    try:
-        write_run_record(run_dir, to_dict(config), argv, config.train.seed, started, finished)
-    except OSError as error:
-        logger.warning("could not write %s (%s)", run_dir / "run.json", error)
