@@ -21,7 +21,8 @@ A run lives in one directory::
 target's test set: reporting it is oracle model selection. The README and every tool
 evaluate the final model.
 
-What can go wrong, and what happens:
+What can go wrong, and what happens (the decisions between steps: :mod:`plca.engine.failure`;
+the data checks: :mod:`plca.data.checks`; checkpoint writes: :mod:`plca.engine.checkpointer`):
 
 - bad data: every file of every dataset is checked before training starts; a sample that
   still fails to load stops the run with the file's name after saving the last finished
@@ -40,7 +41,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +55,11 @@ from plca.config import Config
 from plca.data.build import RunDatasets, build_run_datasets, check_run_datasets
 from plca.data.io import DatasetError
 from plca.engine.build import absolute_roots, build_training_method, checkpoint_header, seed_everything
-from plca.engine.checkpoint import CheckpointError, load_checkpoint
+from plca.engine.checkpoint import load_checkpoint
 from plca.engine.checkpointer import Checkpointer
-from plca.engine.distributed import (DistInfo, all_reduce_mean, all_true, any_true, available_cpus, average_buffers,
-                                     barrier, init_distributed)
+from plca.engine.distributed import (DistInfo, all_reduce_mean, all_true, available_cpus, average_buffers, barrier,
+                                     init_distributed)
+from plca.engine.failure import FailurePolicy, TrainingError, TrainingInterrupted
 from plca.engine.image_grids import log_image_grid
 from plca.engine.loader import batch_stream
 from plca.engine.logger import ScalarWindow, TensorBoard, setup_logger
@@ -67,20 +68,12 @@ from plca.engine.run_dir import RunLock, check_resume_config
 from plca.engine.run_files import append_jsonl, prepare_run_dir, read_jsonl, record_run
 from plca.engine.run_place import RunPlace, locate_run, resume_command
 from plca.engine.state import TrainState
-from plca.engine.update import UpdateOutcome, update
+from plca.engine.update import update
 from plca.evaluation.evaluator import evaluate
 from plca.evaluation.metrics import summarize
 
 __all__ = ["RunResult", "TrainingError", "TrainingInterrupted", "absolute_roots", "build_training_method",
            "checkpoint_header", "resume_command", "seed_everything", "test_time_aggregation_enabled", "train"]
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite steps); the last good checkpoint is intact."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGTERM / SIGINT arrived; a checkpoint was saved before stopping."""
 
 
 @dataclass
@@ -97,29 +90,6 @@ def test_time_aggregation_enabled(config: Config) -> bool:
 
     tta = config.eval.test_time_aggregation
     return get_method(config.method).test_time_aggregation if tta is None else tta
-
-
-class _StopSignal:
-    """Turns SIGTERM / SIGINT into a flag checked between steps (main thread only)."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.previous: dict[int, object] = {}
-
-    def __enter__(self) -> _StopSignal:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -218,6 +188,8 @@ class _Session:
         if warmup < config.train.warmup_iters:
             logger.info("warmup shortened from %d to %d updates (a quarter of train.iters)",
                         config.train.warmup_iters, warmup)
+        self.failures = FailurePolicy(self.state, self.checkpointer, self._save_last, info, self.run_dir,
+                                      config.train, logger)
         return self._loop(max_steps)
 
     def _resume(self, path: Path) -> None:
@@ -274,43 +246,30 @@ class _Session:
     # ------------------------------------------------------------------ the loop
 
     def _loop(self, max_steps: int | None) -> RunResult:
-        config, train, state = self.config, self.config.train, self.state
+        config, train, state, failures = self.config, self.config.train, self.state, self.failures
         source_stream, target_stream = self._streams()
         use_amp = train.amp and self.info.device.type == "cuda"
         window = ScalarWindow()
         bar = tqdm(total=train.iters, initial=state.step, desc=config.method, dynamic_ncols=True,
                    disable=not (self.progress and self.info.is_main))
         steps_this_call = 0
-        with _StopSignal() as stop, bar:
+        with failures.catching_signals(), bar:
             while state.step < train.iters:
                 set_lr(self.optimizer, scheduled_lr(train, state.step))
                 batches = self._next_batches(source_stream, target_stream)
-                try:
+                with failures.guard("during the update"):
                     outcome = update(self.method, self.optimizer, batches, state.step, self.info, self.ddp, use_amp,
                                      train.channels_last, lambda logs: self._collect(window, logs))
-                except Exception as error:  # noqa: BLE001 - the model is that of the last update: save it
-                    self._fail_between_steps(error, "during the update")
-                self._after_update(outcome)
+                failures.after_update(outcome)
                 self.last_batches = batches[0]
                 state.step += 1
                 steps_this_call += 1
                 bar.update(1)
-                stopping = any_true(stop.received is not None, self.info.device)
+                stopping = failures.signalled()
                 pausing = max_steps is not None and steps_this_call >= max_steps and state.step < train.iters
-                try:
+                with failures.guard("between updates"):
                     self._periodic(window, bar, stopping or pausing)
-                except (CheckpointError, TrainingError, DatasetError):
-                    raise
-                except Exception as error:  # noqa: BLE001
-                    self._fail_between_steps(error, "between updates")
-                if not stopping and any_true(stop.received is not None, self.info.device):
-                    self._save_last()  # the signal came during the logging or the validation of this step
-                    stopping = True
-                if stopping:
-                    self.logger.warning("stopped by a signal at step %d; checkpoint saved", state.step)
-                    raise TrainingInterrupted(f"stopped by signal {stop.received or 'on another process'} at step "
-                                              f"{state.step}; checkpoint saved. Resume with: "
-                                              f"{resume_command(self.run_dir)}")
+                failures.stop_if_signalled(saved=stopping)
                 if pausing:
                     return RunResult(self.run_dir, state.step, None, self.method.inference_model())
         return self._finish()
@@ -325,69 +284,13 @@ class _Session:
                 batches.append((source, next(target_stream) if target_stream is not None else None))
         except DatasetError as error:
             load_error = error
-        if not all_true(load_error is None, self.info.device):
-            self._save_last()
-            raise DatasetError(
-                f"{load_error or 'another process could not load a sample (see its message)'}\n"
-                f"Training stopped at step {self.state.step}; checkpoint saved. Fix or remove the file (plca prepare "
-                f"checks a whole dataset), or set data.on_error=skip to skip such samples (they are counted), "
-                f"then continue with: {resume_command(self.run_dir)}"
-            )
-        for source, target in batches:
-            for message in source["skipped"] + (target["skipped"] if target else []):
-                self.state.counters["skipped_samples"] += 1
-                self.logger.warning("step %d: %s", self.state.step, message)
+        self.failures.after_loading(load_error, batches)
         return batches
 
     def _collect(self, window: ScalarWindow, logs: dict) -> None:
         if float(logs.pop("data/unlabelled_batch", 0.0)) > 0:
             self.state.counters["unlabelled_batches"] += 1
         window.add(logs)
-
-    def _after_update(self, outcome: UpdateOutcome) -> None:
-        state, train = self.state, self.config.train
-        if outcome is UpdateOutcome.DIVERGED:
-            raise TrainingError(
-                f"the update of step {state.step} made the model's weights or BatchNorm statistics non-finite: "
-                f"training diverged (train.lr={train.lr} is likely too high). {self._last_good()} "
-                f"Lower train.lr and start a new run, or resume from it with a lower LR")
-        if outcome is UpdateOutcome.SKIPPED:
-            state.nonfinite_in_row += 1
-            state.counters["skipped_steps"] += 1
-            self.logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                                state.step, state.nonfinite_in_row)
-            if state.nonfinite_in_row >= train.max_nonfinite_steps:
-                raise TrainingError(
-                    f"{state.nonfinite_in_row} consecutive steps with a non-finite loss or gradient (step "
-                    f"{state.step}); stopping. {self._last_good()} Try a lower train.lr or check the data.")
-        else:
-            state.nonfinite_in_row = 0
-
-    def _last_good(self) -> str:
-        saved = self.checkpointer.saved_step
-        if saved is None:
-            return "No checkpoint was written yet."
-        return f"The last good checkpoint is {self.checkpointer.last_path} (step {saved})."
-
-    def _fail_between_steps(self, error: Exception, where: str) -> None:
-        """Save the last finished step (when the model can be trusted and saving is safe), then one line."""
-        detail = " ".join(str(error).split()) or type(error).__name__
-        out_of_memory = isinstance(error, torch.OutOfMemoryError) or "out of memory" in detail.lower()
-        kind = "out of memory" if out_of_memory else type(error).__name__
-        hint = (" Lower train.batch_size or train.crop_size (eval.size for a validation), or use train.amp=true "
-                "on a GPU." if out_of_memory else "")
-        if self.state.step == 0 and self.checkpointer.saved_step is None:
-            raise TrainingError(f"{kind} {where} at step 0, before anything was trained: {detail[:300]}.{hint}") \
-                from error
-        saved = ""
-        if not self.info.enabled and self.state.nonfinite_in_row == 0:
-            try:
-                self._save_last()
-                saved = f" Checkpoint of step {self.state.step} saved."
-            except Exception:  # noqa: BLE001 - the original failure is what to report
-                saved = ""
-        raise TrainingError(f"{kind} {where} at step {self.state.step}: {detail[:300]}.{saved or ' ' + self._last_good()}"
-                            f"{hint} Continue with: {resume_command(self.run_dir)}") from error
 
     def _save_last(self) -> None:
         self.checkpointer.save_training(self.method, self.optimizer, self.state, self.header)
