@@ -1,9 +1,18 @@
-"""The training loop: run directory, method, data streams, updates, logging, checkpoints, validation.
+"""The training loop: set-up, the loop that is the run's story, and the end of a run.
 
-What a step computes belongs to the method (:mod:`plca.methods`, built from the config with the
-run's other parts in :mod:`plca.engine.build`), one update to :mod:`plca.engine.update`, saving
-and restoring to :mod:`plca.engine.checkpointer`; which directory a run uses to
-:mod:`plca.engine.run_place`, its other files to :mod:`plca.engine.run_files`.
+Each duty lives in its own module:
+
+- what a step computes: the method (:mod:`plca.methods`), built with the run's other parts from
+  the config in :mod:`plca.engine.build`; one update: :mod:`plca.engine.update`;
+- which directory a run uses and whether it resumes: :mod:`plca.engine.run_place` (its name and
+  lock: :mod:`plca.engine.run_dir`);
+- the files in it: checkpoints :mod:`plca.engine.checkpointer`; ``config.yaml``, ``run.json``
+  and the ``*.jsonl`` logs :mod:`plca.engine.run_files`; ``train.log`` and TensorBoard
+  :mod:`plca.engine.logger`;
+- after each update, as hooks: scalars, image grids and checkpoints :mod:`plca.engine.periodic`;
+  validation and the best-on-val model :mod:`plca.engine.validation`;
+- what stops a run and what is saved first: :mod:`plca.engine.failure`.
+
 A run lives in one directory::
 
     RUN_DIR/config.yaml                 the resolved config (data roots absolute)
@@ -38,7 +47,6 @@ the data checks: :mod:`plca.data.checks`; checkpoint writes: :mod:`plca.engine.c
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -46,7 +54,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -57,20 +64,18 @@ from plca.data.io import DatasetError
 from plca.engine.build import absolute_roots, build_training_method, checkpoint_header, seed_everything
 from plca.engine.checkpoint import load_checkpoint
 from plca.engine.checkpointer import Checkpointer
-from plca.engine.distributed import (DistInfo, all_reduce_mean, all_true, available_cpus, average_buffers, barrier,
-                                     init_distributed)
+from plca.engine.distributed import DistInfo, all_true, available_cpus, barrier, init_distributed, summed_count
 from plca.engine.failure import FailurePolicy, TrainingError, TrainingInterrupted
-from plca.engine.image_grids import log_image_grid
 from plca.engine.loader import batch_stream
-from plca.engine.logger import ScalarWindow, TensorBoard, setup_logger
+from plca.engine.logger import TensorBoard, setup_logger
 from plca.engine.optim import effective_warmup, optimizer_from_config, scheduled_lr, set_lr
+from plca.engine.periodic import Hook, ImageGrids, PeriodicCheckpoint, ScalarLog, StepEnd
 from plca.engine.run_dir import RunLock, check_resume_config
-from plca.engine.run_files import append_jsonl, prepare_run_dir, read_jsonl, record_run
+from plca.engine.run_files import prepare_run_dir, record_run
 from plca.engine.run_place import RunPlace, locate_run, resume_command
 from plca.engine.state import TrainState
 from plca.engine.update import update
-from plca.evaluation.evaluator import evaluate
-from plca.evaluation.metrics import summarize
+from plca.engine.validation import Validation, test_time_aggregation_enabled
 
 __all__ = ["RunResult", "TrainingError", "TrainingInterrupted", "absolute_roots", "build_training_method",
            "checkpoint_header", "resume_command", "seed_everything", "test_time_aggregation_enabled", "train"]
@@ -82,14 +87,6 @@ class RunResult:
     step: int
     metrics: dict | None
     model: nn.Module | None = None  # the trained inference model (unwrapped from DDP)
-
-
-def test_time_aggregation_enabled(config: Config) -> bool:
-    """``eval.test_time_aggregation``, where null means the method's default (on for plca)."""
-    from plca.methods import get_method
-
-    tta = config.eval.test_time_aggregation
-    return get_method(config.method).test_time_aggregation if tta is None else tta
 
 
 # --------------------------------------------------------------------------- entry point
@@ -160,42 +157,52 @@ class _Session:
     # ------------------------------------------------------------------ set-up
 
     def run(self, max_steps: int | None) -> RunResult:
-        config, info, logger = self.config, self.info, self.logger
+        config, info, state = self.config, self.info, self.state
         seed_everything(config.train.seed + info.rank)
         self.method = method = build_training_method(config, info.device)
         self.optimizer = optimizer_from_config(method.trainable_module(), config.train)
         self.header = checkpoint_header(config, method)
+        resume_notes: list[str] = []
         if self.place.resume_from is not None:
-            self._resume(self.place.resume_from)
-            if self.state.step >= config.train.iters:
+            resume_notes = self._resume(self.place.resume_from)
+            if state.step >= config.train.iters:
                 return self._already_finished()
-        barrier()
-        self.logger = logger = setup_logger(self.run_dir, info.is_main)  # now also RUN_DIR/train.log
-        weights_note = getattr(method.trainable_module(), "weights_note", None)
-        if weights_note and self.place.resume_from is None:
-            logger.info("%s", weights_note)
-        if self.place.resume_from is not None:
-            logger.info("resumed from %s at step %d", self.place.resume_from, self.state.step)
-            for note in self.resume_notes:
-                logger.warning("%s", note)
-        if info.is_main:
-            prepare_run_dir(self.run_dir, config, self.state.step, self.argv, self.started, logger)
-        barrier()
+        self._open_run_dir(resume_notes)
         self.board = TensorBoard(self.run_dir / "tb" if info.is_main else None)
         self.datasets = self._datasets()
         self.ddp = self._wrap_for_ddp()
         warmup = effective_warmup(config.train.warmup_iters, config.train.iters)
         if warmup < config.train.warmup_iters:
-            logger.info("warmup shortened from %d to %d updates (a quarter of train.iters)",
-                        config.train.warmup_iters, warmup)
-        self.failures = FailurePolicy(self.state, self.checkpointer, self._save_last, info, self.run_dir,
-                                      config.train, logger)
+            self.logger.info("warmup shortened from %d to %d updates (a quarter of train.iters)",
+                             config.train.warmup_iters, warmup)
+        self.failures = FailurePolicy(state, self.checkpointer, self._save_last, info, self.run_dir, config.train,
+                                      self.logger)
+        self.validation = Validation(config, self.datasets.val, method, state, self.checkpointer, self.header,
+                                     self.board, info, self.run_dir, self.logger, self.progress)
         return self._loop(max_steps)
 
-    def _resume(self, path: Path) -> None:
+    def _open_run_dir(self, resume_notes: list[str]) -> None:
+        """From here on the run writes to its directory: ``train.log`` (first, how the run starts),
+        then ``config.yaml``, ``run.json`` and the logs cut back to the resumed step."""
+        barrier()
+        self.logger = logger = setup_logger(self.run_dir, self.info.is_main)
+        weights_note = getattr(self.method.trainable_module(), "weights_note", None)
+        if weights_note and self.place.resume_from is None:
+            logger.info("%s", weights_note)
+        if self.place.resume_from is not None:
+            logger.info("resumed from %s at step %d", self.place.resume_from, self.state.step)
+            for note in resume_notes:
+                logger.warning("%s", note)
+        if self.info.is_main:
+            prepare_run_dir(self.run_dir, self.config, self.state.step, self.argv, self.started, logger)
+        barrier()
+
+    def _resume(self, path: Path) -> list[str]:
+        """Restore the run from ``path``; the notes on what the requested config changes."""
         stored = load_checkpoint(path).get("config")
-        self.resume_notes = check_resume_config(self.config, stored, path)
+        notes = check_resume_config(self.config, stored, path)
         self.checkpointer.restore(path, self.method, self.optimizer, self.state)
+        return notes
 
     def _already_finished(self) -> RunResult:
         self.logger = setup_logger(self.run_dir, self.info.is_main)
@@ -243,15 +250,24 @@ class _Session:
         self.streams += [stream for stream in (source, target) if stream is not None]
         return source, target
 
+    def _hooks(self, bar: tqdm) -> tuple[ScalarLog, list[Hook]]:
+        """The duties after each update, in the order every process runs them (their collectives line up)."""
+        config, info = self.config, self.info
+        scalars = ScalarLog(config.train, self.state, self.optimizer, self.board, bar, info, self.run_dir, self.logger)
+        return scalars, [scalars, ImageGrids(self.method, self.board, config.train, config.data.classes, info),
+                         PeriodicCheckpoint(config.train.checkpoint_every, self.state, self._save_last),
+                         self.validation]
+
     # ------------------------------------------------------------------ the loop
 
     def _loop(self, max_steps: int | None) -> RunResult:
+        """Each step: load its batches, update, run the hooks, stop where a signal or ``max_steps`` says."""
         config, train, state, failures = self.config, self.config.train, self.state, self.failures
         source_stream, target_stream = self._streams()
         use_amp = train.amp and self.info.device.type == "cuda"
-        window = ScalarWindow()
         bar = tqdm(total=train.iters, initial=state.step, desc=config.method, dynamic_ncols=True,
                    disable=not (self.progress and self.info.is_main))
+        scalars, hooks = self._hooks(bar)
         steps_this_call = 0
         with failures.catching_signals(), bar:
             while state.step < train.iters:
@@ -259,16 +275,18 @@ class _Session:
                 batches = self._next_batches(source_stream, target_stream)
                 with failures.guard("during the update"):
                     outcome = update(self.method, self.optimizer, batches, state.step, self.info, self.ddp, use_amp,
-                                     train.channels_last, lambda logs: self._collect(window, logs))
+                                     train.channels_last, scalars.collect)
                 failures.after_update(outcome)
-                self.last_batches = batches[0]
                 state.step += 1
                 steps_this_call += 1
                 bar.update(1)
                 stopping = failures.signalled()
                 pausing = max_steps is not None and steps_this_call >= max_steps and state.step < train.iters
+                end = StepEnd(state.step, last=state.step == train.iters, stopping=stopping or pausing,
+                              batch=batches[0])
                 with failures.guard("between updates"):
-                    self._periodic(window, bar, stopping or pausing)
+                    for hook in hooks:
+                        hook.after_step(end)
                 failures.stop_if_signalled(saved=stopping)
                 if pausing:
                     return RunResult(self.run_dir, state.step, None, self.method.inference_model())
@@ -287,118 +305,22 @@ class _Session:
         self.failures.after_loading(load_error, batches)
         return batches
 
-    def _collect(self, window: ScalarWindow, logs: dict) -> None:
-        if float(logs.pop("data/unlabelled_batch", 0.0)) > 0:
-            self.state.counters["unlabelled_batches"] += 1
-        window.add(logs)
-
     def _save_last(self) -> None:
         self.checkpointer.save_training(self.method, self.optimizer, self.state, self.header)
-
-    def _periodic(self, window: ScalarWindow, bar, stopping: bool) -> None:
-        """Logging, images, checkpoints and validation after an update."""
-        state, train = self.state, self.config.train
-        step, last_step = state.step, state.step == train.iters
-        if step % train.log_every == 0 or last_step:
-            self._log_scalars(window, bar)
-        image_every = train.image_every if train.image_every is not None else max(1, min(1000, train.iters // 5))
-        if image_every and step % image_every == 0 and self.info.is_main:
-            self._log_images()
-        periodic = step % train.checkpoint_every == 0 or last_step
-        # during a run of skipped steps the model is that of the last good update; the end is saved anyway
-        if (periodic and (state.nonfinite_in_row == 0 or last_step)) or stopping:
-            self._save_last()
-        if train.eval_every and step % train.eval_every == 0 and not last_step and not stopping:
-            self._validate()
-
-    def _log_scalars(self, window: ScalarWindow, bar) -> None:
-        state = self.state
-        scalars = window.means()
-        scalars["data/unlabelled_batches"] = state.counters["unlabelled_batches"]
-        scalars["lr"] = self.optimizer.param_groups[0]["lr"]
-        scalars["skipped_steps"] = state.counters["skipped_steps"]
-        scalars["data/skipped_samples"] = self._total("skipped_samples")
-        self.board.scalars(scalars, state.step)
-        if self.info.is_main:
-            append_jsonl(self.run_dir / "scalars.jsonl", {"step": state.step, **scalars}, self.logger)
-        bar.set_postfix(loss=f"{scalars.get('loss/total', math.nan):.3f}")
-        terms = " ".join(f"{key.split('/', 1)[1]} {value:.4g}" for key, value in scalars.items()
-                         if key.startswith("loss/"))
-        self.logger.info("step %d/%d | %s | lr %.3g", state.step, self.config.train.iters, terms, scalars["lr"])
-
-    def _total(self, counter: str) -> int:
-        """A counter summed over all processes (each counts its own)."""
-        count = self.state.counters[counter]
-        if self.info.enabled:
-            mean = all_reduce_mean(torch.tensor([float(count)], device=self.info.device)).item()
-            count = round(mean * self.info.world_size)
-        return count
-
-    @torch.no_grad()
-    def _log_images(self) -> None:
-        """TensorBoard grids (input, prediction, label) of the current source and target batches."""
-        model = self.method.inference_model()
-        was_training = model.training
-        model.eval()
-        for domain, batch in zip(("source", "target"), self.last_batches):
-            if batch is None:
-                continue
-            images = batch["image"].to(self.info.device).float()
-            logits = model(images)["logits"].float()
-            logits = F.interpolate(logits, size=batch["label"].shape[-2:], mode="bilinear", align_corners=False)
-            log_image_grid(self.board, f"images/{domain}", batch["image"], logits.argmax(1).cpu(), batch["label"],
-                           self.config.data.classes, self.state.step)
-        model.train(was_training)
-
-    def _validate(self) -> dict | None:
-        """Metrics of the method's evaluation models on the validation set; the first model's are the
-        run's (top level), the others' go under their names (e.g. ``teacher``)."""
-        config, info, state = self.config, self.info, self.state
-        if self.datasets.val is None:
-            return None
-        tta = test_time_aggregation_enabled(config)
-        results = {}
-        for name, model in self.method.evaluation_models().items():
-            average_buffers(model)
-            confusion = evaluate(model, self.datasets.val, len(config.data.classes), info.device,
-                                 test_time_aggregation=tta, alpha=config.eval.alpha,
-                                 amp=config.train.amp and info.device.type == "cuda", rank=info.rank,
-                                 world_size=info.world_size, progress=self.progress)
-            results[name] = summarize(confusion.matrix.cpu(), config.data.classes)
-        (primary, metrics), others = next(iter(results.items())), list(results.items())[1:]
-        metrics.update(step=state.step, test_time_aggregation=tta, evaluated=primary)
-        for name, extra in others:
-            metrics[name] = extra
-        if info.is_main:
-            self.board.scalars({"val/mIoU": metrics["mIoU"], "val/pixel_accuracy": metrics["pixel_accuracy"],
-                                **{f"val/{name}_mIoU": extra["mIoU"] for name, extra in others}}, state.step)
-            append_jsonl(self.run_dir / "eval_history.jsonl", metrics, self.logger)
-            self.logger.info("validation at step %d: %s %.2f (%s)%s", state.step, metrics["protocol"], metrics["mIoU"],
-                             primary, "".join(f", {name} {extra['mIoU']:.2f}" for name, extra in others))
-        if metrics["mIoU"] > state.best_miou:
-            state.best_miou, state.best_step = metrics["mIoU"], state.step
-            self.checkpointer.save_model(self.method.inference_model(), "best_on_val.pt", state.step, self.header,
-                                         metrics=metrics, selection="best validation mIoU (oracle model selection)")
-        return metrics
 
     # ------------------------------------------------------------------ the end
 
     def _finish(self) -> RunResult:
         config, state, info = self.config, self.state, self.info
         model = self.method.inference_model()
-        metrics = self._validate()
+        metrics = self.validation.run()
         self.checkpointer.save_model(model, "final.pt", state.step, self.header, metrics=metrics)
         if metrics is not None:
             metrics.update(method=config.method, skipped_steps=state.counters["skipped_steps"],
-                           skipped_samples=self._total("skipped_samples"), model="final")
-            history = read_jsonl(self.run_dir / "eval_history.jsonl")
-            best = max(history, key=lambda m: m["mIoU"]) if history else None
+                           skipped_samples=summed_count(state.counters["skipped_samples"], info), model="final")
+            best = self.validation.best_on_val()
             if best is not None and info.is_main:
-                metrics["best_on_val"] = {
-                    "note": "the best of the validations during training, selected on the validation set: "
-                            "oracle model selection, not a result to report",
-                    "step": best["step"], "mIoU": best["mIoU"], "protocol": best["protocol"],
-                    "per_class_IoU": best["per_class_IoU"], "checkpoint": "checkpoints/best_on_val.pt"}
+                metrics["best_on_val"] = best
         if info.is_main:
             if metrics is not None:
                 (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
