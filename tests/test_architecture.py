@@ -1,5 +1,5 @@
 """The package's shape: layers that import only downwards, no import cycles, one place that reads
-pickles, one place that builds networks."""
+pickles, one place that builds networks, no function too long to read on a screen or two."""
 
 from __future__ import annotations
 
@@ -218,3 +218,45 @@ def test_the_layer_check_finds_an_upward_import():
     assert layer_of("plca.a.x.z", layers) == 0 and layer_of("plca", layers) == 1
     assert layer_of("plca.d", layers) is None  # the root's entry is the root alone
     assert layer_violations(graph, layers) == [("plca.a.x", "plca.b.y")]
+
+
+#: The most lines a function or method may span (``def`` line to its last line, docstring included).
+MAX_FUNCTION_LINES = 80
+#: Argument-parser tables: one ``add_argument`` per option, read as a table rather than as a story.
+PARSER_TABLES = {"plca/cli.py:build_parser"}
+
+
+def functions_in(tree: ast.AST, prefix: str = ""):
+    """``(qualified name, node)`` of every function and method, nested ones too (``Class.method.inner``)."""
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield prefix + child.name, child
+            yield from functions_in(child, f"{prefix}{child.name}.")
+        elif isinstance(child, ast.ClassDef):
+            yield from functions_in(child, f"{prefix}{child.name}.")
+        else:
+            yield from functions_in(child, prefix)
+
+
+def long_functions(limit: int) -> dict[str, int]:
+    """``'plca/path.py:qualified.name'`` -> its number of lines, for each function longer than ``limit``."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        where = path.relative_to(PACKAGE.parent).as_posix()
+        for name, node in functions_in(ast.parse(path.read_text())):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > limit:
+                found[f"{where}:{name}"] = lines
+    return found
+
+
+def test_no_function_is_longer_than_80_lines():
+    too_long = {name: lines for name, lines in long_functions(MAX_FUNCTION_LINES).items() if name not in PARSER_TABLES}
+    assert not too_long, (f"over {MAX_FUNCTION_LINES} lines (split them into named steps): "
+                          + ", ".join(f"{name} ({lines})" for name, lines in sorted(too_long.items())))
+
+
+def test_the_length_check_sees_methods_and_nested_functions():
+    tree = ast.parse("class A:\n    def f(self):\n        def g():\n            pass\n\ndef h():\n    pass\n")
+    assert [name for name, _ in functions_in(tree)] == ["A.f", "A.f.g", "h"]
+    assert set(PARSER_TABLES) <= set(long_functions(0)), "an allowed parser table no longer exists"

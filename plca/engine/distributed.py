@@ -95,6 +95,14 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def summed_count(count: int, info: DistInfo) -> int:
+    """A count each process keeps for itself, summed over all processes (collective under DDP)."""
+    if info.enabled:
+        mean = all_reduce_mean(torch.tensor([float(count)], device=info.device)).item()
+        count = round(mean * info.world_size)
+    return count
+
+
 def all_true(flag: bool, device: torch.device) -> bool:
     """True on every process iff ``flag`` is true on every process."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

@@ -565,6 +565,22 @@ class _Sweep:
         self.save()
 
 
+def _processes_per_node(launcher: str, nproc_per_node: int | None, slurm: SlurmOptions) -> int:
+    """The processes each run starts per node: 1 locally, one per GPU on Slurm, unless given."""
+    if launcher == "local":
+        if slurm.nodes > 1:
+            raise SweepError("--nodes is for --launcher slurm; a local run uses this machine only")
+        nproc = nproc_per_node or 1
+    else:
+        nproc = nproc_per_node or max(1, slurm.gpus_per_node)
+        if slurm.gpus_per_node > 0 and nproc != slurm.gpus_per_node:
+            raise SweepError(f"--nproc-per-node {nproc} differs from --gpus-per-node {slurm.gpus_per_node}: "
+                             f"on Slurm each GPU runs one process")
+    if nproc < 1:
+        raise SweepError(f"--nproc-per-node must be >= 1, got {nproc}")
+    return nproc
+
+
 def run_sweep(config: str | Path, seeds: Sequence[int], grid: dict[str, list[str]] | Sequence[str] = (),
               overrides: Sequence[str] = (), launcher: str = "local", nproc_per_node: int | None = None,
               slurm: SlurmOptions | None = None, flag_range: float = DEFAULT_FLAG_RANGE, wait: bool = True,
@@ -589,17 +605,7 @@ def run_sweep(config: str | Path, seeds: Sequence[int], grid: dict[str, list[str
     overrides = list(overrides)
     _check_overrides(overrides, grid)
     slurm = slurm or SlurmOptions()
-    if launcher == "local":
-        if slurm.nodes > 1:
-            raise SweepError("--nodes is for --launcher slurm; a local run uses this machine only")
-        nproc = nproc_per_node or 1
-    else:
-        nproc = nproc_per_node or max(1, slurm.gpus_per_node)
-        if slurm.gpus_per_node > 0 and nproc != slurm.gpus_per_node:
-            raise SweepError(f"--nproc-per-node {nproc} differs from --gpus-per-node {slurm.gpus_per_node}: "
-                             f"on Slurm each GPU runs one process")
-    if nproc < 1:
-        raise SweepError(f"--nproc-per-node must be >= 1, got {nproc}")
+    nproc = _processes_per_node(launcher, nproc_per_node, slurm)
     base = load_config(config, overrides)
     base_config = to_dict(base)
     sweep_dir = Path(base.output_dir)

@@ -182,14 +182,14 @@ run_name: r
 def test_a_full_disk_for_the_logs_is_a_warning_not_the_end_of_the_run(data, tmp_path, monkeypatch):
     import builtins
 
-    import plca.engine.trainer as trainer
+    import plca.engine.run_files as run_files
 
     def open_without_space(path, mode="r", *args, **kwargs):
         if str(path).endswith(".jsonl"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return builtins.open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "open", open_without_space, raising=False)
+    monkeypatch.setattr(run_files, "open", open_without_space, raising=False)
     result = train(tiny_source_only_config(data, tmp_path, iters=2, checkpoint_every=100), progress=False)
     assert result.step == 2 and load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["step"] == 2
     log = (result.run_dir / "train.log").read_text()

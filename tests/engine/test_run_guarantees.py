@@ -136,12 +136,12 @@ def test_sigterm_during_a_validation_off_the_checkpoint_steps_saves_and_resumes(
 
 @pytest.mark.slow
 def test_an_out_of_memory_validation_saves_and_says_so_in_one_line(data, tmp_path, monkeypatch):
-    import plca.engine.trainer as trainer
+    import plca.engine.validation as validation
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trainer, "evaluate", out_of_memory)
+    monkeypatch.setattr(validation, "evaluate", out_of_memory)
     config = tiny_source_only_config(data, tmp_path, "oom", iters=4, eval_every=2, checkpoint_every=1000)
     config.data.val = config.data.source
     with pytest.raises(TrainingError) as info:
