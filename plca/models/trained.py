@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from plca.models.deeplab import is_authors_checkpoint, load_authors_checkpoint
+from plca.models.registry import resolved_style
 from plca.models.segmentor import Segmentor, SegmentorSpec, build_segmentor
 from plca.models.weights import WeightsError, load_strict
 from plca.serialization import UnreadableFileError, load_torch_file, read_safetensors, read_safetensors_metadata
@@ -74,7 +75,7 @@ def _description_from_config(config: dict) -> tuple[dict, list[str]]:
     model = config.get("model", {}) or {}
     classes = list(config.get("data", {}).get("classes", []))
     backbone = model.get("backbone", "resnet101")
-    style = model.get("style") or ("caffe" if backbone.startswith("resnet") else None)
+    style = resolved_style(backbone, model.get("style") or None)
     return {"backbone": backbone, "head": model.get("head", "deeplabv2"), "style": style,
             "num_classes": len(classes), "features": model.get("features", "backbone_last"),
             "head_width": model.get("head_width")}, classes
