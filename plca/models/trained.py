@@ -53,9 +53,13 @@ def describe_model(description: dict, classes=None) -> str:
     return f"{description['backbone']}{style} + {description['head']} head{width} with {count} classes"
 
 
+#: The models of a run directory, by checkpoint name (``checkpoints/<name>.pt``); best_on_val is oracle selection.
+RUN_MODELS: tuple[str, ...] = ("final", "last", "best_on_val")
+
+
 def resolve_model_path(source: str | Path, which: str = "final") -> Path:
     """``source`` itself when it is a file; ``RUN_DIR/checkpoints/<which>.pt`` for a run directory
-    (``which="final"`` falls back to ``last.pt`` when the run has not finished)."""
+    (``which``: one of :data:`RUN_MODELS`; ``"final"`` falls back to ``last.pt`` when the run has not finished)."""
     source = Path(source)
     if source.is_dir():
         folder = source / "checkpoints"
