@@ -340,10 +340,15 @@ def _own_normalization(backbone: nn.Module) -> Normalization:
     return backbone.normalization
 
 
+def _check_name(name: str) -> None:
+    import_timm()  # ImportError first: without timm no name can be checked
+    check_model_name(name)
+
+
 #: What every ``timm:`` backbone promises: the input of its model's pretrained config (RGB; ImageNet's where the
 #: config has none), model.style null or pytorch (the same); its name must be one timm knows.
 CONTRACT = BackboneContract(family="timm", normalization=_own_normalization, styles=dict.fromkeys(STYLES),
-                            check_name=check_model_name)
+                            check_name=_check_name)
 
 
 @register_backbone("timm", prefix=True, contract=CONTRACT)
