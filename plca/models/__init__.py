@@ -5,7 +5,7 @@ Importing this package registers every built-in backbone and head (see
 :func:`build_segmentor` builds one by name.
 """
 
-from plca.models import resnet, mit, efficientnet_lite, timm_backbone  # noqa: F401 - registers the backbones, ResNets first
+from plca.models import resnet, mit, efficientnet_lite, timm_backbone  # noqa: F401 - backbones, ResNets first
 from plca.models import daformer_head, deeplab, segformer_head  # noqa: F401 - registers the heads
 from plca.models.segmentor import Segmentor, SegmentorSpec, build_segmentor
 
