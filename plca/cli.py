@@ -12,6 +12,10 @@ import sys
 from pathlib import Path
 
 from plca.config import ConfigError, load_config
+from plca.data.build import RUN_CHECK_LEVELS
+from plca.demo import DEMO_METHODS
+from plca.models.trained import RUN_MODELS
+from plca.tools.sweep import LAUNCHERS
 
 
 def _split_config_and_overrides(positional: list[str]) -> tuple[str | None, list[str]]:
@@ -357,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", metavar="CONFIG.yaml [key=value ...]",
                    help="config file then dotted overrides, e.g. train.iters=200 data.classes=[sky,road]")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    p.add_argument("--data-check", choices=["labels", "headers", "none"], default="labels",
+    p.add_argument("--data-check", choices=RUN_CHECK_LEVELS, default=RUN_CHECK_LEVELS[0],
                    help="before training, check every dataset file: open image and label headers and compare "
                         "sizes (headers), and also decode every label and check its ids (labels, the default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -388,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--iters", type=int, default=None, help="updates per model (default: the demo's budget)")
     p.add_argument("--methods", nargs="+", default=["source_only", "plca"],
-                   choices=["source_only", "plca", "self_training", "self_training_plca"],
+                   choices=list(DEMO_METHODS),
                    help="methods to train and compare, one column each (default: source_only plca)")
     p.add_argument("--oracle", action="store_true",
                    help="also train on the target's labels (the upper bound the domain gap is measured against)")
@@ -474,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                    help="a config key and its values (repeat --grid for more keys; commas inside [...] do not "
                         "split), e.g. --grid train.lr=0.01,0.02")
-    p.add_argument("--launcher", choices=["local", "slurm", "submitit-local"], default="local",
+    p.add_argument("--launcher", choices=LAUNCHERS, default=LAUNCHERS[0],
                    help="local: one run after another here (default); slurm: one Slurm job per run through "
                         "submitit; submitit-local: submitit's local executor (to try the Slurm path here)")
     p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
@@ -502,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "export")
     p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--output", required=True, metavar="MODEL.safetensors")
-    p.add_argument("--which", choices=["final", "last", "best_on_val"], default="final",
+    p.add_argument("--which", choices=RUN_MODELS, default=RUN_MODELS[0],
                    help="which model of a run directory (default: final; best_on_val is oracle model selection)")
     p.add_argument("--config", help="config for a checkpoint that carries none (e.g. the authors' release)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for --config")

@@ -422,129 +422,39 @@ def replace_model(config: Config, **changes: Any) -> Config:
 # --------------------------------------------------------------------------- checks across keys
 
 
-def _check_rare_class_thresholds(rcs: RareClassSamplingConfig, check) -> None:
-    """Each of RCS's two thresholds is given once: absolute (DAFormer's pixels) or relative (a share)."""
-    key = "data.rare_class_sampling."
-    for absolute, relative, what in (("min_pixels", "min_pixels_ratio", "the image threshold"),
-                                     ("min_crop_ratio", "min_crop_pixels_ratio", "the crop threshold")):
-        given = [name for name in (absolute, relative) if getattr(rcs, name) is not None]
-        check(len(given) < 2, f"{key}{absolute} and {key}{relative} are both set: two ways to give {what}; "
-                              f"set one of them null")
-        check(len(given) > 0, f"{key}{absolute} and {key}{relative} are both null: give {what} with one of them")
-    check(rcs.min_pixels is None or rcs.min_pixels >= 0, f"{key}min_pixels must be >= 0")
-    check(rcs.min_pixels_ratio is None or 0 <= rcs.min_pixels_ratio < 1,
-          f"{key}min_pixels_ratio must be in [0, 1) (a share of each image's pixels)")
-    check(rcs.min_crop_pixels_ratio is None or 0 <= rcs.min_crop_pixels_ratio < 1,
-          f"{key}min_crop_pixels_ratio must be in [0, 1) (a share of the crop's pixels; 0 = no re-draws)")
-    check(rcs.min_crop_ratio is None or rcs.min_pixels is not None,
-          f"{key}min_crop_ratio multiplies {key}min_pixels, which is null (min_pixels_ratio is set): give the crop "
-          f"threshold as {key}min_crop_pixels_ratio (DAFormer on GTA5: 0.005723) and set min_crop_ratio null")
-
-
 def validate(config: Config) -> None:
-    """Checks that types alone cannot express."""
-    from plca.data.datasets import DATASET_FORMATS
-    from plca.engine.optim import NO_DECAY_RULES, OPTIMIZERS
-    from plca.methods.base import CE_AVERAGES
-    from plca.models.packaged import is_packaged, packaged_entry
-    from plca.models.registry import backbone_names, head_names, is_known_backbone
-    from plca.models.resnet import STYLES as RESNET_STYLES
-    from plca.models.segmentor import FEATURE_SOURCES
+    """Checks that types alone cannot express: each section's owner checks its own keys (raising
+    ``ValueError`` naming the key, turned into :class:`ConfigError` here); the checks across sections are here."""
+    from plca.data.config_checks import validate_data_config
+    from plca.engine.config_checks import validate_eval_config, validate_train_config
+    from plca.models.config_checks import validate_model_config
 
     def check(ok: bool, message: str) -> None:
         if not ok:
             raise ConfigError(message)
 
     method_cls = _method_class(config.method)
-    data = config.data
-    check(len(data.classes) > 0, "data.classes must list the class names, in class-index order")
-    check(all(isinstance(c, str) and c.strip() for c in data.classes), "data.classes has an empty name")
-    check(len(set(data.classes)) == len(data.classes), "data.classes has duplicate names")
-    check(len(data.classes) < 255, "data.classes: at most 254 classes (255 is the ignore label)")
-    for name in ("source", "target", "val"):
-        spec = getattr(data, name)
-        if spec is None:
-            continue
-        check(spec.format in DATASET_FORMATS,
-              f"data.{name}.format '{spec.format}' is unknown; choose one of {', '.join(DATASET_FORMATS)}")
-        check(bool(spec.root), f"data.{name}.root is empty: give the dataset's folder")
-    check(not method_cls.uses_target or data.target is not None,
-          f"method {config.method} needs data.target (the unlabelled target-domain images)")
-    check(data.on_error in ("raise", "skip"), "data.on_error must be 'raise' or 'skip'")
-    check(data.num_workers >= 0, "data.num_workers must be >= 0")
-    rcs = data.rare_class_sampling
-    check(rcs.temperature > 0 and rcs.retries >= 0, "data.rare_class_sampling: temperature must be > 0, retries >= 0")
-    _check_rare_class_thresholds(rcs, check)
+    try:
+        validate_data_config(config.data)
+        check(not method_cls.uses_target or config.data.target is not None,
+              f"method {config.method} needs data.target (the unlabelled target-domain images)")
+        validate_model_config(config.model)
+        validate_train_config(config.train)
+        validate_eval_config(config.eval)
+        check(config.eval.model == "student" or method_cls.has_teacher,
+              f"eval.model {config.eval.model}: method {config.method} has no teacher; use eval.model=student")
+        _check_loss(config, check)
+        check(config.device == "auto" or config.device == "cpu" or config.device.split(":")[0] == "cuda",
+              f"device '{config.device}' is unknown; use auto, cpu, cuda or cuda:N")
+        if config.method_options is not None and hasattr(config.method_options, "validate"):
+            config.method_options.validate(config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
-    model = config.model
-    check(is_known_backbone(model.backbone),
-          f"model.backbone '{model.backbone}' is unknown; choose one of {', '.join(backbone_names())}")
-    check(model.head in head_names(), f"model.head '{model.head}' is unknown; choose one of {', '.join(head_names())}")
-    check(model.style is None or model.style in RESNET_STYLES,
-          f"model.style must be {', '.join(repr(style) for style in RESNET_STYLES)} or null")
-    # the other backbones take RGB with the ImageNet mean / std, which is what "pytorch" means
-    check(model.style in (None, "pytorch") or model.backbone.startswith("resnet"),
-          f"model.style {model.style} is for the ResNet backbones only; {model.backbone} has its own input "
-          f"normalisation (leave model.style null)")
-    check(model.features in FEATURE_SOURCES, f"model.features must be one of {', '.join(FEATURE_SOURCES)}")
-    check(model.head_width is None or model.head_width > 0, f"model.head_width must be > 0 or null, got {model.head_width}")
-    check(model.head_width is None or not model.head.startswith("deeplabv2"),
-          f"model.head_width: the {model.head} head has no width (its output is the class count); leave it null")
-    if is_packaged(model.pretrained):
-        try:
-            packaged_entry(model.pretrained)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-    if model.backbone.startswith("timm:"):
-        from plca.models.timm_backbone import check_model_name, import_timm
 
-        try:
-            import_timm()
-            check_model_name(model.backbone.partition(":")[2])
-        except (ImportError, ValueError) as error:
-            raise ConfigError(f"model.backbone '{model.backbone}': {error}") from None
-
-    train = config.train
-    check(train.iters > 0, "train.iters must be > 0")
-    check(train.batch_size > 0 and train.accumulation > 0, "train.batch_size and train.accumulation must be > 0")
-    check(len(train.crop_size) == 2 and min(train.crop_size) > 0, "train.crop_size must be [h, w] > 0")
-    check(train.shorter_side is None or (len(train.shorter_side) == 2 and 0 < train.shorter_side[0] <= train.shorter_side[1]),
-          "train.shorter_side must be null or [lo, hi] with 0 < lo <= hi")
-    check(train.scale_range is None or (len(train.scale_range) == 2 and 0 < train.scale_range[0] <= train.scale_range[1]),
-          "train.scale_range must be null or [lo, hi] with 0 < lo <= hi")
-    check(train.target_shorter_side is None or (len(train.target_shorter_side) == 2
-                                                and 0 < train.target_shorter_side[0] <= train.target_shorter_side[1]),
-          "train.target_shorter_side must be null or [lo, hi] with 0 < lo <= hi")
-    for key in ("cat_max_ratio", "target_cat_max_ratio"):
-        check(0.0 < getattr(train, key) <= 1.0, f"train.{key} must be in (0, 1] (1 = off)")
-    check(train.target_shorter_side is None or train.scale_range is None,
-          "train.target_shorter_side goes with train.shorter_side, not with train.scale_range")
-    check(train.scale_range is None or train.shorter_side is None,
-          "train.scale_range and train.shorter_side are two ways to resize: set one of them (the other null)")
-    check(train.lr > 0, "train.lr must be > 0")
-    check(train.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {train.optimizer!r}")
-    check(train.no_decay in NO_DECAY_RULES,
-          f"train.no_decay must be one of {', '.join(NO_DECAY_RULES)}, got {train.no_decay!r}")
-    check(len(train.betas) == 2 and all(0 <= b < 1 for b in train.betas), "train.betas must be [b1, b2] in [0, 1)")
-    check(train.warmup_iters >= 0 and 0 < train.warmup_ratio <= 1,
-          "train.warmup_iters must be >= 0 and train.warmup_ratio in (0, 1]")
-    check(train.collective_timeout_s > 0, "train.collective_timeout_s must be > 0")
-    check(0.0 <= train.momentum < 1.0, f"train.momentum must be in [0, 1), got {train.momentum}")
-    check(train.weight_decay >= 0, f"train.weight_decay must be >= 0, got {train.weight_decay}")
-    check(train.poly_power >= 0, f"train.poly_power must be >= 0, got {train.poly_power}")
-    check(train.head_lr_mult > 0, f"train.head_lr_mult must be > 0, got {train.head_lr_mult}")
-    check(train.seed >= 0, f"train.seed must be >= 0, got {train.seed}")
-    check(train.max_nonfinite_steps > 0, "train.max_nonfinite_steps must be > 0")
-    check(train.poly_iters is None or train.poly_iters >= train.iters,
-          "train.poly_iters must be >= train.iters (the poly schedule may not end before training)")
-    check(train.checkpoint_every > 0 and train.log_every > 0 and train.eval_every >= 0 and (train.image_every or 0) >= 0,
-          "train.checkpoint_every and train.log_every must be > 0, train.eval_every and train.image_every >= 0")
-    check(config.eval.size is None or (len(config.eval.size) == 2 and min(config.eval.size) > 0),
-          "eval.size must be null or [h, w] > 0")
-    check(0.0 <= config.eval.alpha <= 1.0, "eval.alpha must be in [0, 1]")
-    check(config.eval.model in ("student", "teacher", "both"), "eval.model must be student, teacher or both")
-    check(config.eval.model == "student" or method_cls.has_teacher,
-          f"eval.model {config.eval.model}: method {config.method} has no teacher; use eval.model=student")
+def _check_loss(config: Config, check) -> None:
+    """The ``loss`` section's checks."""
+    from plca.methods.base import CE_AVERAGES
 
     loss = config.loss
     for key in ("lovasz_weight", "lsr_weight"):
@@ -561,13 +471,6 @@ def validate(config: Config) -> None:
     check(loss.association.reduction in ("pooled", "pairs"), "loss.association.reduction must be pooled or pairs")
     check(loss.association.similarity_dtype in ("float32", "autocast", "bfloat16"),
           "loss.association.similarity_dtype must be float32, autocast or bfloat16")
-    check(config.device == "auto" or config.device == "cpu" or config.device.split(":")[0] == "cuda",
-          f"device '{config.device}' is unknown; use auto, cpu, cuda or cuda:N")
-    if config.method_options is not None and hasattr(config.method_options, "validate"):
-        try:
-            config.method_options.validate(config)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
 
 
 # --------------------------------------------------------------------------- documentation of the keys

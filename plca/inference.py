@@ -12,13 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from plca.config import Config, ConfigError, build_config, load_config
+from plca.models.registry import resolved_style
 from plca.models.segmentor import Segmentor
 from plca.models.trained import ModelFile, describe_model, inspect_model_file, load_model_file, resolve_model_path
-
-
-def resolved_style(backbone: str, style: str | None) -> str | None:
-    """``model.style`` with null resolved: ``caffe`` for the ResNets, null for other backbones."""
-    return style or ("caffe" if backbone.startswith("resnet") else None)
 
 
 def description_from_config(config: Config) -> dict:

@@ -4,6 +4,7 @@ pickles, one place that builds networks, no function too long to read on a scree
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -260,3 +261,45 @@ def test_the_length_check_sees_methods_and_nested_functions():
     tree = ast.parse("class A:\n    def f(self):\n        def g():\n            pass\n\ndef h():\n    pass\n")
     assert [name for name, _ in functions_in(tree)] == ["A.f", "A.f.g", "h"]
     assert set(PARSER_TABLES) <= set(long_functions(0)), "an allowed parser table no longer exists"
+
+
+# a string that names a backbone or a family of them (resnet18, mit_b0, efficientnet_lite0, timm:...)
+BACKBONE_NAME = re.compile(r"resnet|mit_b|efficientnet|timm:", re.IGNORECASE)
+
+
+def backbone_name_tests(source: str) -> list[str]:
+    """Where ``source`` tests a value against a backbone name: ``x == "resnet18"``, ``x in ("mit_b0", ...)``,
+    ``x.startswith("resnet")``; docstrings, comments, messages and help text are not tests."""
+    def named(node: ast.AST) -> bool:
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(named(element) for element in node.elts)
+        return isinstance(node, ast.Constant) and isinstance(node.value, str) and bool(BACKBONE_NAME.search(node.value))
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare) and any(named(side) for side in (node.left, *node.comparators)):
+            found.append((node.lineno, ast.unparse(node)))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("startswith", "endswith", "removeprefix", "partition")
+              and any(named(arg) for arg in node.args)):
+            found.append((node.lineno, ast.unparse(node)))
+    return [f"line {line}: {code}" for line, code in sorted(found)]
+
+
+def test_the_finder_finds_backbone_name_tests():
+    source = ('"""resnet101 is the default."""\n'
+              'a = name.startswith("resnet")  # resnet\n'
+              'b = name == "mit_b5" or name in ("efficientnet_lite0", "x")\n'
+              'c = name.partition("timm:")\n'
+              'd = error(f"backbone {name} is not resnet101")\n'
+              'e = name == "resnet"\n')
+    found = backbone_name_tests(source)
+    assert sorted({line.split(":")[0] for line in found}) == ["line 2", "line 3", "line 4", "line 6"], found
+
+
+def test_no_module_outside_models_tests_a_backbone_name():
+    """Outside :mod:`plca.models` code asks the registry (contracts, resolved_style, identify_weights)."""
+    found = {name: tests for name, path in modules().items()
+             if not (name == "plca.models" or name.startswith("plca.models."))
+             if (tests := backbone_name_tests(path.read_text()))}
+    assert found == {}, found

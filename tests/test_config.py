@@ -233,3 +233,45 @@ def test_rare_class_thresholds_absolute_relative_or_mixed():
     assert relative.data.rare_class_sampling.min_pixels_ratio == 0.00149
     # an absolute image threshold with a crop share is allowed (the share does not multiply min_pixels)
     build_config(MINIMAL, [f"{RCS}min_crop_ratio=null", f"{RCS}min_crop_pixels_ratio=0"])
+
+
+def test_validate_only_dispatches_to_the_owners_of_the_sections():
+    import inspect
+
+    from plca.config import validate
+
+    assert len(inspect.getsource(validate).splitlines()) < 30
+
+
+def test_each_choice_list_has_one_source_that_the_key_documentation_names():
+    from plca.config import Config, key_comments
+    from plca.data.config_checks import ON_ERROR_CHOICES
+    from plca.engine.config_checks import EVAL_MODELS
+    from plca.engine.optim import NO_DECAY_RULES, OPTIMIZERS
+    from plca.models.segmentor import FEATURE_SOURCES
+
+    comments = key_comments(Config())
+    for key, choices in {"train.optimizer": OPTIMIZERS, "train.no_decay": NO_DECAY_RULES,
+                         "model.features": FEATURE_SOURCES, "data.on_error": ON_ERROR_CHOICES,
+                         "eval.model": EVAL_MODELS}.items():
+        for choice in choices:
+            assert choice in comments[key], (key, choice)
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            build_config(MINIMAL, [f"{key}=not_a_choice"])
+
+
+def test_the_cli_offers_the_owners_choice_lists():
+    from plca.cli import build_parser
+    from plca.data.build import RUN_CHECK_LEVELS
+    from plca.demo import DEMO_METHODS
+    from plca.models.trained import RUN_MODELS
+    from plca.tools.sweep import LAUNCHERS
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command").choices
+    offered = {(name, action.dest): list(action.choices) for name, command in commands.items()
+               for action in command._actions if action.choices is not None}
+    assert offered[("train", "data_check")] == list(RUN_CHECK_LEVELS)
+    assert offered[("demo", "methods")] == list(DEMO_METHODS)
+    assert offered[("sweep", "launcher")] == list(LAUNCHERS)
+    assert offered[("export", "which")] == list(RUN_MODELS)

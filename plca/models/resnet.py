@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from plca.models.registry import IMAGENET_RGB, Normalization, register_backbone
+from plca.models.normalization import IMAGENET_RGB, Normalization
+from plca.models.registry import BackboneContract, WeightLayout, WeightsIdentity, register_backbone
 from plca.models.weights import LoadReport, WeightsError, is_counter, load_strict, read_state_dict
 
 STYLES: tuple[str, ...] = ("caffe", "pytorch", "v1c")
@@ -136,7 +137,7 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """Dilated ResNet backbone without the classification head, output stride 8.
 
-    ``forward`` maps images ``(B, 3, H, W)`` (already normalised, see :class:`InputNormalizer`)
+    ``forward`` maps images ``(B, 3, H, W)`` (already normalised, see :func:`style_normalization`)
     to the outputs of layer1..layer4, ``[(B, out_channels[k], h_k, w_k)]``, at strides 4, 8, 8, 8
     (:attr:`strides`); the last one is the feature map of DeepLab-v2, ``h ~ H / 8``: the stem
     convolution, the max-pool and layer2 each map a size ``n`` to ``ceil(n / 2)``, except the
@@ -179,7 +180,7 @@ class ResNet(nn.Module):
 
     @property
     def normalization(self) -> Normalization:
-        """The input the weights of this style expect (see :class:`InputNormalizer`)."""
+        """The input the weights of this style expect (:func:`style_normalization`)."""
         return style_normalization(self.style)
 
     def _make_stage(self, block: type[BasicBlock] | type[Bottleneck], in_channels: int, planes: int,
@@ -223,47 +224,14 @@ class ResNet(nn.Module):
 
 
 def style_normalization(style: str) -> Normalization:
-    """``"caffe"``: BGR 0-255 minus :data:`CAFFE_MEAN_BGR`, std 1; ``"pytorch"``, ``"v1c"``: ImageNet RGB mean / std."""
+    """The input a ResNet of ``style`` expects (its :class:`~plca.models.normalization.InputNormalizer`):
+    ``"caffe"``: channels reversed to BGR, minus :data:`CAFFE_MEAN_BGR`, std 1 (range stays 0-255);
+    ``"pytorch"`` and ``"v1c"``: ``(x / 255 - IMAGENET_MEAN_RGB) / IMAGENET_STD_RGB``."""
     if check_style(style) == "caffe":
         return Normalization(bgr=True, mean=CAFFE_MEAN_BGR, std=(1.0, 1.0, 1.0))
     return IMAGENET_RGB
 
 
-class InputNormalizer(nn.Module):
-    """Maps RGB images in 0-255 ``(B, 3, H, W)`` to the input a backbone's weights were trained on.
-
-    Built from a :class:`~plca.models.registry.Normalization` or a ResNet style name:
-    ``"caffe"``: channels reversed to BGR, minus :data:`CAFFE_MEAN_BGR`, std 1 (range stays 0-255);
-    ``"pytorch"`` and ``"v1c"``: ``(x / 255 - IMAGENET_MEAN_RGB) / IMAGENET_STD_RGB``.
-    Integer images are converted to float32. The constants are non-persistent buffers: they
-    follow ``.to(device)`` but never appear in state dicts.
-    """
-
-    def __init__(self, normalization: Normalization | str = "caffe") -> None:
-        super().__init__()
-        if isinstance(normalization, str):
-            self.style: str | None = check_style(normalization)
-            normalization = style_normalization(normalization)
-        else:
-            self.style = None
-        self.normalization = normalization
-        self.bgr = normalization.bgr
-        self.register_buffer("mean", _channel_vector(normalization.mean), persistent=False)
-        self.register_buffer("std", _channel_vector(normalization.std), persistent=False)
-
-    def forward(self, images: Tensor) -> Tensor:
-        """Normalised float images ``(B, 3, H, W)`` from RGB 0-255 images ``(B, 3, H, W)``."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected RGB images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            images = images.float()
-        if self.bgr:
-            images = images.flip(1)
-        return (images - self.mean) / self.std
-
-
-def _channel_vector(values: tuple[float, ...]) -> Tensor:
-    return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1)
 
 
 # --------------------------------------------------------------------------- ImageNet weights
@@ -392,9 +360,65 @@ def identify_resnet_weights(state: Mapping[str, Tensor]) -> ResNetWeightsInfo | 
         classifier=int(fc.shape[0]) if fc is not None and fc.dim() == 2 else None, fits=fits)
 
 
+# --------------------------------------------------------------------------- registration
+
+
+def _architecture(info: ResNetWeightsInfo) -> str:
+    kind = "bottleneck" if info.bottleneck else "basic"
+    return f"ResNet-{info.depth} ({kind} blocks {'/'.join(map(str, info.blocks))})"
+
+
+def _identify(tensors: Mapping[str, Tensor], style: str) -> WeightsIdentity | None:
+    """What a file in the layout of ``style``'s published weights holds (``plca weights inspect``)."""
+    info = identify_resnet_weights(tensors)
+    if info is None:
+        return None
+    caffe = info.scale_names or info.coco_head
+    if (style == "v1c") != info.deep_stem or (style == "caffe") != caffe:
+        return None
+    architecture = _architecture(info)
+    if info.classifier is not None:
+        architecture += f", with its {info.classifier}-way classifier fc.* (not part of the backbone)"
+    notes = []
+    if info.coco_head:
+        architecture += ", with DeepLab's COCO classifier layer5.conv2d_list.*"
+        notes.append("DeepLab's COCO-initialised Caffe ResNet-101: load it with model.drop_pretrained_head=true "
+                     "(the layer5.* classifier, trained for COCO's classes, is dropped)")
+    if style == "pytorch":
+        notes.append("torchvision's own ResNets are style pytorch (v1.5, RGB); a Caffe conversion without "
+                     "'Scale.' names has the very same names and shapes, so the style cannot be read from the "
+                     "file: use model.style=caffe if it is one")
+    if not info.fits:
+        what = ("it is not one of this project's ResNets (depths 18, 34, 50, 101)" if info.depth not in DEPTHS else
+                f"its tensors do not all fit this project's resnet{info.depth} (another width or a ResNeXt?)")
+        return WeightsIdentity(architecture, notes=tuple(notes + [what]))
+    return WeightsIdentity(architecture, backbone=f"resnet{info.depth}", style=style, drop_head=info.coco_head,
+                           notes=tuple(notes))
+
+
+#: What every ResNet promises: three styles, each with its input; the published layouts it loads.
+CONTRACT = BackboneContract(
+    family="ResNet",
+    normalization=style_normalization("caffe"),
+    styles={style: style_normalization(style) for style in STYLES},
+    default_style="caffe",
+    weight_layouts=(
+        WeightLayout("caffe-resnet", "PLCA's Caffe ResNet, the DeepLab ImageNet init (torchvision names, some with a "
+                                     "'Scale.' component; DeepLab's COCO file adds layer5.conv2d_list.*)",
+                     functools.partial(_identify, style="caffe")),
+        WeightLayout("mmcv-resnet-v1c", "mmcv / mmsegmentation ResNetV1c, open-mmlab://resnet*_v1c (deep stem "
+                                        "stem.0/1/3/4/6/7, layer1.0.conv1.weight, ...)",
+                     functools.partial(_identify, style="v1c")),
+        WeightLayout("torchvision-resnet", "torchvision's ResNet (conv1.weight, bn1.*, layer1.0.conv1.weight, ..., "
+                                           "fc.weight)",
+                     functools.partial(_identify, style="pytorch")),
+    ),
+)
+
+
 def _resnet_factory(depth: int):
     def build(style: str | None = None) -> ResNet:
-        return ResNet(depth, style or "caffe")
+        return ResNet(depth, style or CONTRACT.default_style)
 
     build.__name__ = f"resnet{depth}"
     build.__doc__ = f"Dilated ResNet-{depth} (output stride 8), style ``caffe`` (default), ``pytorch`` or ``v1c``."
@@ -402,4 +426,4 @@ def _resnet_factory(depth: int):
 
 
 for _depth in DEPTHS:
-    register_backbone(f"resnet{_depth}")(_resnet_factory(_depth))
+    register_backbone(f"resnet{_depth}", contract=CONTRACT)(_resnet_factory(_depth))

@@ -16,8 +16,8 @@ from typing import Protocol
 from torch import Tensor, nn
 
 from plca.models.packaged import resolve_weights
-from plca.models.registry import create_backbone, create_head, declared_no_weight_decay
-from plca.models.resnet import InputNormalizer
+from plca.models.normalization import InputNormalizer, Normalization
+from plca.models.registry import backbone_contract, create_backbone, create_head, declared_no_weight_decay
 from plca.models.weights import LoadReport, WeightsError
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,14 @@ class Segmentor(nn.Module):
 
     Submodules: ``normalizer`` (the input the backbone's weights expect, no state),
     ``backbone`` (a list of maps, finest first) and ``head`` (``embed`` then ``classify``).
+    :func:`build_segmentor` gives the ``style`` (null resolved) and the ``normalization`` that the
+    backbone's registry contract declares; a segmentor built by hand from an unregistered backbone
+    falls back on the module's own ``style`` and ``normalization`` attributes.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, num_classes: int, *, backbone_name: str,
-                 head_name: str, features: str = "backbone_last", head_width: int | None = None) -> None:
+                 head_name: str, features: str = "backbone_last", head_width: int | None = None,
+                 style: str | None = None, normalization: Normalization | None = None) -> None:
         super().__init__()
         if features not in FEATURE_SOURCES:
             raise ValueError(f"features must be one of {', '.join(FEATURE_SOURCES)}, got {features!r}")
@@ -72,8 +76,8 @@ class Segmentor(nn.Module):
         self.head_width = head_width
         self.weights_note: str | None = None  # what loading ImageNet weights did (build_segmentor), for the run's log
         self.features = features
-        self.style: str | None = getattr(backbone, "style", None)
-        self.normalizer = InputNormalizer(self.style or backbone.normalization)
+        self.style: str | None = style if style is not None else getattr(backbone, "style", None)
+        self.normalizer = InputNormalizer(normalization or backbone.normalization, style=self.style)
         self.backbone = backbone
         self.head = head
 
@@ -136,11 +140,14 @@ def build_segmentor(options: SegmentorOptions, num_classes: int) -> Segmentor:
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    contract = backbone_contract(options.backbone)
     backbone = create_backbone(options.backbone, style=options.style)
+    style = contract.resolve_style(options.style)
     width = getattr(options, "head_width", None)
     head = create_head(options.head, backbone.out_channels, num_classes, **({"width": width} if width else {}))
     segmentor = Segmentor(backbone, head, num_classes, backbone_name=options.backbone, head_name=options.head,
-                          features=getattr(options, "features", "backbone_last"), head_width=width)
+                          features=getattr(options, "features", "backbone_last"), head_width=width, style=style,
+                          normalization=contract.input_normalization(style, backbone))
     if options.pretrained:
         report = load_backbone_weights(backbone, options.pretrained,
                                        drop_head=getattr(options, "drop_pretrained_head", False))

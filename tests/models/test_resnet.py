@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plca.models.resnet import BasicBlock, Bottleneck, InputNormalizer, ResNet
+from plca.models.normalization import InputNormalizer
+from plca.models.resnet import BasicBlock, Bottleneck, ResNet, style_normalization
 
 BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
@@ -83,7 +84,7 @@ def test_unknown_depth_and_style_are_rejected_with_the_allowed_values():
     with pytest.raises(ValueError, match="caffe, pytorch"):
         ResNet(18, style="v1")
     with pytest.raises(ValueError, match="caffe, pytorch"):
-        InputNormalizer("rgb")
+        style_normalization("rgb")
 
 
 # ---------------------------------------------------------------- strides and dilations
@@ -238,7 +239,7 @@ def test_resnet_forward_is_stem_then_four_stages():
 
 def test_caffe_normalizer_is_bgr_minus_mean():
     rgb = torch.rand(2, 3, 5, 4) * 255
-    out = InputNormalizer("caffe")(rgb)
+    out = InputNormalizer(style_normalization("caffe"))(rgb)
     # Caffe ImageNet mean, BGR (the DeepLab / PLCA reference values; METHOD.md rounds them)
     mean_bgr = (104.00698793, 116.66876762, 122.67891434)
     for channel, (source, mean) in enumerate(zip((2, 1, 0), mean_bgr)):
@@ -248,7 +249,7 @@ def test_caffe_normalizer_is_bgr_minus_mean():
 
 def test_pytorch_normalizer_is_imagenet_standardisation():
     rgb = torch.rand(2, 3, 5, 4) * 255
-    out = InputNormalizer("pytorch")(rgb)
+    out = InputNormalizer(style_normalization("pytorch"))(rgb)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     for c in range(3):
         torch.testing.assert_close(out[:, c], (rgb[:, c] / 255 - mean[c]) / std[c])
@@ -256,7 +257,7 @@ def test_pytorch_normalizer_is_imagenet_standardisation():
 
 @pytest.mark.parametrize("style", ["caffe", "pytorch"])
 def test_normalizer_accepts_uint8_and_keeps_constants_out_of_state_dict(style):
-    norm = InputNormalizer(style)
+    norm = InputNormalizer(style_normalization(style), style=style)
     images = torch.randint(0, 256, (1, 3, 4, 6), dtype=torch.uint8)
     out = norm(images)
     assert out.dtype == torch.float32

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plca.models.resnet import InputNormalizer, ResNet
+from plca.models.normalization import InputNormalizer
+from plca.models.resnet import ResNet, style_normalization
 from plca.models.weights import WeightsError
 
 from test_resnet import bn, expected_keys, meta_resnet, randomize_bn
@@ -77,7 +78,8 @@ def test_forward_is_the_deep_stem_then_the_stages():
 
 def test_v1c_input_is_imagenet_rgb():
     images = torch.rand(1, 3, 4, 4) * 255
-    torch.testing.assert_close(InputNormalizer("v1c")(images), InputNormalizer("pytorch")(images))
+    torch.testing.assert_close(InputNormalizer(style_normalization("v1c"))(images),
+                               InputNormalizer(style_normalization("pytorch"))(images))
 
 
 def test_a_v1c_file_loads_and_a_7x7_stem_file_is_refused_naming_the_style(tmp_path):
