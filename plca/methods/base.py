@@ -19,7 +19,8 @@ the gradients are the same as one backward of the sum. The engine allows it duri
 (:meth:`Method.early_backward`); called directly, ``training_step`` returns the whole loss.
 
 A method's own options are a dataclass (:attr:`Method.Options`), read from the config
-section named after the method and handed over untouched by the engine.
+section named after the method and handed over untouched by the engine. :func:`add_term` adds
+a weighted term to a loss and logs it.
 """
 
 from __future__ import annotations
@@ -163,9 +164,16 @@ class Method(nn.Module):
             lovasz_loss = (lovasz_softmax_reference_ddp if self.loss_config.lovasz_reduction == "reference"
                            else lovasz_softmax_global)
             lovasz = lovasz_loss(upsampled.softmax(dim=1), labels, ignore_index=IGNORE_INDEX)
-            loss = loss + self.loss_config.lovasz_weight * lovasz
-            logs["loss/source_lovasz"] = lovasz.detach()
+            loss = add_term(loss, logs, "source_lovasz", lovasz, self.loss_config.lovasz_weight)
         return loss, logs
+
+
+def add_term(loss: Tensor | None, logs: dict[str, Tensor], name: str, value: Tensor, weight: float = 1.0) -> Tensor:
+    """``loss + weight * value`` (``weight * value`` when ``loss`` is None), logging the scalar ``value``
+    unweighted and detached as ``logs['loss/<name>']``."""
+    logs[f"loss/{name}"] = value.detach()
+    weighted = value if weight == 1.0 else weight * value
+    return weighted if loss is None else loss + weighted
 
 
 #: How :func:`cross_entropy` averages (``loss.ce_average``): over the labelled pixels (PyTorch's

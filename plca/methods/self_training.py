@@ -46,7 +46,7 @@ from plca.data.labels import IGNORE_INDEX
 from plca.methods.addons import (EMATeacher, class_mix, feature_distance_loss, mask_images, normalized_zero,
                                  patch_mask, pseudo_label_accuracy, pseudo_labels, strong_augment,
                                  thing_class_indices)
-from plca.methods.base import Method, MethodContext, StepOutput, cross_entropy, upsample
+from plca.methods.base import Method, MethodContext, StepOutput, add_term, cross_entropy, upsample
 from plca.methods.plca import association_terms, lsr_terms
 from plca.methods.registry import register_method
 
@@ -214,21 +214,20 @@ class SelfTraining(Method):
         images = self._augment(images, generator)
         with stage() if mix_goes_early else contextlib.nullcontext():
             mixed = self.segment(images)
-            mix_loss = weighted_cross_entropy(upsample(mixed["logits"], mixed_labels.shape[-2:]).float(),
-                                              mixed_labels, mixed_weights)
-            logs["loss/mix_ce"] = mix_loss.detach()
-            total = total + mix_loss.detach()
-            loss = loss + (release(mix_loss) if mix_goes_early else mix_loss)
+            mix = add_term(None, logs, "mix_ce", weighted_cross_entropy(
+                upsample(mixed["logits"], mixed_labels.shape[-2:]).float(), mixed_labels, mixed_weights))
+            total = total + mix.detach()
+            loss = loss + (release(mix) if mix_goes_early else mix)
 
         if options.masking.enabled:
             masks = patch_mask(target["image"], generator, options.masking.patch_size, options.masking.ratio)
             masked = mask_images(self._augment(target["image"], generator), masks.to(target["image"].device),
                                  self.mask_fill)
             masked_logits = upsample(self.segment(masked)["logits"], labels.shape[-2:]).float()
-            masked_loss = weighted_cross_entropy(masked_logits, labels, weights)
-            loss = loss + options.masking.weight * masked_loss
-            total = total + options.masking.weight * masked_loss.detach()
-            logs["loss/masked_ce"] = masked_loss.detach()
+            masked_part = add_term(None, logs, "masked_ce", weighted_cross_entropy(masked_logits, labels, weights),
+                                   options.masking.weight)
+            total = total + masked_part.detach()
+            loss = loss + masked_part
         logs["loss/total"] = total
         return StepOutput(loss=loss, logs=logs)
 
@@ -247,8 +246,7 @@ class SelfTraining(Method):
             fd = self.options.feature_distance
             distance = feature_distance_loss(src["bottleneck"], self.imagenet(source["image"]), source["label"],
                                              self.thing_classes, min_ratio=fd.min_ratio)
-            loss = loss + fd.weight * distance
-            logs["loss/feature_distance"] = distance.detach()
+            loss = add_term(loss, logs, "feature_distance", distance, fd.weight)
         if with_plca:
             if loss_config.lsr_weight > 0:
                 lsr = lsr_terms(src["logits"], tgt["logits"], loss_config.lsr_threshold)
