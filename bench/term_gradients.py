@@ -1,14 +1,14 @@
 """How hard each PLCA loss term pulls on the network: the norm of each weighted term's gradient.
 
 For the demo's PLCA config (pretrained start by default), on a few batches of the demo's scenes,
-this prints, per term (source cross-entropy, LSR, feature-level and classifier-level association,
+this prints, per term (source cross-entropy, then PLCA's: lsr, assoc_feature, assoc_classifier,
 each with its configured weight), the L2 norm of its gradient on the backbone's parameters (shared
 by every term) and on the head's, averaged over the batches, and each term's share of the
 backbone gradient's squared norm. With ``--checkpoint`` the network is that model (e.g. a
 source-only run's ``final.pt``) rather than the ImageNet start.
 
     python bench/term_gradients.py --tuning --batches 4
-    python bench/term_gradients.py --tuning --checkpoint runs/x/checkpoints/final.pt --set loss.association.feature_weight=0.025
+    python bench/term_gradients.py --tuning --checkpoint runs/x/checkpoints/final.pt --set plca.association.feature_weight=0.025
 """
 
 from __future__ import annotations
@@ -23,22 +23,18 @@ from plca.data.synthetic import ensure_generated
 from plca.demo import REPORTED_SCENES, TUNING_SCENES, demo_config
 from plca.engine.loader import batch_stream
 from plca.engine.trainer import build_training_method
-from plca.methods.plca import association_terms, lsr_terms
+from plca.methods.plca_objective import plca_terms
 from plca.serialization import load_torch_file
 
 
 def term_losses(method, source: dict, target: dict) -> dict[str, torch.Tensor]:
     """Each weighted term of PLCA's objective for one batch (target forwarded first, as in training)."""
-    config = method.loss_config
+    options = method.plca_options
     tgt, src = method.segment(target["image"]), method.segment(source["image"])
     ce, _ = method.source_loss(src["logits"], source["label"])
-    terms = {"source CE (+ Lovasz)": ce, "LSR": config.lsr_weight * lsr_terms(src["logits"], tgt["logits"],
-                                                                               config.lsr_threshold)}
-    assoc = config.association
-    for level, weight in (("feature", assoc.feature_weight), ("classifier", assoc.classifier_weight)):
-        only = type(assoc)(**{**vars(assoc), "feature_weight": weight if level == "feature" else 0.0,
-                              "classifier_weight": weight if level == "classifier" else 0.0})
-        terms[f"association ({level})"] = association_terms(src, tgt, source["label"], None, only)[0]
+    terms = {"source CE (+ Lovasz)": ce}
+    for term, value, _ in plca_terms(options, src, tgt, source["label"]):
+        terms[term.name] = term.weight(options) * value
     return terms
 
 

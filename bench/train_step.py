@@ -28,13 +28,13 @@ from plca.engine.optim import optimizer_from_config
 from plca.engine.trainer import build_training_method
 from plca.engine.update import update
 
-#: --method -> (method, loss section)
+PLCA_TERMS = {"lsr_weight": 0.01, "association": {"feature_weight": 0.1, "classifier_weight": 0.1}}
+#: --method -> (method, loss section, plca section or None)
 METHODS = {
-    "source_only": ("source_only", {"lovasz_weight": 3.0}),
-    "plca": ("plca", {"lovasz_weight": 3.0, "lsr_weight": 0.01}),
-    "self_training": ("self_training", {}),
-    "self_training_plca": ("self_training", {"lsr_weight": 0.01,
-                                             "association": {"feature_weight": 0.1, "classifier_weight": 0.1}}),
+    "source_only": ("source_only", {"lovasz_weight": 3.0}, None),
+    "plca": ("plca", {"lovasz_weight": 3.0}, PLCA_TERMS),
+    "self_training": ("self_training", {}, {}),
+    "self_training_plca": ("self_training", {}, PLCA_TERMS),
 }
 
 
@@ -47,8 +47,8 @@ def run(size, batch, backbone, device, amp, impl, steps, warmup, channels_last, 
         features="backbone_last", method_name="plca", staged_backward=True) -> dict:
     torch.manual_seed(0)
     device = torch.device(device)
-    name, loss = METHODS[method_name]
-    loss = {**loss, "association": {**loss.get("association", {}), "impl": impl}}
+    name, loss, plca = METHODS[method_name]
+    sections = {} if plca is None else {"plca": {**plca, "association": {**plca.get("association", {}), "impl": impl}}}
     config = build_config({
         "method": name,
         "data": {"classes": [f"class{k}" for k in range(num_classes)], "source": {"root": "-"}, "target": {"root": "-"}},
@@ -56,7 +56,7 @@ def run(size, batch, backbone, device, amp, impl, steps, warmup, channels_last, 
                   "style": "caffe" if backbone.startswith("resnet") else None},
         "train": {"optimizer": "sgd" if name != "self_training" else "adamw", "lr": 1e-4,
                   "channels_last": channels_last},
-        "loss": loss, "device": str(device),
+        "loss": loss, **sections, "device": str(device),
         **({"self_training": {"staged_backward": staged_backward}} if name == "self_training" else {}),
     })
     method = build_training_method(config, device).train()

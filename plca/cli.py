@@ -264,7 +264,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "another generator seed: choose settings there, never on the reported scenes.",
         "  plca demo\n"
         "  plca demo --methods source_only plca self_training self_training_plca --seeds 0 1 2\n"
-        "  plca demo --tuning --methods plca --set loss.association.feature_weight=0.3"),
+        "  plca demo --tuning --methods plca --set plca.association.feature_weight=0.3"),
     "predict": (
         "segment images with a trained model; write label, colour and overlay images",
         "Segments an image, a folder of images or a configured split, whole-image or with a sliding window, "

@@ -5,23 +5,28 @@ in the run directory and nothing reads a global. A config is built from, lowest
 precedence first:
 
 1. the dataclass defaults below;
-2. the defaults of the chosen method (``Method.config_defaults``, e.g. no association
-   for ``self_training`` unless asked);
+2. the defaults of the chosen method (``Method.config_defaults``, e.g. no Lovasz for
+   ``self_training``; and PLCA's weights at 0 for it unless asked, ``Method.plca_section``);
 3. the files named by ``_base_`` (a path or a list of paths, relative to the file that
    names them; bases may have bases), merged in order;
 4. the file itself;
 5. the command-line overrides ``key.path=value`` (values parsed as YAML).
 
 A method's own options live in a section named after it (``self_training:``), typed by
-the method's ``Options`` dataclass; the engine hands them to the method untouched.
-Unknown keys and values of the wrong type are a :class:`ConfigError` that names the key,
-so a typo never silently falls back to a default.
+the method's ``Options`` dataclass; the engine hands them to the method untouched. PLCA's
+terms have their own section, ``plca:`` (:class:`plca.methods.plca_objective.PLCAOptions`),
+present for the methods that add them (``plca``, ``self_training``). Keys renamed since
+(:data:`RENAMED_KEYS`, e.g. ``loss.association`` -> ``plca.association``) still load, with one
+logged line naming them. Unknown keys and values of the wrong type are a :class:`ConfigError`
+that names the key, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +36,9 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+_LOG = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -94,26 +102,25 @@ class ModelConfig:
 
 
 @dataclass
-class AssociationConfig:
-    feature_weight: float = 0.1  # cos association on the model's features (model.features)
-    classifier_weight: float = 0.1  # kl association on class probabilities
-    aggregate: bool = True  # spatial aggregation of the target map before associating
-    alpha: float = 0.5  # (1 - alpha) x + alpha A(x) in the spatial aggregation
-    impl: str = "efficient"  # efficient | dense
-    reduction: str = "pooled"  # pooled: one mean over the positives of the whole batch (the reference) | pairs
-    similarity_dtype: str = "float32"  # float32 products even under AMP (bf16 flips top-1 cycles) | autocast
-
-
-@dataclass
 class LossConfig:
+    """The source loss every method shares (PLCA's own terms are the ``plca:`` section)."""
+
     # Defaults are the PLCA reference's values. Effective weight of Lovasz-softmax against the
     # mean cross-entropy: the reference uses 0.75 multiplied by world_size x ITER_SIZE = 4, i.e. 3.0.
     lovasz_weight: float = 3.0  # Lovasz-softmax on the source, against the mean cross-entropy
     lovasz_reduction: str = "global"  # under DDP: global (the exact loss of the global batch) | reference (the PLCA reference's: global sort, each GPU's mean over its own classes x world size)
-    lsr_weight: float = 0.01  # LSR on source and target log-softmax (plca)
-    lsr_threshold: float = 10.0  # LSR keeps -mean_c log p_c near this value
     ce_average: str = "labelled"  # source cross-entropy's mean: labelled (over labelled pixels: PyTorch's, the PLCA reference) | all_pixels (over every pixel, ignored ones count 0: mmseg 0.16, DAFormer)
-    association: AssociationConfig = field(default_factory=AssociationConfig)
+
+
+#: Keys (or whole sections) that moved: old dotted key -> its new place. A config that gives an old
+#: key loads as if it gave the new one, with one logged line naming the moves; giving both with
+#: different values is a ConfigError. For a method without a ``plca:`` section, the old PLCA keys
+#: are checked and then ignored, as they always were for it.
+RENAMED_KEYS: dict[str, str] = {
+    "loss.lsr_weight": "plca.lsr_weight",
+    "loss.lsr_threshold": "plca.lsr_threshold",
+    "loss.association": "plca.association",
+}
 
 
 @dataclass
@@ -167,6 +174,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # an instance of plca.methods.plca_objective.PLCAOptions for the methods that add PLCA's terms, else None
+    plca: Any = None  # PLCA's terms (LSR, feature and classifier association): methods plca (on) and self_training (off unless set)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs"  # each run gets its own directory under it
     run_name: str | None = None  # null = derived from the method, data, backbone and seed
@@ -176,7 +185,8 @@ class Config:
     method_options: Any = None
 
 
-_CORE_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "method_options")
+_SECTIONS = ("plca", "method_options")  # built by build_config from their owners' dataclasses
+_CORE_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in _SECTIONS)
 
 
 # --------------------------------------------------------------------------- reading YAML
@@ -272,6 +282,105 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
     for override in overrides:
         path, value = parse_override(override)
         _set_path(data, path, value)
+    return data
+
+
+# --------------------------------------------------------------------------- renamed keys
+
+
+def _flat_leaves(value: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or not value:
+        return {prefix: value}
+    leaves: dict[str, Any] = {}
+    for key, child in value.items():
+        leaves.update(_flat_leaves(child, f"{prefix}.{key}"))
+    return leaves
+
+
+def _check_no_conflict(old: str, old_value: Any, new: str, new_value: Any) -> None:
+    """ConfigError when a key given under its old name (``old_value``) and its new one differ."""
+    old_leaves, new_leaves = _flat_leaves(old_value, old), _flat_leaves(new_value, new)
+    for key, value in old_leaves.items():
+        moved = new + key[len(old):]
+        if moved in new_leaves and new_leaves[moved] != value:
+            raise ConfigError(f"{key} ({value!r}) and {moved} ({new_leaves[moved]!r}) are both given: {old} is the "
+                              f"old name of {new}; give only {moved}")
+
+
+def rename_old_keys(data: dict) -> tuple[dict, list[tuple[str, str]]]:
+    """A copy of ``data`` with each old key of :data:`RENAMED_KEYS` moved to its new place, and the
+    ``(old, new)`` pairs moved. ConfigError when an old key and its new one are given different values."""
+    data = copy.deepcopy(data)
+    moved = []
+    for old, new in RENAMED_KEYS.items():
+        *old_parents, old_leaf = old.split(".")
+        parent = _lookup(data, old_parents)
+        if not isinstance(parent, dict) or old_leaf not in parent:
+            continue
+        value = parent.pop(old_leaf)
+        *new_parents, new_leaf = new.split(".")
+        node = data
+        for depth, part in enumerate(new_parents):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"config key '{'.'.join(new_parents[:depth + 1])}' must be a mapping, "
+                                  f"got {node[part]!r}")
+            node = node[part]
+        current = node.get(new_leaf)
+        if current is not None:
+            _check_no_conflict(old, value, new, current)
+            value = merge_dicts(value, current) if isinstance(value, dict) and isinstance(current, dict) else current
+        node[new_leaf] = value
+        moved.append((old, new))
+    return data, moved
+
+
+def rename_old_overrides(overrides: typing.Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """``key=value`` overrides with old keys (:data:`RENAMED_KEYS`) renamed, and the ``(old, new)`` pairs
+    renamed. ConfigError when an old key and its new one are both overridden with different values."""
+    renamed, moved = [], []
+    given: dict[str, list] = {}  # new key -> the values given under its new name
+    for text in overrides:
+        path, value = parse_override(text)
+        key = ".".join(path)
+        old = next((old for old in RENAMED_KEYS if key == old or key.startswith(old + ".")), None)
+        if old is None:
+            given.setdefault(key, []).append(value)
+        else:
+            new_key = RENAMED_KEYS[old] + key[len(old):]
+            moved.append((key, new_key, value))
+            text = f"{new_key}={text.split('=', 1)[1]}"
+        renamed.append(text)
+    for old_key, new_key, value in moved:
+        for other in given.get(new_key, []):
+            if other != value:
+                raise ConfigError(f"overrides {old_key}={value!r} and {new_key}={other!r} are both given: {old_key} "
+                                  f"is the old name of {new_key}; give only {new_key}")
+    return renamed, [(old_key, new_key) for old_key, new_key, _ in moved]
+
+
+def _log_renamed(moved: list[tuple[str, str]], method: str, has_section: bool) -> None:
+    if not moved:
+        return
+    pairs = ", ".join(f"{old} -> {new}" for old, new in dict.fromkeys(moved))
+    if has_section:
+        _LOG.warning("deprecated config keys, read as their new names: %s (write the new keys)", pairs)
+    else:
+        _LOG.warning("deprecated config keys %s: checked and ignored, method %s has no plca section (it computes "
+                     "no PLCA terms)", pairs, method)
+
+
+def upgrade_config_dict(data: dict) -> dict:
+    """A stored config's plain data (e.g. a checkpoint's ``config``) in today's keys, as :func:`to_dict`
+    writes it: old keys moved (:data:`RENAMED_KEYS`), and no ``plca`` section for a method without one."""
+    data, _ = rename_old_keys(data)
+    try:
+        has_section = _method_class(data.get("method", Config.method)).plca_section is not None
+    except ConfigError:
+        return data
+    if not has_section:
+        data.pop("plca", None)
     return data
 
 
@@ -375,21 +484,68 @@ def _lookup(data: Any, path: list[str]) -> Any:
 
 
 def build_config(data: dict, overrides: typing.Sequence[str] = ()) -> Config:
-    """A validated :class:`Config` from plain data (already ``_base_``-merged) plus ``key=value`` overrides."""
+    """A validated :class:`Config` from plain data (already ``_base_``-merged) plus ``key=value`` overrides.
+
+    Old keys (:data:`RENAMED_KEYS`) in ``data`` or the overrides are read as their new names, with one
+    logged line naming them.
+    """
+    plca_given = "plca" in data or any(parse_override(text)[0][0] == "plca" for text in overrides)
+    data, moved = rename_old_keys(data)
+    overrides, moved_overrides = rename_old_overrides(overrides)
+    moved += moved_overrides
     data = apply_overrides(data, overrides)
     method_cls = _method_class(data.get("method", Config.method))
     data = merge_dicts(method_cls.config_defaults, data)
     sections = _option_sections()
-    unknown = [k for k in data if k not in _CORE_KEYS and k not in sections]
+    plca_key = ("plca",) if method_cls.plca_section is not None else ()
+    unknown = [k for k in data if k not in _CORE_KEYS and k not in sections and k != "plca"]
     if unknown:
         raise ConfigError(f"unknown config key '{unknown[0]}'; keys allowed at the top level: "
-                          f"{', '.join(_CORE_KEYS + tuple(sections))}")
+                          f"{', '.join(_CORE_KEYS + plca_key + tuple(sections))}")
     options = {name: _typed(schema, data.get(name) or {}, f"{name}.") for name, schema in sections.items()
                if name in data or name == method_cls.name}
+    _log_renamed(moved, method_cls.name, bool(plca_key))
+    plca = _plca_section(data.get("plca"), method_cls, plca_given, moved)
     config = _typed(Config, {k: v for k, v in data.items() if k in _CORE_KEYS})
+    config.plca = plca
     config.method_options = options.get(method_cls.name)
     validate(config)
     return config
+
+
+def _plca_section(given: Any, method_cls: Any, explicit: bool, moved: list[tuple[str, str]]) -> Any:
+    """The typed, checked ``plca:`` section (:class:`~plca.methods.plca_objective.PLCAOptions`) of a
+    method with one, at its defaults (``Method.plca_section``: "on", the reference's weights; "off",
+    weights 0) below ``given``. None for a method without one: there a ``plca:`` key is an error, and
+    old keys moved into it are checked (as they were before they moved) and dropped."""
+    from plca.methods import get_method, method_names
+    from plca.methods import plca_objective
+
+    mode = method_cls.plca_section
+    if mode is None and explicit:
+        with_section = [name for name in method_names() if get_method(name).plca_section is not None]
+        raise ConfigError(f"unknown config key 'plca': method {method_cls.name} has no plca section (it computes "
+                          f"no PLCA terms; {', '.join(with_section)} do)")
+    if given is None and mode is None:
+        return None
+    if given is not None and not isinstance(given, dict):
+        raise ConfigError(f"config key 'plca' must be a mapping, got {given!r}")
+    defaults = {} if mode == "on" else plca_objective.zero_weights()
+    try:
+        options = _typed(plca_objective.PLCAOptions, merge_dicts(defaults, given or {}), "plca.")
+        options.validate()
+    except ValueError as error:  # a ConfigError too
+        raise ConfigError(_with_old_name(str(error), moved)) from None
+    return options if mode is not None else None
+
+
+def _with_old_name(message: str, moved: list[tuple[str, str]]) -> str:
+    """``message`` about a key given under its old name, saying so."""
+    for old, new in moved:
+        match = re.search(re.escape(new) + r"[\w.]*", message)
+        if match:
+            return f"{message} (given as {old}{match[0][len(new):]}, its old name)"
+    return message
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -402,9 +558,11 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 
 def to_dict(config: Config) -> dict:
-    """The config as plain dicts and lists (YAML/JSON-serialisable); method options under the method's name."""
+    """The config as plain dicts and lists (YAML/JSON-serialisable); the ``plca`` section only for a method
+    with one; method options under the method's name."""
     data = {f.name: dataclasses.asdict(getattr(config, f.name)) if dataclasses.is_dataclass(getattr(config, f.name))
-            else getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "method_options"}
+            else getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.name != "method_options" and not (f.name == "plca" and config.plca is None)}
     if config.method_options is not None:
         data[config.method] = dataclasses.asdict(config.method_options)
     return data
@@ -457,20 +615,11 @@ def _check_loss(config: Config, check) -> None:
     from plca.methods.base import CE_AVERAGES
 
     loss = config.loss
-    for key in ("lovasz_weight", "lsr_weight"):
-        check(getattr(loss, key) >= 0, f"loss.{key} must be >= 0, got {getattr(loss, key)}")
-    check(loss.lsr_threshold > 0, "loss.lsr_threshold must be > 0")
+    check(loss.lovasz_weight >= 0, f"loss.lovasz_weight must be >= 0, got {loss.lovasz_weight}")
     check(loss.ce_average in CE_AVERAGES, f"loss.ce_average must be one of {', '.join(CE_AVERAGES)}, got {loss.ce_average!r}")
     check(loss.lovasz_reduction in ("global", "reference"),
           f"loss.lovasz_reduction must be global or reference, got {loss.lovasz_reduction!r}")
-    for key in ("feature_weight", "classifier_weight"):
-        value = getattr(loss.association, key)
-        check(value >= 0, f"loss.association.{key} must be >= 0, got {value}")
-    check(0.0 <= loss.association.alpha <= 1.0, "loss.association.alpha must be in [0, 1]")
-    check(loss.association.impl in ("efficient", "dense"), "loss.association.impl must be efficient or dense")
-    check(loss.association.reduction in ("pooled", "pairs"), "loss.association.reduction must be pooled or pairs")
-    check(loss.association.similarity_dtype in ("float32", "autocast", "bfloat16"),
-          "loss.association.similarity_dtype must be float32, autocast or bfloat16")
+    # the plca: section is checked by its owner as build_config builds it (PLCAOptions.validate)
 
 
 # --------------------------------------------------------------------------- documentation of the keys
@@ -494,7 +643,7 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 
 def key_comments(config: Config) -> dict[str, str]:
-    """Every dotted key of ``config`` (including its method's section) with the comment that documents it."""
+    """Every dotted key of ``config`` (including its plca and method sections) with the comment that documents it."""
     result: dict[str, str] = {}
 
     def walk(cls: type, prefix: str) -> None:
@@ -510,6 +659,8 @@ def key_comments(config: Config) -> dict[str, str]:
                 walk(options[0], key + ".")
 
     walk(Config, "")
+    if config.plca is not None:
+        walk(type(config.plca), "plca.")
     if config.method_options is not None:
         walk(type(config.method_options), f"{config.method}.")
     return result

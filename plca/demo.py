@@ -38,13 +38,14 @@ REPORTED_SCENES, TUNING_SCENES = 0, 1
 STARTS = ("pretrained", "scratch")
 
 
+#: PLCA's terms at the reference's weights, for the methods that add them
+PLCA_TERMS = {"lsr_weight": 0.01, "association": {"feature_weight": 0.1, "classifier_weight": 0.1}}
 #: The demo's methods: label -> (method, changes to the demo's config)
 DEMO_METHODS: dict[str, tuple[str, dict]] = {
     "source_only": ("source_only", {}),
-    "plca": ("plca", {"loss": {"lsr_weight": 0.01}}),
-    "self_training": ("self_training", {}),
-    "self_training_plca": ("self_training", {"loss": {"lsr_weight": 0.01, "association": {
-        "feature_weight": 0.1, "classifier_weight": 0.1}}}),
+    "plca": ("plca", {"plca": PLCA_TERMS}),
+    "self_training": ("self_training", {}),  # its PLCA weights are 0 by default
+    "self_training_plca": ("self_training", {"plca": PLCA_TERMS}),
 }
 LABELS = {"source_only": "source-only", "plca": "PLCA", "self_training": "self-training",
           "self_training_plca": "self-training + PLCA"}
@@ -97,9 +98,7 @@ def demo_config(method: str, data_root: Path, output_dir: Path, seed: int, iters
             "iters": iters, "batch_size": 4, "crop_size": [128, 128], "shorter_side": [112, 160],
             "seed": seed, "eval_every": 0, "checkpoint_every": max(iters // 2, 1), "log_every": 10,
         },
-        "loss": {"lovasz_weight": 0.0, "lsr_weight": 0.0,
-                 "association": {"feature_weight": 0.1 if name == "plca" else 0.0,
-                                 "classifier_weight": 0.1 if name == "plca" else 0.0}},
+        "loss": {"lovasz_weight": 0.0},
         "output_dir": str(output_dir),
         "run_name": run_name,
         "device": "cpu",

@@ -107,8 +107,8 @@ def test_reference_hyperparameters_in_shipped_configs():
     assert (gta.train.lr, gta.train.momentum, gta.train.weight_decay, gta.train.poly_power) == (2.5e-4, 0.9, 5e-4, 0.9)
     assert gta.train.crop_size == [730, 730] and gta.train.shorter_side == [760, 988]
     assert gta.train.iters == 28 * 372 and gta.train.poly_iters == 30 * 372
-    assert gta.loss.lovasz_weight == 3.0 and gta.loss.lsr_weight == 0.01
-    assert gta.loss.association.feature_weight == gta.loss.association.classifier_weight == 0.1
+    assert gta.loss.lovasz_weight == 3.0 and gta.plca.lsr_weight == 0.01
+    assert gta.plca.association.feature_weight == gta.plca.association.classifier_weight == 0.1
     assert gta.eval.size == [730, 1460] and gta.model.style == "caffe"
     synthia = load_config(Path(CONFIGS[0]).parent / "synthia2cityscapes_plca.yaml")
     assert tuple(synthia.data.classes) == SYNTHIA16_CLASSES
@@ -157,11 +157,18 @@ def test_base_files_compose_and_the_file_overrides_its_bases(tmp_path):
 
 def test_method_defaults_sit_below_what_the_user_gives():
     source_only = build_config(MINIMAL)
-    assert source_only.loss.association.feature_weight == 0.0 and source_only.loss.lsr_weight == 0.0
+    assert source_only.plca is None and "plca" not in to_dict(source_only)  # no PLCA terms at all
     plca = build_config(MINIMAL, ["method=plca", "data.target.root=/t"])
-    assert plca.loss.association.feature_weight == 0.1 and plca.loss.lsr_weight == 0.01
-    given = build_config(MINIMAL, ["loss.lsr_weight=0.5"])
-    assert given.loss.lsr_weight == 0.5
+    assert plca.plca.association.feature_weight == 0.1 and plca.plca.lsr_weight == 0.01
+    given = build_config(MINIMAL, ["method=plca", "data.target.root=/t", "plca.lsr_weight=0.5"])
+    assert given.plca.lsr_weight == 0.5
+    self_training = build_config(MINIMAL, ["method=self_training", "data.target.root=/t"])
+    assert (self_training.plca.lsr_weight, self_training.plca.association.feature_weight,
+            self_training.plca.association.classifier_weight) == (0.0, 0.0, 0.0)
+    assert self_training.plca.association.alpha == 0.5 and self_training.plca.lsr_threshold == 10.0
+    asked = build_config(MINIMAL, ["method=self_training", "data.target.root=/t",
+                                   "plca.association.feature_weight=0.2"])
+    assert asked.plca.association.feature_weight == 0.2 and asked.plca.association.classifier_weight == 0.0
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -275,3 +282,98 @@ def test_the_cli_offers_the_owners_choice_lists():
     assert offered[("demo", "methods")] == list(DEMO_METHODS)
     assert offered[("sweep", "launcher")] == list(LAUNCHERS)
     assert offered[("export", "which")] == list(RUN_MODELS)
+
+
+# --------------------------------------------------------------------------- PLCA's keys before the plca: section
+
+PLCA_RUN = {**MINIMAL, "method": "plca", "data": {**MINIMAL["data"], "target": {"root": "/tgt"}}}
+OLD_LOSS = {"lovasz_weight": 2.0, "lsr_weight": 0.02, "lsr_threshold": 8.0,
+            "association": {"feature_weight": 0.3, "alpha": 0.25, "impl": "dense"}}
+NEW_PLCA = {"lsr_weight": 0.02, "lsr_threshold": 8.0,
+            "association": {"feature_weight": 0.3, "alpha": 0.25, "impl": "dense"}}
+
+
+def deprecation_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "plca.config" and "deprecated" in r.getMessage()]
+
+
+def old_stored(config) -> dict:
+    """``to_dict`` of ``config`` as plca wrote it before the plca: section (weights 0 for source_only)."""
+    data = to_dict(config)
+    plca = data.pop("plca", None) or {"lsr_weight": 0.0, "lsr_threshold": 10.0, "association": {
+        "feature_weight": 0.0, "classifier_weight": 0.0, "aggregate": True, "alpha": 0.5, "impl": "efficient",
+        "reduction": "pooled", "similarity_dtype": "float32"}}
+    data["loss"].update(plca)
+    return data
+
+
+@pytest.mark.parametrize("method", ["plca", "self_training"])
+def test_old_loss_keys_load_as_the_plca_section_with_one_deprecation_line(method, caplog, tmp_path):
+    data = {**PLCA_RUN, "method": method}
+    new = build_config({**data, "loss": {"lovasz_weight": 2.0}, "plca": NEW_PLCA})
+    assert deprecation_lines(caplog) == []
+    old = build_config({**data, "loss": OLD_LOSS})
+    assert to_dict(old) == to_dict(new)
+    assert old.plca.lsr_weight == 0.02 and old.plca.lsr_threshold == 8.0 and old.loss.lovasz_weight == 2.0
+    assert (old.plca.association.feature_weight, old.plca.association.alpha, old.plca.association.impl) == (
+        0.3, 0.25, "dense")
+    assert "association" not in to_dict(old)["loss"] and "lsr_weight" not in to_dict(old)["loss"]
+    lines = deprecation_lines(caplog)
+    assert len(lines) == 1
+    for old_key, new_key in (("loss.lsr_weight", "plca.lsr_weight"), ("loss.lsr_threshold", "plca.lsr_threshold"),
+                             ("loss.association", "plca.association")):
+        assert f"{old_key} -> {new_key}" in lines[0]
+    # from a file and from the command line alike
+    caplog.clear()
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({**data, "loss": OLD_LOSS}))
+    assert to_dict(load_config(path)) == to_dict(new)
+    assert len(deprecation_lines(caplog)) == 1
+    caplog.clear()
+    overridden = build_config(data, ["loss.association.feature_weight=0.3", "loss.lsr_weight=0.02"])
+    assert overridden.plca.association.feature_weight == 0.3 and overridden.plca.lsr_weight == 0.02
+    assert len(deprecation_lines(caplog)) == 1
+    assert "loss.association.feature_weight -> plca.association.feature_weight" in deprecation_lines(caplog)[0]
+
+
+def test_an_old_and_a_new_key_with_different_values_are_refused():
+    both = {**PLCA_RUN, "loss": {"association": {"feature_weight": 0.3}},
+            "plca": {"association": {"feature_weight": 0.1}}}
+    with pytest.raises(ConfigError, match=r"loss\.association\.feature_weight \(0\.3\) and "
+                                          r"plca\.association\.feature_weight \(0\.1\) are both given"):
+        build_config(both)
+    with pytest.raises(ConfigError, match=r"loss\.lsr_weight=0\.5 and plca\.lsr_weight=0\.2 are both given"):
+        build_config(PLCA_RUN, ["plca.lsr_weight=0.2", "loss.lsr_weight=0.5"])
+    # the same value under both names, or an old-key override of a new-key file, is no conflict
+    same = {**PLCA_RUN, "loss": {"association": {"feature_weight": 0.3}},
+            "plca": {"association": {"feature_weight": 0.3, "alpha": 0.2}}}
+    config = build_config(same)
+    assert config.plca.association.feature_weight == 0.3 and config.plca.association.alpha == 0.2
+    config = build_config({**PLCA_RUN, "plca": {"lsr_weight": 0.2}}, ["loss.lsr_weight=0.5"])
+    assert config.plca.lsr_weight == 0.5
+
+
+def test_old_plca_keys_of_a_source_only_config_are_checked_and_ignored(caplog):
+    stored = old_stored(build_config(MINIMAL))  # every source_only run stored them (at weight 0)
+    config = build_config(stored)
+    assert config.plca is None and to_dict(config) == to_dict(build_config(MINIMAL))
+    lines = deprecation_lines(caplog)
+    assert len(lines) == 1 and "method source_only has no plca section" in lines[0]
+    with pytest.raises(ConfigError, match=r"plca\.association\.alpha must be in \[0, 1\].*"
+                                          r"given as loss\.association\.alpha, its old name"):
+        build_config(MINIMAL, ["loss.association.alpha=2"])
+
+
+@pytest.mark.parametrize("method", ["source_only", "plca", "self_training"])
+def test_a_run_stored_with_the_old_keys_resumes(method, tmp_path):
+    from plca.engine.run_dir import check_resume_config
+
+    config = build_config({**PLCA_RUN, "method": method})
+    stored = old_stored(config)
+    assert "association" in stored["loss"] and "plca" not in stored
+    assert check_resume_config(config, stored, tmp_path / "last.pt") == []
+    assert to_dict(build_config(stored)) == to_dict(config)  # plca train --resume RUN_DIR, inference, export
+    if method != "source_only":
+        stored["loss"]["association"]["feature_weight"] = 0.5
+        with pytest.raises(ConfigError, match=r"plca\.association\.feature_weight"):
+            check_resume_config(config, stored, tmp_path / "last.pt")

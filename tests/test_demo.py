@@ -35,4 +35,5 @@ def test_every_demo_method_has_a_valid_config_with_the_same_budget(method, tmp_p
     assert config.train.lr == demo_config("source_only", tmp_path / "data", tmp_path / "runs", 3, 7,
                                           "source_train").train.lr
     with_association = method in ("plca", "self_training_plca")
-    assert (config.loss.association.feature_weight > 0) == with_association
+    assert (config.plca is not None and config.plca.association.feature_weight > 0) == with_association
+    assert (config.plca is None) == (method == "source_only")

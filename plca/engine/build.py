@@ -32,7 +32,8 @@ def absolute_roots(config: Config) -> Config:
 def build_training_method(config: Config, device: torch.device) -> Method:
     """The config's method around a freshly built segmentor, on ``device``."""
     segmentor = build_segmentor(config.model, len(config.data.classes))
-    context = MethodContext(loss=config.loss, options=config.method_options, classes=tuple(config.data.classes),
+    context = MethodContext(loss=config.loss, options=config.method_options, plca=config.plca,
+                            classes=tuple(config.data.classes),
                             model=config.model, iters=config.train.iters, seed=config.train.seed,
                             eval_model=config.eval.model)
     method = build_method(config.method, segmentor, context).to(device)

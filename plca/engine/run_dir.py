@@ -19,7 +19,7 @@ import socket
 import time
 from pathlib import Path
 
-from plca.config import ConfigError, to_dict
+from plca.config import ConfigError, to_dict, upgrade_config_dict
 from plca.files import flatten
 
 #: Keys that may differ between a run and its resume (schedule bookkeeping, logging, where things are).
@@ -128,12 +128,13 @@ def config_differences(requested: dict, stored: dict) -> dict[str, tuple]:
 def check_resume_config(config, stored: dict | None, checkpoint: Path) -> list[str]:
     """Refuse a resume whose config differs from the checkpoint's in anything but :data:`RESUMABLE_CHANGES`.
 
-    Returns a note per allowed difference, for the log (a longer ``train.iters`` without
-    ``train.poly_iters`` also stretches the LR schedule, which is said).
+    A stored config from before a key was renamed (``loss.association`` -> ``plca.association``) is
+    compared under today's names. Returns a note per allowed difference, for the log (a longer
+    ``train.iters`` without ``train.poly_iters`` also stretches the LR schedule, which is said).
     """
     if stored is None:
         return []
-    differences = config_differences(to_dict(config), stored)
+    differences = config_differences(to_dict(config), upgrade_config_dict(stored))  # a run's old keys as today's
     refused = {key: values for key, values in differences.items() if key not in RESUMABLE_CHANGES}
     if refused:
         model = [key for key in refused if key.startswith(MODEL_KEYS)]

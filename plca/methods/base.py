@@ -19,7 +19,9 @@ the gradients are the same as one backward of the sum. The engine allows it duri
 (:meth:`Method.early_backward`); called directly, ``training_step`` returns the whole loss.
 
 A method's own options are a dataclass (:attr:`Method.Options`), read from the config
-section named after the method and handed over untouched by the engine.
+section named after the method and handed over untouched by the engine. A method that adds
+PLCA's terms (:mod:`plca.methods.plca_objective`) says so with :attr:`Method.plca_section` and
+gets the ``plca:`` section too. :func:`add_term` adds a weighted term to a loss and logs it.
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ class StepOutput:
 class MethodContext:
     """What a method is built from besides its segmentor.
 
-    ``loss``: the shared loss terms (:class:`plca.config.LossConfig`); ``options``: the
-    method's own section (an instance of its :attr:`Method.Options`, or None); ``classes``:
+    ``loss``: the loss settings every method shares (:class:`plca.config.LossConfig`); ``options``:
+    the method's own section (an instance of its :attr:`Method.Options`, or None); ``plca``: the
+    ``plca:`` section (:class:`~plca.methods.plca_objective.PLCAOptions`) for a method with a
+    :attr:`Method.plca_section`, else None; ``classes``:
     class names in index order; ``model``: the model section (to build extra networks such
     as a frozen ImageNet model); ``iters``: the run's number of updates; ``seed``: the run's
     seed; ``eval_model``: which network to evaluate (``eval.model``: student | teacher | both).
@@ -56,6 +60,7 @@ class MethodContext:
 
     loss: Any
     options: Any = None
+    plca: Any = None
     classes: tuple[str, ...] = ()
     model: Any = None
     iters: int = 0
@@ -76,12 +81,17 @@ class Method(nn.Module):
     test_time_aggregation: ClassVar[bool] = False
     #: whether it keeps a teacher network (``eval.model: teacher | both`` are then allowed)
     has_teacher: ClassVar[bool] = False
+    #: whether it adds PLCA's terms and reads the ``plca:`` section: ``"on"`` (the section's
+    #: reference weights by default), ``"off"`` (every weight 0 unless the config sets it) or None
+    #: (no section: a ``plca:`` key is an error)
+    plca_section: ClassVar[str | None] = None
 
     def __init__(self, segmentor: nn.Module, context: MethodContext) -> None:
         super().__init__()
         self.student = segmentor
         self.loss_config = context.loss
         self.options = context.options
+        self.plca_options = context.plca
         self.classes = tuple(context.classes)
         self.__dict__["_student_forward"] = None  # not a submodule: the engine's DDP wrapper of the student
         self.__dict__["_backward_part"] = None  # the engine's early backward, during its updates only
@@ -163,9 +173,16 @@ class Method(nn.Module):
             lovasz_loss = (lovasz_softmax_reference_ddp if self.loss_config.lovasz_reduction == "reference"
                            else lovasz_softmax_global)
             lovasz = lovasz_loss(upsampled.softmax(dim=1), labels, ignore_index=IGNORE_INDEX)
-            loss = loss + self.loss_config.lovasz_weight * lovasz
-            logs["loss/source_lovasz"] = lovasz.detach()
+            loss = add_term(loss, logs, "source_lovasz", lovasz, self.loss_config.lovasz_weight)
         return loss, logs
+
+
+def add_term(loss: Tensor | None, logs: dict[str, Tensor], name: str, value: Tensor, weight: float = 1.0) -> Tensor:
+    """``loss + weight * value`` (``weight * value`` when ``loss`` is None), logging the scalar ``value``
+    unweighted and detached as ``logs['loss/<name>']``."""
+    logs[f"loss/{name}"] = value.detach()
+    weighted = value if weight == 1.0 else weight * value
+    return weighted if loss is None else loss + weighted
 
 
 #: How :func:`cross_entropy` averages (``loss.ce_average``): over the labelled pixels (PyTorch's

@@ -13,14 +13,14 @@ One step (every constant is a key of the ``self_training:`` section, DAFormer's 
    Gaussian blur; pixel-weighted cross-entropy of the student on the mix.
 4. **MIC** (``masking.enabled``): the strongly augmented target with random patches masked must
    predict the pseudo-labels (weighted), at ``masking.weight``.
-5. **PLCA on top** (``loss.association`` weights > 0, 0 by default here): the student's forward
-   of the **un-mixed, un-augmented** target batch is associated with its source forward exactly
-   as the ``plca`` method does (the same :func:`~plca.methods.plca.association_terms`), and LSR
-   likewise at ``loss.lsr_weight``. The un-mixed target is used because the cycle i -> j -> i'
-   needs target pixels that are all target: a mixed image carries source pixels (whose labels
-   would make the cycles trivially positive) and its strong augmentation changes the appearance
-   PLCA's feature-level similarity is meant to bridge. It is forwarded first, as in the ``plca``
-   method.
+5. **PLCA on top** (any weight of the ``plca:`` section > 0; all 0 by default here): PLCA's terms
+   (LSR and the two associations) of the student's source forward and its forward of the
+   **un-mixed, un-augmented** target batch, computed exactly as the ``plca`` method does (the same
+   :func:`~plca.methods.plca_objective.plca_objective`). The un-mixed target is used because the
+   cycle i -> j -> i' needs target pixels that are all target: a mixed image carries source pixels
+   (whose labels would make the cycles trivially positive) and its strong augmentation changes the
+   appearance PLCA's feature-level similarity is meant to bridge. It is forwarded first, as in the
+   ``plca`` method.
 
 With ``staged_backward`` (default), as DAFormer and MIC do, the source part (1, and 5's terms) is
 back-propagated before the teacher and the mixed forward, and with MIC the mix before the masked
@@ -46,8 +46,8 @@ from plca.data.labels import IGNORE_INDEX
 from plca.methods.addons import (EMATeacher, class_mix, feature_distance_loss, mask_images, normalized_zero,
                                  patch_mask, pseudo_label_accuracy, pseudo_labels, strong_augment,
                                  thing_class_indices)
-from plca.methods.base import Method, MethodContext, StepOutput, cross_entropy, upsample
-from plca.methods.plca import association_terms, lsr_terms
+from plca.methods.base import Method, MethodContext, StepOutput, add_term, cross_entropy, upsample
+from plca.methods.plca_objective import plca_objective
 from plca.methods.registry import register_method
 
 
@@ -151,8 +151,8 @@ class SelfTraining(Method):
     has_teacher = True
     Options = SelfTrainingOptions
     # DAFormer's losses: plain cross-entropy averaged as mmseg 0.16 does; PLCA's terms only when asked for
-    config_defaults = {"loss": {"lovasz_weight": 0.0, "lsr_weight": 0.0, "ce_average": "all_pixels",
-                                "association": {"feature_weight": 0.0, "classifier_weight": 0.0}}}
+    config_defaults = {"loss": {"lovasz_weight": 0.0, "ce_average": "all_pixels"}}
+    plca_section = "off"
 
     def __init__(self, segmentor: nn.Module, context: MethodContext) -> None:
         super().__init__(segmentor, context)
@@ -193,7 +193,7 @@ class SelfTraining(Method):
     def training_step(self, source: dict, target: dict | None, step: int) -> StepOutput:
         if target is None:
             raise ValueError("self-training needs a target batch")
-        options, loss_config = self.options, self.loss_config
+        options = self.options
         generator = self._generator(step)
         logs: dict[str, Tensor] = {}
         # each part's graph is freed before the next part's forwards when the engine allows it
@@ -214,30 +214,27 @@ class SelfTraining(Method):
         images = self._augment(images, generator)
         with stage() if mix_goes_early else contextlib.nullcontext():
             mixed = self.segment(images)
-            mix_loss = weighted_cross_entropy(upsample(mixed["logits"], mixed_labels.shape[-2:]).float(),
-                                              mixed_labels, mixed_weights)
-            logs["loss/mix_ce"] = mix_loss.detach()
-            total = total + mix_loss.detach()
-            loss = loss + (release(mix_loss) if mix_goes_early else mix_loss)
+            mix = add_term(None, logs, "mix_ce", weighted_cross_entropy(
+                upsample(mixed["logits"], mixed_labels.shape[-2:]).float(), mixed_labels, mixed_weights))
+            total = total + mix.detach()
+            loss = loss + (release(mix) if mix_goes_early else mix)
 
         if options.masking.enabled:
             masks = patch_mask(target["image"], generator, options.masking.patch_size, options.masking.ratio)
             masked = mask_images(self._augment(target["image"], generator), masks.to(target["image"].device),
                                  self.mask_fill)
             masked_logits = upsample(self.segment(masked)["logits"], labels.shape[-2:]).float()
-            masked_loss = weighted_cross_entropy(masked_logits, labels, weights)
-            loss = loss + options.masking.weight * masked_loss
-            total = total + options.masking.weight * masked_loss.detach()
-            logs["loss/masked_ce"] = masked_loss.detach()
+            masked_part = add_term(None, logs, "masked_ce", weighted_cross_entropy(masked_logits, labels, weights),
+                                   options.masking.weight)
+            total = total + masked_part.detach()
+            loss = loss + masked_part
         logs["loss/total"] = total
         return StepOutput(loss=loss, logs=logs)
 
     def _source_part(self, source: dict, target: dict, logs: dict[str, Tensor]) -> Tensor:
         """The loss terms of the student's source forward (and, with PLCA on top, of its un-mixed
-        target forward, made first): supervised loss, feature distance, LSR, association."""
-        loss_config = self.loss_config
-        assoc = loss_config.association
-        with_plca = assoc.feature_weight > 0 or assoc.classifier_weight > 0 or loss_config.lsr_weight > 0
+        target forward, made first): supervised loss, feature distance, PLCA's terms."""
+        with_plca = self.plca_options is not None and self.plca_options.enabled()
         tgt = self.segment(target["image"]) if with_plca else None
         src = self.segment(source["image"], return_bottleneck=self.imagenet is not None)
 
@@ -247,16 +244,11 @@ class SelfTraining(Method):
             fd = self.options.feature_distance
             distance = feature_distance_loss(src["bottleneck"], self.imagenet(source["image"]), source["label"],
                                              self.thing_classes, min_ratio=fd.min_ratio)
-            loss = loss + fd.weight * distance
-            logs["loss/feature_distance"] = distance.detach()
+            loss = add_term(loss, logs, "feature_distance", distance, fd.weight)
         if with_plca:
-            if loss_config.lsr_weight > 0:
-                lsr = lsr_terms(src["logits"], tgt["logits"], loss_config.lsr_threshold)
-                loss = loss + loss_config.lsr_weight * lsr
-                logs["loss/lsr"] = lsr.detach()
-            assoc_loss, assoc_logs = association_terms(src, tgt, source["label"], target.get("label"), assoc)
-            loss = loss + assoc_loss
-            logs.update(assoc_logs)
+            terms, term_logs = plca_objective(self.plca_options, src, tgt, source["label"], target.get("label"))
+            loss = loss + terms
+            logs.update(term_logs)
         return loss
 
     def _pseudo_labels(self, target: dict, logs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

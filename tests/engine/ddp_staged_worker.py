@@ -27,7 +27,7 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    plca = ["loss.association.feature_weight=0.1", "loss.association.classifier_weight=0.1", "loss.lsr_weight=0.01"]
+    plca = ["plca.association.feature_weight=0.1", "plca.association.classifier_weight=0.1", "plca.lsr_weight=0.01"]
     trained = method(plca, masking__enabled=True, masking__patch_size=8, pseudo_label__threshold=0.0)
     reference = copy.deepcopy(trained)
     source, target = batches(10 + rank)  # each process its own batch

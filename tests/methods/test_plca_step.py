@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plca.config import AssociationConfig, LossConfig
+from plca.config import LossConfig
 from plca.losses.association import association_loss
 from plca.losses.lovasz import lovasz_softmax
 from plca.losses.lsr import lsr_loss
 from plca.methods import MethodContext, build_method
+from plca.methods.plca_objective import AssociationOptions, PLCAOptions
 from plca.models.deeplab import build_deeplab_v2
 
 NUM_CLASSES = 3
@@ -37,18 +38,19 @@ def grads(net) -> list[torch.Tensor]:
     return [p.grad.clone() for p in net.parameters() if p.grad is not None]
 
 
-LOSS = LossConfig(lovasz_weight=3.0, lsr_weight=0.01, lsr_threshold=10.0,
-                  association=AssociationConfig(feature_weight=0.1, classifier_weight=0.1, impl="dense"))
+LOSS = LossConfig(lovasz_weight=3.0)
+PLCA = PLCAOptions(lsr_weight=0.01, lsr_threshold=10.0,
+                   association=AssociationOptions(feature_weight=0.1, classifier_weight=0.1, impl="dense"))
 
 
-def plca_step(net, loss, source, target):
-    return build_method("plca", net, MethodContext(loss=loss)).training_step(source, target, 0)
+def plca_step(net, source, target, loss=LOSS, plca=PLCA):
+    return build_method("plca", net, MethodContext(loss=loss, plca=plca)).training_step(source, target, 0)
 
 
 def test_plca_objective_is_the_weighted_sum_of_its_terms():
     source, target = batches()
     net = model()
-    step = plca_step(net, LOSS, source, target)
+    step = plca_step(net, source, target)
 
     # the same objective written out from METHOD.md, with fresh forward passes in train mode
     net2 = model()
@@ -76,7 +78,7 @@ def test_plca_objective_is_the_weighted_sum_of_its_terms():
 
 def test_target_labels_are_diagnostic_only():
     source, target = batches(1)
-    loss = LossConfig(association=AssociationConfig(impl="efficient"))
+    plca = PLCAOptions(association=AssociationOptions(impl="efficient"))
     results = []
     for labels in (target["label"], torch.randint(0, NUM_CLASSES, target["label"].shape), None):
         net = model()
@@ -85,7 +87,7 @@ def test_target_labels_are_diagnostic_only():
             tgt.pop("label")
         else:
             tgt["label"] = labels
-        step = plca_step(net, loss, source, tgt)
+        step = plca_step(net, source, tgt, LossConfig(), plca)
         step.loss.backward()
         results.append((step.loss.detach(), grads(net), step.logs))
     (loss_a, grads_a, logs_a), (loss_b, grads_b, logs_b), (loss_c, grads_c, logs_c) = results
@@ -100,26 +102,26 @@ def test_target_labels_are_diagnostic_only():
 
 def test_zero_weights_switch_terms_off():
     source, target = batches(2)
-    off = LossConfig(lovasz_weight=0.0, lsr_weight=0.0,
-                     association=AssociationConfig(feature_weight=0.0, classifier_weight=0.0))
-    step = plca_step(model(), off, source, target)
+    off = PLCAOptions(lsr_weight=0.0, association=AssociationOptions(feature_weight=0.0, classifier_weight=0.0))
+    step = plca_step(model(), source, target, LossConfig(lovasz_weight=0.0), off)
     assert not any(key.startswith(("loss/assoc", "loss/lsr", "loss/source_lovasz")) for key in step.logs)
     assert step.loss.item() == pytest.approx(step.logs["loss/source_ce"].item())
 
 
 def test_reference_weights_are_the_defaults():
-    loss = LossConfig()
-    assert (loss.lovasz_weight, loss.lsr_weight, loss.lsr_threshold) == (3.0, 0.01, 10.0)
-    assert (loss.association.feature_weight, loss.association.classifier_weight) == (0.1, 0.1)
-    assert loss.association.aggregate and loss.association.alpha == 0.5
+    loss, plca = LossConfig(), PLCAOptions()
+    assert (loss.lovasz_weight, plca.lsr_weight, plca.lsr_threshold) == (3.0, 0.01, 10.0)
+    assert (plca.association.feature_weight, plca.association.classifier_weight) == (0.1, 0.1)
+    assert plca.association.aggregate and plca.association.alpha == 0.5
+    # and a plca step built without a plca section gets them
+    assert build_method("plca", model(), MethodContext(loss=loss)).plca_options == plca
 
 
 def test_lsr_is_computed_at_the_logits_own_resolution():
     source, target = batches(3)
-    only_lsr = LossConfig(lovasz_weight=0.0, lsr_weight=1.0,
-                          association=AssociationConfig(feature_weight=0.0, classifier_weight=0.0))
+    only_lsr = PLCAOptions(lsr_weight=1.0, association=AssociationOptions(feature_weight=0.0, classifier_weight=0.0))
     net = model()
-    step = plca_step(net, only_lsr, source, target)
+    step = plca_step(net, source, target, LossConfig(lovasz_weight=0.0), only_lsr)
     with torch.no_grad():
         src, tgt = net(source["image"]), net(target["image"])
     assert src["logits"].shape[-1] < source["image"].shape[-1]  # 1/8 of the image
@@ -136,7 +138,7 @@ def test_target_batch_is_forwarded_before_the_source_batch():
     net = model()
     seen = []
     net.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
-    plca_step(net, LOSS, source, target)
+    plca_step(net, source, target)
     assert seen == [tuple(target["image"].shape), tuple(source["image"].shape)]
     # so the BatchNorm running statistics lean to the source batch, forwarded last
     bn = net.backbone.bn1

@@ -44,8 +44,8 @@ def method(loss_overrides=(), **option_changes):
     for key, value in option_changes.items():
         section, _, name = key.rpartition("__")
         setattr(getattr(options, section) if section else options, name, value)
-    context = MethodContext(loss=config.loss, options=options, classes=tuple(CLASSES), model=config.model,
-                            seed=0)
+    context = MethodContext(loss=config.loss, options=options, plca=config.plca, classes=tuple(CLASSES),
+                            model=config.model, seed=0)
     return build_method("self_training", segmentor, context)
 
 
@@ -77,7 +77,7 @@ def test_teacher_follows_the_student_by_the_ema_formula_after_each_update():
 def test_plca_on_top_adds_the_association_of_the_unmixed_target():
     source, target = batches(1)
     plain = method()
-    combined = method(["loss.association.feature_weight=0.1", "loss.association.classifier_weight=0.1"])
+    combined = method(["plca.association.feature_weight=0.1", "plca.association.classifier_weight=0.1"])
     seen = []
     combined.student.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     out = combined.training_step(source, target, 0)
@@ -114,7 +114,7 @@ def tiny_config(data, out, run_name, iters=4, **extra):
         "train": {"iters": iters, "batch_size": 2, "crop_size": [32, 32], "lr": 1e-3, "optimizer": "adamw",
                   "warmup_iters": 2, "eval_every": 0, "checkpoint_every": 100, "log_every": 1, "image_every": 0},
         "self_training": {"masking": {"enabled": True, "patch_size": 8}},
-        "loss": {"association": {"feature_weight": 0.1, "classifier_weight": 0.1}},
+        "plca": {"association": {"feature_weight": 0.1, "classifier_weight": 0.1}},
         "output_dir": str(out), "run_name": run_name, "device": "cpu",
     }
     return build_config(config, [f"{k}={v}" for k, v in extra.items()])
@@ -166,7 +166,7 @@ def _grads(module):
 def test_staged_backward_gives_the_gradients_of_one_backward_of_the_sum(masking):
     import copy
 
-    plca = ["loss.association.feature_weight=0.1", "loss.association.classifier_weight=0.1", "loss.lsr_weight=0.01"]
+    plca = ["plca.association.feature_weight=0.1", "plca.association.classifier_weight=0.1", "plca.lsr_weight=0.01"]
     single = method(plca, masking__enabled=masking, masking__patch_size=8, pseudo_label__threshold=0.0)
     staged = copy.deepcopy(single)
     source, target = batches(2)

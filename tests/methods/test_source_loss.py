@@ -109,3 +109,15 @@ def test_configs_choose_the_average():
     assert build_config(minimal, ["method=self_training"]).loss.ce_average == "all_pixels"  # the method's default
     with pytest.raises(ConfigError, match=r"loss\.ce_average"):
         build_config(minimal, ["loss.ce_average=pixels"])
+
+
+def test_add_term_adds_the_weighted_term_and_logs_it_unweighted():
+    from plca.methods.base import add_term
+
+    value = torch.tensor(2.0, requires_grad=True)
+    logs: dict = {}
+    loss = add_term(torch.tensor(1.0), logs, "x", value, 0.5)
+    assert loss.item() == 2.0 and logs["loss/x"].item() == 2.0 and not logs["loss/x"].requires_grad
+    assert add_term(None, logs, "y", value).item() == 2.0 and set(logs) == {"loss/x", "loss/y"}
+    loss.backward()
+    assert value.grad.item() == 0.5
