@@ -21,6 +21,8 @@ from plca.data.formats import synthia  # noqa: E402,F401
 from plca.data.formats import cityscapes  # noqa: E402,F401
 from plca.data.formats import folder  # noqa: E402,F401
 from plca.data.formats import synthetic  # noqa: E402,F401
+from plca.data.formats import acdc  # noqa: E402,F401
+from plca.data.formats import darkzurich  # noqa: E402,F401
 
 __all__ = [
     "DatasetFormat", "Issues", "LabelMap", "Listing", "Sample", "check_split", "format_names", "get_format",

@@ -33,9 +33,10 @@ from plca.data.labels import CITYSCAPES_CLASSES, IGNORE_INDEX, class_remap, city
 from plca.data.formats.registry import get_format, guess_format
 
 __all__ = [
-    "ConditionSplit", "DatasetFormat", "Issues", "LabelMap", "Listing", "Problem", "Sample", "Stop",
-    "cityscapes_label_map", "label_folder", "labels_without_image", "not_this_format", "pair", "remap", "require_images", "require_root",
-    "split_files", "split_names", "train_id_label_map",
+    "ConditionSplit", "DatasetFormat", "Issues", "LabelMap", "Listing", "Problem", "Sample", "Stop", "braced",
+    "cityscapes_label_map", "condition_label_folders", "label_folder", "labels_of_sequences_without_image",
+    "labels_without_image", "not_this_format", "pair", "pair_sequences", "remap", "require_images", "require_root", "split_files",
+    "split_names", "train_id_label_map", "wrong_layout",
 ]
 
 _SHOWN = 5  # files named in an error message
@@ -313,12 +314,18 @@ def looks_like(root: Path, fmt: DatasetFormat) -> str | None:
     return f"looks like a {get_format(guess).title} dataset (plca prepare {guess} {root})"
 
 
-def not_this_format(fmt: DatasetFormat, root: Path) -> str:
-    """One line: ``root`` lacks the image folder of ``fmt``, and what it looks like instead."""
+def wrong_layout(fmt: DatasetFormat, root: Path, missing: str) -> str:
+    """One line: ``root`` is not laid out as ``fmt`` (``missing`` says what is not there), and what it looks
+    like instead."""
     looks = looks_like(root, fmt)
     instead = f"it {looks}" if looks else entries(root)
-    return (f"{root} does not look like a {fmt.title} dataset: {root / fmt.image_folder}: folder not found (a "
-            f"{fmt.title} root holds {fmt.layout}); {instead}")
+    return (f"{root} does not look like a {fmt.title} dataset: {missing} (a {fmt.title} root holds {fmt.layout}); "
+            f"{instead}")
+
+
+def not_this_format(fmt: DatasetFormat, root: Path) -> str:
+    """One line: ``root`` lacks the image folder of ``fmt``, and what it looks like instead."""
+    return wrong_layout(fmt, root, f"{root / fmt.image_folder}: folder not found")
 
 
 def require_root(fmt: DatasetFormat, root: Path, issues: Issues) -> None:
@@ -433,3 +440,45 @@ def labels_without_image(image_dir: Path, label_dir: Path, suffixes: Sequence[st
         return []
     stems = {path.stem for path in image_dir.iterdir() if path.suffix.lower() in suffixes}
     return [path for path in sorted(label_dir.glob("*.png")) if path.stem not in stems]
+
+
+def pair_sequences(fmt: DatasetFormat, image_dir: Path, label_dir: Path, image_suffix: str, label_suffix: str,
+                   has_labels: bool, require_labels: bool, where: str, issues: Issues) -> list[Sample]:
+    """Samples of the images ``image_dir/<sequence>/<name><image_suffix>`` and their labels
+    ``label_dir/<sequence>/<name><label_suffix>`` (the layout of ACDC and Dark Zurich), named ``<name>``."""
+    images = sorted(image_dir.glob(f"*/*{image_suffix}"))
+    if not images:
+        issues.error(f"{image_dir}: no <sequence>/*{image_suffix} images found",
+                     todo="check the dataset root, or complete the download")
+        return []
+    by_name = {path.name[:-len(image_suffix)]: path for path in images}
+
+    def label_of(name: str) -> Path:
+        return label_dir / by_name[name].parent.name / f"{name}{label_suffix}"
+
+    return pair(list(by_name), by_name.get, label_of if has_labels else None, require_labels, where, image_dir,
+                label_dir, issues, labels_optional=fmt.target_without_labels)
+
+
+def labels_of_sequences_without_image(image_dir: Path, label_dir: Path, image_suffix: str,
+                                      label_suffix: str) -> list[Path]:
+    """The ``label_dir/<sequence>/*<label_suffix>`` files without ``image_dir/<sequence>/<name><image_suffix>``."""
+    labels = sorted(label_dir.glob(f"*/*{label_suffix}"))
+    return [path for path in labels
+            if not (image_dir / path.parent.name / f"{path.name[:-len(label_suffix)]}{image_suffix}").is_file()]
+
+
+def condition_label_folders(fmt: DatasetFormat, folders: dict[str, Path], joint: Path, what: str, hint: str,
+                            require_labels: bool, issues: Issues) -> dict[str, bool]:
+    """:func:`label_folder` of each condition's label folder (``folders``: condition -> folder), whether each
+    exists; when none does, one problem for them all, naming ``joint`` (e.g. ``gt/{fog,night}/test``)."""
+    if not any(folder.is_dir() for folder in folders.values()):
+        label_folder(fmt, joint, what, hint, require_labels, issues)
+        return dict.fromkeys(folders, False)
+    return {condition: label_folder(fmt, folder, what, hint, require_labels, issues)
+            for condition, folder in folders.items()}
+
+
+def braced(names: Sequence[str]) -> str:
+    """``{a,b}`` for several names (as a shell writes a set of folders), the name itself for one."""
+    return names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
