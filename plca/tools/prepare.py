@@ -80,7 +80,7 @@ class PrepareReport:
     findings: list[Finding] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
     image_sizes: Counter = field(default_factory=Counter)
-    conditions: dict[str, Counter] = field(default_factory=dict)  # split -> images per condition (formats with conditions)
+    conditions: dict[str, Counter] = field(default_factory=dict)  # split -> images per condition (ACDC, Dark Zurich)
     stats: dict | None = None
     stats_path: Path | None = None
     cache_dir: Path | None = None
