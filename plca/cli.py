@@ -349,6 +349,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from plca.data.formats import format_names
+
     parser = argparse.ArgumentParser(
         prog="plca", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Pixel-Level Cycle Association (NeurIPS 2020) and self-training for domain adaptive semantic "
@@ -432,12 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = _subcommand(sub, "prepare")
-    p.add_argument("format", choices=["gta5", "synthia", "cityscapes", "folder"])
+    p.add_argument("format", choices=format_names(prepare=True),
+                   help="the dataset's on-disk format (a wrong one is named with what the folder looks like)")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("--classes", nargs="+", metavar="NAME",
-                   help="class names in index order (required for folder; default: the 19 Cityscapes classes, "
-                        "16 for synthia)")
-    p.add_argument("--split", help="check only this split (default: every file)")
+                   help="class names in index order (default: the format's own classes, e.g. the 19 Cityscapes "
+                        "classes; folder: ROOT/classes.txt, else required)")
+    p.add_argument("--split", help="check only this split, e.g. val or, for a format with conditions, "
+                                   "train:night+snow (default: every split)")
     p.add_argument("--write-cache", metavar="DIR", help="write each label as a class-index PNG under DIR")
     p.add_argument("--stats", metavar="FILE.json", help="write per-class pixel and image counts")
     p.add_argument("--rcs-stats", metavar="FILE.json",

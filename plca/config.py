@@ -49,9 +49,9 @@ class ConfigError(ValueError):
 class DatasetConfig:
     """Where one dataset lives: its on-disk ``format``, ``root`` folder and ``split``."""
 
-    format: str = "folder"  # folder | gta5 | synthia | cityscapes | synthetic
+    format: str = "folder"  # a registered dataset format (plca prepare --help lists them; plca/data/formats/ has one file each)
     root: str = ""  # the dataset's folder (stored absolute in a run's config.yaml)
-    split: str = "train"  # a split name: ROOT/SPLIT.txt, a Cityscapes split folder, or all
+    split: str = "train"  # a split of the format: ROOT/SPLIT.txt, a split folder, all; with conditions SPLIT:COND+COND
 
 
 @dataclass

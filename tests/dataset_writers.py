@@ -1,4 +1,5 @@
-"""Tiny datasets written in the exact on-disk formats of GTA5, SYNTHIA, Cityscapes and the folder format.
+"""Tiny datasets written in the exact on-disk formats of GTA5, SYNTHIA, Cityscapes, ACDC, Dark Zurich and the
+folder format.
 
 Each writer returns ``{name: WrittenSample}`` with the image and the *raw* label ids it wrote,
 so tests can compare what a reader returns with what is on disk. Labels are made of 4 x 4
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from cityscapesscripts.helpers.labels import id2label
 from PIL import Image
+
+from plca.data.labels import cityscapes_id_to_train_id
 
 from plca.data.io import write_png_16bit
 
@@ -33,6 +36,8 @@ class WrittenSample:
     image: np.ndarray
     label: np.ndarray | None
     split: str = ""
+    condition: str = ""  # ACDC's weather, Dark Zurich's time of day
+    invalid: np.ndarray | None = None  # ACDC / Dark Zurich: the *_gt_invIds.png mask written (1 = invalid)
 
 
 def random_image(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
@@ -165,4 +170,88 @@ def write_folder(root: str | Path, classes_count: int = 3, splits: Mapping[str, 
         (root / f"{split}.txt").write_text("".join(f"{name}\n" for name in names))
     if class_names is not None:
         (root / "classes.txt").write_text("".join(f"{name}\n" for name in class_names))
+    return written
+
+
+#: ACDC's conditions, each with a GoPro sequence name of the kind ACDC uses.
+ACDC_SEQUENCES = {"fog": "GOPR0475", "night": "GOPR0351", "rain": "GOPR0400", "snow": "GOPR0122"}
+
+
+def _cityscapes_style_gt(folder: Path, stem: str, label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """ACDC / Dark Zurich ground truth of one image in ``folder``: ``<stem>_gt_labelIds.png`` (Cityscapes label
+    ids), ``_gt_labelTrainIds.png`` (the same mapped to train ids, 255 = ignore), ``_gt_labelColor.png`` and
+    ``_gt_invIds.png`` (1 where the pixel is marked invalid, else 0). Returns the invalid mask."""
+    colours = np.zeros((256, 3), np.uint8)
+    for label_id, entry in id2label.items():
+        if 0 <= label_id < 256:
+            colours[label_id] = entry.color
+    invalid = blocky_ids(rng, label.shape, (0, 0, 1))
+    save_ids(folder / f"{stem}_gt_labelIds.png", label)
+    save_ids(folder / f"{stem}_gt_labelTrainIds.png", cityscapes_id_to_train_id()[label])
+    save_rgb(folder / f"{stem}_gt_labelColor.png", colours[label])
+    save_ids(folder / f"{stem}_gt_invIds.png", invalid)
+    return invalid
+
+
+def write_acdc(root: str | Path, splits: Mapping[str, int] | None = None,
+               conditions: Sequence[str] = tuple(ACDC_SEQUENCES), size: tuple[int, int] = (32, 64), seed: int = 0,
+               with_labels: bool = True) -> dict[str, WrittenSample]:
+    """ACDC: ``rgb_anon/<condition>/<split>/<sequence>/<sequence>_frame_NNNNNN_rgb_anon.png`` and, for every split
+    but ``test`` (its labels are withheld) if ``with_labels``,
+    ``gt/<condition>/<split>/<sequence>/<stem>_gt_labelIds.png``, ``_gt_labelTrainIds.png``, ``_gt_labelColor.png``
+    and ``_gt_invIds.png``. ``splits`` maps split -> images per condition (default ``{"train": 2, "val": 1}``).
+    Each condition also gets a ``<split>_ref`` folder of reference images (``*_rgb_ref_anon.png``), as ACDC has,
+    which no split includes. The returned label is the Cityscapes label ids written (None without labels)."""
+    root, rng = Path(root), np.random.default_rng(seed)
+    splits = {"train": 2, "val": 1} if splits is None else splits
+    written = {}
+    for condition in conditions:
+        sequence = ACDC_SEQUENCES[condition]
+        frame = 0
+        for split, count in splits.items():
+            for _ in range(count):
+                frame += 1
+                stem = f"{sequence}_frame_{frame:06d}"
+                image, label = random_image(rng, size), blocky_ids(rng, size, CITYSCAPES_IDS)
+                save_rgb(root / "rgb_anon" / condition / split / sequence / f"{stem}_rgb_anon.png", image)
+                save_rgb(root / "rgb_anon" / condition / f"{split}_ref" / f"{sequence}_ref" /
+                         f"{stem}_rgb_ref_anon.png", random_image(rng, size))
+                labelled = with_labels and split != "test"
+                invalid = (_cityscapes_style_gt(root / "gt" / condition / split / sequence, stem, label, rng)
+                           if labelled else None)
+                written[stem] = WrittenSample(image, label if labelled else None, split, condition, invalid)
+    return written
+
+
+#: Dark Zurich's times of day, each with a GoPro sequence name of the kind Dark Zurich uses.
+DARK_ZURICH_SEQUENCES = {"day": "GOPR0348", "twilight": "GOPR0357", "night": "GOPR0356"}
+
+
+def write_darkzurich(root: str | Path, splits: Mapping[str, Mapping[str, int]] | None = None,
+                     size: tuple[int, int] = (32, 64), seed: int = 0, with_labels: bool = True,
+                     labelled_splits: Sequence[str] = ("val",)) -> dict[str, WrittenSample]:
+    """Dark Zurich: ``rgb_anon/<split>/<day|twilight|night>/<sequence>/<sequence>_frame_NNNNNN_rgb_anon.png`` and,
+    for the ``labelled_splits`` (Dark Zurich labels only val) if ``with_labels``,
+    ``gt/<split>/<time>/<sequence>/<stem>_gt_labelIds.png``, ``_gt_labelTrainIds.png``, ``_gt_labelColor.png``
+    and ``_gt_invIds.png``. ``splits`` maps split -> time of day -> images (default: train 1 day, 1 twilight,
+    2 night; val 2 night). A ``val_ref/day`` folder of reference images sits next to them, as in Dark Zurich.
+    The returned label is the Cityscapes label ids written (None without labels)."""
+    root, rng = Path(root), np.random.default_rng(seed)
+    splits = {"train": {"day": 1, "twilight": 1, "night": 2}, "val": {"night": 2}} if splits is None else splits
+    written = {}
+    frame = 0
+    for split, per_time in splits.items():
+        for time_of_day, count in per_time.items():
+            sequence = DARK_ZURICH_SEQUENCES[time_of_day]
+            for _ in range(count):
+                frame += 1
+                stem = f"{sequence}_frame_{frame:06d}"
+                image, label = random_image(rng, size), blocky_ids(rng, size, CITYSCAPES_IDS)
+                save_rgb(root / "rgb_anon" / split / time_of_day / sequence / f"{stem}_rgb_anon.png", image)
+                labelled = with_labels and split in labelled_splits
+                invalid = (_cityscapes_style_gt(root / "gt" / split / time_of_day / sequence, stem, label, rng)
+                           if labelled else None)
+                written[stem] = WrittenSample(image, label if labelled else None, split, time_of_day, invalid)
+    save_rgb(root / "rgb_anon" / "val_ref" / "day" / "GOPR0356_ref" / "GOPR0356_ref_frame_000001_ref_rgb_anon.png",
+             random_image(rng, size))
     return written

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from plca.data.datasets import DATASET_FORMATS
+from plca.data.formats import check_split, format_names
 
 #: ``data.on_error``: what a sample that fails to load does
 ON_ERROR_CHOICES: tuple[str, ...] = ("raise", "skip")
@@ -13,7 +13,7 @@ ON_ERROR_CHOICES: tuple[str, ...] = ("raise", "skip")
 
 def known_formats() -> tuple[str, ...]:
     """The ``data.<dataset>.format`` values datasets can be read in."""
-    return DATASET_FORMATS
+    return tuple(format_names())
 
 
 def _check(ok: bool, message: str) -> None:
@@ -36,6 +36,8 @@ def validate_data_config(data: Any) -> None:
         _check(spec.format in formats,
                f"data.{name}.format '{spec.format}' is unknown; choose one of {', '.join(formats)}")
         _check(bool(spec.root), f"data.{name}.root is empty: give the dataset's folder")
+        problem = check_split(spec.format, spec.split)
+        _check(problem is None, f"data.{name}.split '{spec.split}': {problem}")
     _check(data.on_error in ON_ERROR_CHOICES,
            f"data.on_error must be {' or '.join(repr(choice) for choice in ON_ERROR_CHOICES)}")
     _check(data.num_workers >= 0, "data.num_workers must be >= 0")

@@ -3,17 +3,20 @@
 The dataset is read by the training code's own readers (:func:`plca.data.datasets.scan_dataset`,
 the collecting twin of ``build_dataset``) and its files checked by :func:`plca.data.checks.check_files`
 at the ``full`` level, so what passes here loads in training. Checks: the folder is of the format
-asked for (else one line saying what it looks like); the expected folders exist; every image has a
-label and every label an image; split files are UTF-8 and name existing samples once each; every
-file decodes completely (no truncated or unreadable files) and every image converts to RGB; label
-files are single-channel ids (SYNTHIA: 16-bit PNGs); label ids are in the format's table
-(Cityscapes label ids 0..33, SYNTHIA ids 0..22, folder: class index or 255); image and label sizes
-agree (GTA5 has a few pairs that do not: a warning, they are resized when loaded). It reports the
-images' sizes and, given the configured rescale and crop, whether they suit those sizes.
+asked for (else one line saying what it looks like: each registered format's ``recognise``); the
+expected folders exist; every image has a label and every label an image; split files are UTF-8
+and name existing samples once each; every file decodes completely (no truncated or unreadable
+files) and every image converts to RGB; label files are single-channel ids (SYNTHIA: 16-bit PNGs);
+label ids are in the format's table (e.g. Cityscapes label ids 0..33, folder: class index or 255);
+image and label sizes agree (GTA5 has a few pairs that do not: a warning, they are resized when
+loaded). It reports the images' sizes, the images per condition of formats with conditions (ACDC's
+weather, Dark Zurich's time of day), and, given the configured rescale and crop, whether the
+images suit those sizes.
 
-Without ``split`` every split is checked (gta5 / synthia: every image and each split file; folder:
-each split file; Cityscapes: train and val). A split without labels (a target's training images)
-is checked as unlabelled images when told so (``unlabelled``), and gets a note when it has none.
+Without ``split`` every split the format finds is checked (e.g. gta5: every image and each split
+file; folder: each split file; Cityscapes: train and val). A split without labels (a target's
+training images) is checked as unlabelled images when told so (``unlabelled``), and gets a note
+when it has none and the format may serve as an unlabelled target.
 
 Errors make the dataset unusable (exit status 2); warnings and notes do not (status 0).
 Optionally writes each label as a PNG of class indices of ``--classes`` (``--write-cache``,
@@ -35,21 +38,15 @@ from PIL import Image
 from plca.config import ConfigError
 from plca.data.rare_class import ClassStatistics, class_pixel_counts
 from plca.data.checks import FileCheckReport, FileProblem, Finding, check_files
-from plca.data.datasets import (
-    SegmentationDataset,
-    dataset_splits,
-    read_classes_file,
-    scan_dataset,
-    unpaired_labels,
-)
+from plca.data.datasets import SegmentationDataset, dataset_splits, scan_dataset, unpaired_labels
+from plca.data.formats import format_names, get_format
 from plca.data.io import png_header
-from plca.data.labels import CITYSCAPES_CLASSES, IGNORE_INDEX, SYNTHIA16_CLASSES
+from plca.data.labels import IGNORE_INDEX
 from plca.data.transforms import TrainTransform, resize_warnings
 
-__all__ = ["FORMATS", "Finding", "PrepareReport", "check_dataset", "class_statistics", "default_classes",
-           "format_findings", "png_header"]
+__all__ = ["Finding", "PrepareReport", "check_dataset", "class_statistics", "default_classes", "format_findings",
+           "png_header"]
 
-FORMATS = ("gta5", "synthia", "cityscapes", "folder")
 _LISTED = 10  # files named per finding in the printed report
 _SIZES_SHOWN = 5  # most common image sizes in the printed report
 
@@ -83,6 +80,7 @@ class PrepareReport:
     findings: list[Finding] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
     image_sizes: Counter = field(default_factory=Counter)
+    conditions: dict[str, Counter] = field(default_factory=dict)  # split -> images per condition (ACDC, Dark Zurich)
     stats: dict | None = None
     stats_path: Path | None = None
     cache_dir: Path | None = None
@@ -103,25 +101,33 @@ class PrepareReport:
         self.findings.append(Finding(level, message, list(items)))
 
 
+def _prepare_format(fmt: str):
+    """The registered format ``fmt`` if ``plca prepare`` checks it, else a ``ConfigError`` naming those it does."""
+    if fmt not in format_names(prepare=True):
+        raise ConfigError(f"dataset format '{fmt}' is unknown; choose one of {', '.join(format_names(prepare=True))}")
+    return get_format(fmt)
+
+
 def default_classes(fmt: str, root: Path) -> list[str]:
-    """19 Cityscapes classes (gta5, cityscapes), the 16 SYNTHIA ones, or a folder's ``classes.txt``."""
-    if fmt == "folder" and (root / "classes.txt").is_file():
-        return read_classes_file(root / "classes.txt")
-    if fmt == "synthia":
-        return list(SYNTHIA16_CLASSES)
-    if fmt in ("gta5", "cityscapes"):
-        return list(CITYSCAPES_CLASSES)
-    raise ConfigError(f"plca prepare folder needs --classes NAME ... (the class names in label-index order), "
-                      f"or a {root / 'classes.txt'} listing them")
+    """The format's own classes (e.g. the 19 Cityscapes classes; the 16 SYNTHIA ones; a folder's
+    ``classes.txt``); a ``ConfigError`` when it has none."""
+    classes = _prepare_format(fmt).default_classes(root)
+    if classes is None:
+        raise ConfigError(f"plca prepare {fmt} needs --classes NAME ... (the class names in label-index order), "
+                          f"or a {root / 'classes.txt'} listing them")
+    return classes
 
 
-def _check_arguments(fmt: str, classes: Sequence[str], crop_size, shorter_side, scale_range) -> None:
-    if fmt not in FORMATS:
-        raise ConfigError(f"dataset format '{fmt}' is unknown; choose one of {', '.join(FORMATS)}")
-    if fmt != "folder":
-        unknown = [name for name in classes if name not in CITYSCAPES_CLASSES]
+def _check_arguments(fmt: str, classes: Sequence[str], split: str | None, crop_size, shorter_side,
+                     scale_range) -> None:
+    known = _prepare_format(fmt).class_names
+    if known is not None:
+        unknown = [name for name in classes if name not in known]
         if unknown:
-            raise ConfigError(f"--classes: unknown class name(s) {unknown}; known: {', '.join(CITYSCAPES_CLASSES)}")
+            raise ConfigError(f"--classes: unknown class name(s) {unknown}; known: {', '.join(known)}")
+    problem = get_format(fmt).check_split(split) if split else None
+    if problem:
+        raise ConfigError(f"--split: {problem}")
     if not classes or len(set(classes)) != len(classes) or len(classes) >= IGNORE_INDEX:
         raise ConfigError(f"--classes must be distinct names, at most {IGNORE_INDEX - 1}")
     try:
@@ -184,16 +190,10 @@ def check_dataset(fmt: str, root: str | Path, classes: Sequence[str] | None = No
     """
     root = Path(root).expanduser()
     classes = list(classes) if classes else default_classes(fmt, root)
-    _check_arguments(fmt, classes, crop_size, shorter_side, scale_range)
+    _check_arguments(fmt, classes, split, crop_size, shorter_side, scale_range)
     report = PrepareReport(format=fmt, root=root, classes=classes)
     report.splits = [split] if split else (dataset_splits(fmt, root) or ["train"])
-    datasets = []
-    for name in report.splits:
-        scan = scan_dataset(fmt, root, name, classes, require_labels=not unlabelled)
-        report.findings += [f for f in scan.findings if (f.level, f.message) not in
-                            {(seen.level, seen.message) for seen in report.findings}]
-        if scan.dataset is not None:
-            datasets.append(scan.dataset)
+    datasets = _scan_splits(report, fmt, root, classes, unlabelled)
     if split in (None, "all") and datasets:
         orphans = unpaired_labels(fmt, root, report.splits)
         if orphans:
@@ -249,6 +249,24 @@ def check_dataset(fmt: str, root: str | Path, classes: Sequence[str] | None = No
     return report
 
 
+def _scan_splits(report: PrepareReport, fmt: str, root: Path, classes: Sequence[str],
+                 unlabelled: bool) -> list:
+    """The datasets of ``report.splits`` (those that could be listed); their findings (each once) and
+    images per condition go into ``report``."""
+    dataset_format = get_format(fmt)
+    datasets = []
+    for name in report.splits:
+        scan = scan_dataset(fmt, root, name, classes, require_labels=not unlabelled)
+        report.findings += [f for f in scan.findings if (f.level, f.message) not in
+                            {(seen.level, seen.message) for seen in report.findings}]
+        if scan.dataset is not None:
+            datasets.append(scan.dataset)
+            if dataset_format.conditions:
+                report.conditions[name] = Counter(dataset_format.condition_of(sample)
+                                                  for sample in scan.dataset.samples)
+    return datasets
+
+
 def class_statistics(fmt: str, root: Path, classes: Sequence[str], counts: np.ndarray, images_with: np.ndarray,
                      images: int) -> dict:
     """Per-class pixel counts, pixel frequency (share of non-ignored pixels) and number of images containing it.
@@ -284,14 +302,24 @@ def describe_sizes(image_sizes: Counter) -> str:
               f"over {total} images")
 
 
+def describe_conditions(conditions: dict[str, Counter], order: Sequence[str]) -> str:
+    """Images per condition of each split, in one line: ``train: fog 400, night 400 (800); val: ...``."""
+    parts = []
+    for split, counts in conditions.items():
+        listed = ", ".join(f"{name} {counts[name]}" for name in order if counts.get(name))
+        parts.append(f"{split}: {listed} ({sum(counts.values())})")
+    return "images per condition: " + "; ".join(parts)
+
+
 def format_findings(report: PrepareReport) -> str:
     """The report in plain words, one paragraph per finding (errors, warnings, notes), ending with the verdict."""
-    what = "sample(s)" if report.format == "folder" else "image / label pair(s)"
     splits = f" (split(s): {', '.join(report.splits)})" if report.splits else ""
-    lines = [f"{report.format} dataset at {report.root}{splits}: checked {report.checked} {what}; "
+    lines = [f"{report.format} dataset at {report.root}{splits}: checked {report.checked} sample(s); "
              f"{len(report.classes)} classes ({', '.join(report.classes)})"]
     if report.image_sizes:
         lines.append(describe_sizes(report.image_sizes))
+    if report.conditions:
+        lines.append(describe_conditions(report.conditions, get_format(report.format).conditions))
     order = {"error": 0, "warning": 1, "note": 2}
     for finding in sorted(report.findings, key=lambda f: order.get(f.level, 3)):
         lines.append(f"{finding.level.upper()}: {finding.message}")

@@ -87,15 +87,17 @@ def _authors(listing: WeightsListing) -> Identity | None:
     net = found[1].architecture if found is not None else "an unrecognised backbone"
     name = found[1].backbone if found is not None else None
     classes = int(listing.tensors[heads[0]].shape[0])
-    task = {len(PLCA_AUTHORS_CLASS_ORDER): "GTA5 -> Cityscapes",
-            len(PLCA_AUTHORS_SYNTHIA_CLASS_ORDER): "SYNTHIA -> Cityscapes"}.get(classes)
+    tasks = {len(PLCA_AUTHORS_CLASS_ORDER): ("GTA5 -> Cityscapes", "gta5"),
+             len(PLCA_AUTHORS_SYNTHIA_CLASS_ORDER): ("SYNTHIA -> Cityscapes", "synthia")}
+    task, source = tasks.get(classes, (None, None))  # the source dataset picks the config to suggest
     architecture = (f"DeepLab-v2 (ASPP, {len(heads)} branches) on {net}, Caffe style, {classes} classes"
                     + (f": the {task} model, classes in the authors' order" if task else ""))
     if task is None or name is None:
         return Identity(architecture, trained=True, notes=(
             "not a model this project loads: the authors' released models are DeepLab-v2 ResNet-101 with 19 "
             "(GTA5) or 16 (SYNTHIA) classes",))
-    configs = _configs(backbone=name, style="caffe", head="deeplabv2", classes=classes, method="plca")
+    configs = _configs(backbone=name, style="caffe", head="deeplabv2", classes=classes, method="plca",
+                       source=source)
     config = configs[0] if configs else "CONFIG.yaml"
     return Identity(
         architecture, backbone=name, style="caffe", trained=True,
@@ -330,8 +332,9 @@ def inspect_weights(path: str | Path) -> WeightsReport:
 
 
 def _configs(backbone: str, style: str | None, head: str | None = None, classes: int | None = None,
-             method: str | None = None) -> list[str]:
-    """The shipped configs whose model is ``backbone`` / ``style`` (and head, class count, method when given)."""
+             method: str | None = None, source: str | None = None) -> list[str]:
+    """The shipped configs whose model is ``backbone`` / ``style`` (and head, class count, method, source
+    dataset format when given)."""
     from plca.config import ConfigError, read_config_file
 
     if not _REPO_CONFIGS.is_dir():
@@ -352,6 +355,8 @@ def _configs(backbone: str, style: str | None, head: str | None = None, classes:
         if classes is not None and len((data.get("data") or {}).get("classes") or []) != classes:
             continue
         if method is not None and data.get("method") != method:
+            continue
+        if source is not None and ((data.get("data") or {}).get("source") or {}).get("format") != source:
             continue
         found.append(f"configs/{path.name}")
     return found

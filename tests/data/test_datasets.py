@@ -269,7 +269,7 @@ def test_unknown_format_lists_the_known_ones(tmp_path):
         build_dataset("kitti", tmp_path, "train", SUBSET)
     for name in DATASET_FORMATS:
         assert name in str(info.value)
-    assert set(DATASET_FORMATS) == {"gta5", "synthia", "cityscapes", "folder", "synthetic"}
+    assert set(DATASET_FORMATS) == {"gta5", "synthia", "cityscapes", "folder", "synthetic", "acdc", "darkzurich"}
 
 
 @pytest.mark.parametrize("fmt,folder", [("gta5", "images"), ("synthia", "RGB"), ("cityscapes", "leftImg8bit"),

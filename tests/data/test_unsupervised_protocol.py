@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset_writers import write_cityscapes, write_folder, write_gta5, write_synthia
+from dataset_writers import write_acdc, write_cityscapes, write_darkzurich, write_folder, write_gta5, write_synthia
 from plca.config import load_config
 from plca.data.build import build_run_datasets, check_run_datasets
 from plca.data.labels import IGNORE_INDEX
@@ -40,6 +40,11 @@ def write(fmt: str, root: Path, with_labels: bool, classes_count: int) -> None:
         write_folder(root, classes_count=classes_count, splits={"train": 4})
         if not with_labels:
             shutil.rmtree(root / "labels")
+    elif fmt == "acdc":
+        write_acdc(root, splits={"train": 1}, with_labels=with_labels)  # one image of each condition
+    elif fmt == "darkzurich":  # with labels: as if its training images had them (Dark Zurich labels only val)
+        write_darkzurich(root, splits={"train": {"day": 1, "night": 4}}, with_labels=with_labels,
+                         labelled_splits=("train",))
     else:
         raise AssertionError(f"no writer for the format {fmt} of a shipped config")
 
