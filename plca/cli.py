@@ -114,6 +114,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     config_path, overrides = _split_config_and_overrides(args.args)
     if (args.input is None) == (args.split is None):
         raise ConfigError("plca predict needs exactly one of --input IMAGE_OR_FOLDER or --split SPLIT")
+    if args.submission and args.split is None:
+        raise ConfigError("--submission needs --split SPLIT (the dataset's test images, whose names the server "
+                          "matches), not --input")
     model, config = load_model_for_inference(args.checkpoint, config_path, overrides)
     window = args.window or (tuple(config.train.crop_size) if args.sliding_window else None)
     options = options_from_config(
@@ -124,6 +127,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.original_size:
         options = replace(options, size=None)
     inputs = list_inputs(args.input, exclude=Path(args.output)) if args.input else dataset_inputs(config, args.split)
+    submission = None
+    if args.submission:
+        from plca.tools.submission import SubmissionWriter, submission_layout
+
+        layout = submission_layout(config.data.val.format)
+        submission = SubmissionWriter(args.output, layout, config.data.classes)
     try:
         device = resolve_device(args.device or config.device)
     except DeviceError as error:
@@ -133,8 +142,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
           f"{'sliding window ' + str(list(options.window)) if options.window else 'whole image'}, "
           f"test-time aggregation {'on' if options.test_time_aggregation else 'off'}", flush=True)
     summary = run_predict(model, config, inputs, args.output, options, device, num_workers=args.num_workers,
-                          progress=not args.no_progress)
-    print(f"wrote {len(summary.written)} prediction(s) to {summary.output}/labels, /color and /overlay")
+                          progress=not args.no_progress, submission=submission)
+    if submission is None:
+        print(f"wrote {len(summary.written)} prediction(s) to {summary.output}/labels, /color and /overlay")
+    else:
+        ids = "train ids" if submission.layout.ids == "train" else "label ids"
+        print(f"wrote {len(summary.written)} prediction(s) ({ids}) to {submission.folder} and "
+              f"{summary.output / 'submission.zip'}: {submission.layout.how}")
     if summary.failed:
         print(f"plca predict: {len(summary.failed)} image(s) could not be read and were skipped:", file=sys.stderr)
         for _, why in summary.failed:
@@ -416,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="an image file or a folder of images (searched recursively)")
     p.add_argument("--split", help="instead of --input: this split of the config's data.val dataset, e.g. val")
     p.add_argument("--output", required=True, help="folder for labels/, color/ and overlay/")
+    p.add_argument("--submission", action="store_true",
+                   help="with --split: write the dataset's benchmark-server files (Cityscapes label ids, ACDC / Dark "
+                        "Zurich train ids, named as the server expects) and submission.zip instead")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="resize inputs to H x W before inference (default: eval.size of the config)")
     p.add_argument("--original-size", action="store_true", help="run at each input's own resolution")

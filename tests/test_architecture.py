@@ -267,13 +267,14 @@ def test_the_length_check_sees_methods_and_nested_functions():
 BACKBONE_NAME = re.compile(r"resnet|mit_b|efficientnet|timm:", re.IGNORECASE)
 
 
-def backbone_name_tests(source: str) -> list[str]:
-    """Where ``source`` tests a value against a backbone name: ``x == "resnet18"``, ``x in ("mit_b0", ...)``,
-    ``x.startswith("resnet")``; docstrings, comments, messages and help text are not tests."""
+def backbone_name_tests(source: str, pattern: re.Pattern = BACKBONE_NAME) -> list[str]:
+    """Where ``source`` tests a value against a backbone name (or another ``pattern``): ``x == "resnet18"``,
+    ``x in ("mit_b0", ...)``, ``x.startswith("resnet")``; docstrings, comments, messages and help text are not
+    tests."""
     def named(node: ast.AST) -> bool:
         if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
             return any(named(element) for element in node.elts)
-        return isinstance(node, ast.Constant) and isinstance(node.value, str) and bool(BACKBONE_NAME.search(node.value))
+        return isinstance(node, ast.Constant) and isinstance(node.value, str) and bool(pattern.search(node.value))
 
     found = []
     for node in ast.walk(ast.parse(source)):
@@ -302,4 +303,18 @@ def test_no_module_outside_models_tests_a_backbone_name():
     found = {name: tests for name, path in modules().items()
              if not (name == "plca.models" or name.startswith("plca.models."))
              if (tests := backbone_name_tests(path.read_text()))}
+    assert found == {}, found
+
+
+def test_no_module_outside_the_formats_tests_a_format_name():
+    """Outside :mod:`plca.data.formats` code asks the format registry (its layouts, label maps, splits,
+    submission layouts), never ``if fmt == "acdc"``; the finder is the backbone one's, with the format names."""
+    from plca.data.formats.registry import format_names
+
+    pattern = re.compile("^(" + "|".join(re.escape(name) for name in format_names()) + ")$")
+    assert backbone_name_tests('ok = fmt in ("gta5", "x")\nmsg = f"{fmt} is not gta5"\n', pattern) == [
+        'line 1: fmt in (\'gta5\', \'x\')']
+    found = {name: tests for name, path in modules().items()
+             if not (name == "plca.data.formats" or name.startswith("plca.data.formats."))
+             if (tests := backbone_name_tests(path.read_text(), pattern))}
     assert found == {}, found

@@ -7,6 +7,9 @@ For each input image ``NAME`` it writes, at the input's full resolution::
     OUTPUT/overlay/NAME.jpg  the colours blended 50 / 50 over the input
     OUTPUT/legend.png        which colour is which class
 
+With ``--split test --submission`` it writes instead the files the dataset's benchmark server scores
+(:mod:`plca.tools.submission`).
+
 Inference is either on the whole (optionally resized) image or with a sliding
 window whose logits are averaged where windows overlap; the logits are upsampled to
 the input's full size before the softmax; horizontal flip and several scales can be
@@ -20,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +38,9 @@ from plca.data.labels import palette
 from plca.engine.distributed import available_cpus
 from plca.engine.image_grids import colour_legend
 from plca.evaluation.evaluator import predict_scores, upsample_scores, upsampled_probabilities
+
+if TYPE_CHECKING:
+    from plca.tools.submission import SubmissionWriter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -293,8 +300,11 @@ def _batches(loader: Iterator, batch_size: int) -> Iterator[list[tuple[InputImag
 
 def run_predict(model: nn.Module, config: Config, inputs: Sequence[InputImage], output: str | Path,
                 options: InferenceOptions, device: torch.device, num_workers: int = 2,
-                progress: bool = True) -> PredictSummary:
-    """Segment every input and write its outputs; unreadable inputs are skipped and listed."""
+                progress: bool = True, submission: SubmissionWriter | None = None) -> PredictSummary:
+    """Segment every input and write its outputs; unreadable inputs are skipped and listed.
+
+    With ``submission`` only the benchmark server's files are written (and zipped), not labels/, color/
+    and overlay/."""
     output = Path(output)
     summary = PredictSummary(output=output)
     model = model.to(device).eval()
@@ -312,12 +322,18 @@ def run_predict(model: nn.Module, config: Config, inputs: Sequence[InputImage], 
         probs = predict_full(model, images.to(device), options)
         labels = probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
         for (item, image, _), label in zip(group, labels):
-            write_outputs(output, item.name, image, label, config.data.classes)
+            if submission is None:
+                write_outputs(output, item.name, image, label, config.data.classes)
+            else:
+                submission(item.name, label)
             summary.written.append(item.name)
         bar.update(len(group))
     bar.close()
     output.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(colour_legend(config.data.classes, width=480)).save(output / "legend.png")
+    if submission is not None:
+        submission.finish()
+    else:
+        Image.fromarray(colour_legend(config.data.classes, width=480)).save(output / "legend.png")
     return summary
 
 

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from plca.data.formats.base import (
-    DatasetFormat, Issues, LabelMap, Listing, Sample, braced, condition_label_folders,
+    DatasetFormat, Issues, SubmissionLayout, LabelMap, Listing, Sample, braced, condition_label_folders,
     labels_of_sequences_without_image, pair_sequences, require_images, require_root, train_id_label_map,
     wrong_layout,
 )
@@ -46,6 +46,9 @@ from plca.data.io import duplicate_names
 IMAGE_SUFFIX = "_rgb_anon.png"
 LABEL_SUFFIX = "_gt_labelTrainIds.png"
 SPLITS = ("train", "val", "test")
+SUBMISSION_SOURCE = ("MIC's seg/README.md (github.com/lhoyer/MIC): its test-set command (tools.test --format-only "
+                     "imgfile_prefix=labelTrainIds to_label_id=False) writes one train-id PNG per image, named as the "
+                     "image, into labelTrainIds/ (mmseg's CityscapesDataset.results2img)")
 
 
 class ACDC(DatasetFormat):
@@ -55,6 +58,11 @@ class ACDC(DatasetFormat):
     layout = ("rgb_anon/<condition>/<split>/<sequence>/*_rgb_anon.png and "
               "gt/<condition>/<split>/<sequence>/*_gt_labelTrainIds.png, conditions fog, night, rain, snow")
     target_without_labels = True
+    submission = SubmissionLayout(
+        ids="train", path="labelTrainIds/{name}_rgb_anon.png",
+        source=SUBMISSION_SOURCE,
+        how=("zip labelTrainIds/ (plca predict writes submission.zip) and upload it to "
+             "ACDC's benchmark server (acdc.vision.ee.ethz.ch, semantic segmentation task)"))
     conditions = ("fog", "night", "rain", "snow")
 
     def label_map(self, classes: Sequence[str]) -> LabelMap:

@@ -35,8 +35,8 @@ from plca.data.formats.registry import get_format, guess_format
 __all__ = [
     "ConditionSplit", "DatasetFormat", "Issues", "LabelMap", "Listing", "Problem", "Sample", "Stop", "braced",
     "cityscapes_label_map", "condition_label_folders", "label_folder", "labels_of_sequences_without_image",
-    "labels_without_image", "not_this_format", "pair", "pair_sequences", "remap", "require_images", "require_root", "split_files",
-    "split_names", "train_id_label_map", "wrong_layout",
+    "labels_without_image", "not_this_format", "pair", "pair_sequences", "remap", "require_images", "require_root",
+    "split_files", "split_names", "SubmissionLayout", "train_id_label_map", "wrong_layout",
 ]
 
 _SHOWN = 5  # files named in an error message
@@ -189,6 +189,31 @@ class Listing:
 
 
 @dataclass(frozen=True)
+class SubmissionLayout:
+    """How a format's benchmark server wants test-set predictions (``plca predict --submission``).
+
+    ``ids``: ``"train"`` (Cityscapes train ids 0..18) or ``"label"`` (Cityscapes label ids 0..33);
+    ``path``: the file of a sample inside the submission, a template with ``{name}`` (the sample's
+    name); ``source``: where the layout was read; ``how``: how to submit it, in words.
+    """
+
+    ids: str
+    path: str
+    source: str
+    how: str
+
+    def __post_init__(self) -> None:
+        if self.ids not in ("train", "label"):
+            raise ValueError(f"SubmissionLayout.ids must be 'train' or 'label', got {self.ids!r}")
+        if "{name}" not in self.path:
+            raise ValueError(f"SubmissionLayout.path must contain {{name}}, got {self.path!r}")
+
+    def file_of(self, name: str) -> str:
+        """The relative path of sample ``name``'s prediction inside the submission."""
+        return self.path.format(name=name)
+
+
+@dataclass(frozen=True)
 class ConditionSplit:
     """A split of a format with conditions: its name and the conditions named (in the format's order), or
     None for every condition the split has on disk."""
@@ -222,6 +247,8 @@ class DatasetFormat:
     conditions: tuple[str, ...] = ()
     #: ``plca prepare`` offers this format.
     in_prepare: bool = True
+    #: How its benchmark server wants test-set predictions; None: it has none plca knows.
+    submission: SubmissionLayout | None = None
 
     def label_map(self, classes: Sequence[str]) -> LabelMap:
         """The reader of this format's label files, mapping them to indices of ``classes``."""

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from plca.data.formats.base import (
-    DatasetFormat, Issues, LabelMap, Listing, cityscapes_label_map, label_folder, pair, require_images, require_root,
+    DatasetFormat, Issues, LabelMap, Listing, SubmissionLayout, cityscapes_label_map, label_folder, pair,
+    require_images, require_root,
 )
 from plca.data.formats.registry import register_format
 
@@ -25,6 +26,12 @@ class Cityscapes(DatasetFormat):
     image_folder = "leftImg8bit"
     layout = "leftImg8bit/<split>/<city>/ and gtFine/<split>/<city>/"
     target_without_labels = True
+    submission = SubmissionLayout(
+        ids="label", path="{name}_leftImg8bit.png",
+        source=("cityscapesscripts' evalPixelLevelSemanticLabeling.getPrediction: one label-id PNG per image, found "
+                "by the pattern <city>_<sequence>_<frame>*.png anywhere under the results folder"),
+        how=("zip the files (plca predict writes submission.zip) and upload it at cityscapes-dataset.com/submit "
+             "(pixel-level semantic labeling task)"))
 
     def label_map(self, classes: Sequence[str]) -> LabelMap:
         return cityscapes_label_map(classes, self.name)
