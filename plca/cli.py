@@ -140,7 +140,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"predicting {len(inputs)} image(s) on {device}: size {list(options.size) if options.size else 'original'}, "
           f"scales {list(options.scales)}, flip {'on' if options.flip else 'off'}, "
           f"{'sliding window ' + str(list(options.window)) if options.window else 'whole image'}, "
-          f"test-time aggregation {'on' if options.test_time_aggregation else 'off'}", flush=True)
+          f"test-time aggregation {'on' if options.test_time_aggregation else 'off'}"
+          + (f" (exact up to {options.aggregation_max_pixels:,} feature pixels, per window above: "
+             f"eval.aggregation_max_pixels)" if options.test_time_aggregation and options.aggregation_max_pixels
+             else ""), flush=True)
     summary = run_predict(model, config, inputs, args.output, options, device, num_workers=args.num_workers,
                           progress=not args.no_progress, submission=submission)
     if submission is None:
@@ -574,13 +577,14 @@ def main(argv: list[str] | None = None) -> int:
     from plca.engine.distributed import DeviceError
     from plca.engine.run_dir import RunDirError
     from plca.engine.trainer import TrainingError, TrainingInterrupted
+    from plca.evaluation.aggregation import AggregationBudgetError
     from plca.models.weights import WeightsError
     from plca.serialization import UnreadableFileError
 
     try:
         return args.func(args)
     except (ConfigError, DatasetError, WeightsError, CheckpointError, TrainingError, RunDirError, DeviceError,
-            UnreadableFileError) as error:
+            UnreadableFileError, AggregationBudgetError) as error:
         print(f"plca {args.command}: error: {error}", file=sys.stderr)
         return 2
     except TrainingInterrupted as error:

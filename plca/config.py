@@ -164,6 +164,7 @@ class EvalConfig:
     size: list[int] | None = None  # [h, w] to resize val images to (reference: [730, 1460]); null = as is
     test_time_aggregation: bool | None = None  # null = the method's default (on for plca)
     alpha: float = 0.5  # alpha of the test-time aggregation
+    aggregation_max_pixels: int | None = 32768  # test-time aggregation exact up to this many feature pixels, per window above (linear cost); null = exact at any size
     model: str = "student"  # methods with a teacher: student (what papers report) | teacher | both
 
 

@@ -72,7 +72,8 @@ class Validation:
             confusion = evaluate(model, self.val, len(config.data.classes), info.device,
                                  test_time_aggregation=tta, alpha=config.eval.alpha,
                                  amp=config.train.amp and info.device.type == "cuda", rank=info.rank,
-                                 world_size=info.world_size, progress=self.progress)
+                                 world_size=info.world_size, progress=self.progress,
+                                 aggregation_max_pixels=config.eval.aggregation_max_pixels)
             results[name] = summarize(confusion.matrix.cpu(), config.data.classes)
         (primary, metrics), others = next(iter(results.items())), list(results.items())[1:]
         metrics.update(step=state.step, test_time_aggregation=tta, evaluated=primary)

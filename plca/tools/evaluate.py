@@ -49,7 +49,8 @@ def evaluate_checkpoint(source: str | Path, config_path: str | Path | None = Non
     tta = test_time_aggregation_enabled(config) if test_time_aggregation is None else test_time_aggregation
     image_scores = PerImageScores(gallery) if gallery else None
     confusion = evaluate(model.to(device), val, len(config.data.classes), device, test_time_aggregation=tta,
-                         alpha=config.eval.alpha, amp=config.train.amp, progress=progress, image_scores=image_scores)
+                         alpha=config.eval.alpha, amp=config.train.amp, progress=progress, image_scores=image_scores,
+                         aggregation_max_pixels=config.eval.aggregation_max_pixels)
     metrics = summarize(confusion.matrix.cpu(), config.data.classes)
     metrics.update(checkpoint=str(file.path), checkpoint_format=file.kind, step=file.step,
                    test_time_aggregation=tta, images=len(val), model=file.summary())
