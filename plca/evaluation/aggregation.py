@@ -48,8 +48,9 @@ from plca.losses.association_efficient import DEFAULT_BLOCK_ELEMENTS
 
 #: Feature pixels aggregated exactly by default (``eval.aggregation_max_pixels``): 128 x 256.
 DEFAULT_MAX_PIXELS = 32768
-#: Side of the square map (pixels) on which :func:`measured_rate` times the aggregation.
-_CALIBRATION_SIDE = 40
+#: Pair-channels (``pixels^2 x channels``) :func:`measured_rate` times: about half a second on a CPU
+#: core, enough that fixed per-call costs do not dominate (a 40 x 40 map underestimates the rate 2-10x).
+_CALIBRATION_WORK = 2e9
 _RATES: dict[tuple, float] = {}  # measured rates, per (device, dtype, metric, channels)
 _ANNOUNCED: set[tuple] = set()  # plans already announced in this process (evaluate: once per image size)
 
@@ -153,22 +154,27 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def calibration_side(channels: int) -> int:
+    """Side of the square map :func:`measured_rate` times: about :data:`_CALIBRATION_WORK` pair-channels."""
+    return min(128, max(24, round((_CALIBRATION_WORK / max(channels, 1)) ** 0.25)))
+
+
 def measured_rate(like: Tensor, metric: str) -> float:
     """Pair-channels per second (``pixels^2 x channels`` / s) of :func:`spatial_aggregate` on this device,
-    timed once per process on a ``40 x 40`` map of ``like``'s channels, dtype and device (second run)."""
+    timed once per process on a square map (:func:`calibration_side`) of ``like``'s channels, dtype and
+    device, after an untimed run on a small one (one-off costs: kernels, allocator)."""
     key = (str(like.device), like.dtype, metric, like.shape[1])
     if key not in _RATES:
+        side = calibration_side(like.shape[1])
         generator = torch.Generator().manual_seed(0)
-        sample = torch.rand(1, like.shape[1], _CALIBRATION_SIDE, _CALIBRATION_SIDE, generator=generator)
+        sample = torch.rand(1, like.shape[1], side, side, generator=generator)
         sample = (sample.softmax(dim=1) if metric == "kl" else sample).to(like.device, like.dtype)
-        seconds = math.inf
-        for _ in range(2):  # the first run pays one-off costs (kernels, allocator)
-            _synchronize(like.device)
-            start = time.perf_counter()
-            spatial_aggregate(sample, metric)
-            _synchronize(like.device)
-            seconds = time.perf_counter() - start
-        _RATES[key] = _CALIBRATION_SIDE ** 4 * like.shape[1] / max(seconds, 1e-9)
+        spatial_aggregate(sample[:, :, :16, :16], metric)
+        _synchronize(like.device)
+        start = time.perf_counter()
+        spatial_aggregate(sample, metric)
+        _synchronize(like.device)
+        _RATES[key] = side ** 4 * like.shape[1] / max(time.perf_counter() - start, 1e-9)
     return _RATES[key]
 
 
@@ -210,8 +216,11 @@ def announce(plan: AggregationPlan, features: Tensor, classes: int,
              write: Callable[[str], None] = tqdm.write) -> str | None:
     """Print (once per plan and channels in this process) the plan and the estimated seconds of the
     test-time aggregation of ``features`` ``(B, E, h, w)`` then of ``classes`` probabilities; None when
-    the plan is exact within the default bound (nothing to say)."""
+    the plan is exact within the default bound (nothing to say), and on every process but the first
+    under DDP."""
     if plan.exact and plan.pixels <= DEFAULT_MAX_PIXELS:
+        return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
         return None
     key = (plan, features.shape[1], classes, str(features.device))
     if key in _ANNOUNCED:

@@ -116,8 +116,8 @@ def test_cityscapes_at_stride_8_stays_exact_under_the_default_bound():
 
 def test_a_large_image_gets_an_estimate_and_a_linear_cost(capsys, monkeypatch):
     """A 1536 x 2048 image at stride 8 (192 x 256 = 49,152 feature pixels) under a bound of 1,024:
-    the estimate is printed before the aggregation, every aggregation call stays within the bound and
-    the pairs computed stay within 4 N x bound (the exact aggregation: N^2, 12x more)."""
+    the estimate (pairs x channels / rate) is printed before the aggregation, every aggregation call
+    stays within the bound and the pairs computed stay within 4 N x bound (exact: N^2, 12x more)."""
     calls = []
     real = aggregation.spatial_aggregate
 
@@ -126,14 +126,17 @@ def test_a_large_image_gets_an_estimate_and_a_linear_cost(capsys, monkeypatch):
         return real(x, metric, alpha)
 
     monkeypatch.setattr(aggregation, "spatial_aggregate", counting)
+    monkeypatch.setattr(aggregation, "measured_rate", lambda like, metric: 1e7 if metric == "cos" else 2e7)
+    monkeypatch.setattr(aggregation, "_ANNOUNCED", set())
+    pairs = plan_aggregation(192, 256, 1024).pairs
     model = StrideEight().eval()
     images = torch.rand(1, 3, 1536, 2048) * 255
     probs = predict_scores(model, images, True, 0.5, aggregation_max_pixels=1024)
     printed = capsys.readouterr().out
     assert "test-time aggregation: 192 x 256 feature map (49,152 pixels) > eval.aggregation_max_pixels=1,024" in printed
-    assert "windows of 32 x 32; about" in printed and " s per 1 image(s)" in printed
-    window_calls = [pixels for metric, pixels in calls if pixels != 40 * 40]  # not the rate's calibration
-    assert window_calls and max(window_calls) <= 1024
+    assert f"windows of 32 x 32; about {pairs * 8 / 1e7 + pairs * 5 / 2e7:,.1f} s per 1 image(s)" in printed
+    window_calls = [pixels for metric, pixels in calls]
+    assert len(window_calls) == 2 * len(plan_aggregation(192, 256, 1024).windows) and max(window_calls) <= 1024
     pixels = 192 * 256
     assert sum(p * p for p in window_calls) <= 2 * 4 * pixels * 1024 < 2 * pixels ** 2 / 6
     assert probs.shape == (1, 5, 192, 256)
@@ -164,3 +167,36 @@ def test_the_config_key_is_checked():
     assert load_config(config, ["eval.aggregation_max_pixels=null"]).eval.aggregation_max_pixels is None
     with pytest.raises(ConfigError, match="eval.aggregation_max_pixels must be null or a positive number"):
         load_config(config, ["eval.aggregation_max_pixels=0"])
+
+
+def test_predict_full_bounds_the_aggregation_of_each_pass(capsys, monkeypatch):
+    """``plca predict``'s inference (whole image) goes through the bound and prints its estimate."""
+    monkeypatch.setattr(aggregation, "_ANNOUNCED", set())
+    monkeypatch.setattr(aggregation, "_CALIBRATION_WORK", 1e7)
+    from plca.tools.predict import InferenceOptions, predict_full
+
+    model = StrideEight().eval()
+    images = (torch.rand(1, 3, 384, 512) * 255).to(torch.uint8)
+    bounded = predict_full(model, images, InferenceOptions(test_time_aggregation=True, aggregation_max_pixels=300))
+    assert "48 x 64 feature map (3,072 pixels) > eval.aggregation_max_pixels=300" in capsys.readouterr().out
+    exact = predict_full(model, images, InferenceOptions(test_time_aggregation=True, aggregation_max_pixels=None))
+    assert capsys.readouterr().out == ""  # exact within the default bound: nothing to announce
+    assert bounded.shape == exact.shape == (1, 5, 384, 512)
+    assert not torch.allclose(bounded, exact, atol=1e-5)
+    with pytest.raises(Exception, match="eval.aggregation_max_pixels must be null or a positive"):
+        InferenceOptions(test_time_aggregation=True, aggregation_max_pixels=0)
+
+
+def test_the_rate_is_measured_once_per_device_metric_and_channels(monkeypatch):
+    monkeypatch.setattr(aggregation, "_RATES", {})
+    monkeypatch.setattr(aggregation, "_CALIBRATION_WORK", 1e7)
+    calls = []
+    real = aggregation.spatial_aggregate
+    monkeypatch.setattr(aggregation, "spatial_aggregate", lambda x, metric: calls.append(x.shape) or real(x, metric))
+    like = torch.zeros(1, 16, 4, 4)
+    rate = aggregation.measured_rate(like, "cos")
+    side = aggregation.calibration_side(16)
+    assert 0 < rate < float("inf") and calls[-1] == (1, 16, side, side) and side ** 4 * 16 >= 0.5e7
+    assert aggregation.measured_rate(like, "cos") == rate and len(calls) == 2  # cached: no new timing
+    aggregation.measured_rate(like, "kl")
+    assert len(calls) == 4
