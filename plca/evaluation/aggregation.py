@@ -21,9 +21,10 @@ a whole-map softmax over 187,500 pixels at a coarser resolution would be an appr
 operator. What windows give up: similar pixels farther apart than a window no longer vote for each
 other.
 
-Cost above the bound: per axis at most ``1.5 L / win + 2`` windows, so at most ``4 N x max_pixels``
+Cost above the bound: per axis at most ``1.5 L / win + 1/2`` windows, so at most ``4 N x max_pixels``
 similarity pairs per aggregation (``N^2`` for the exact one): time linear in the image area, memory
-that of one window plus the map. Before a map over the bound (or one over the default bound when
+that of one window plus the map. Just above the bound the overlapping windows cost up to twice what
+the exact aggregation would; from about 1.5 times the bound on they cost less, and ever less. Before a map over the bound (or one over the default bound when
 ``max_pixels`` is None, i.e. exact at any size) is aggregated, :func:`announce` prints the plan and
 an estimate of the seconds, from a rate measured here on a small map of the same channels
 (:func:`measured_rate`); a tqdm bar counts the windows. Exact aggregation of a map whose estimated
@@ -190,9 +191,17 @@ def exact_memory_bytes(pixels: int, channels: int, element_size: int = 4) -> int
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory the device has free (CUDA: ``mem_get_info``; CPU: available physical pages), None if unknown."""
+    """Memory the device has free, None if unknown. CUDA: ``mem_get_info``; CPU: Linux's MemAvailable
+    (free pages plus the page cache the kernel can drop), else the free physical pages."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

@@ -146,6 +146,10 @@ def test_a_large_image_gets_an_estimate_and_a_linear_cost(capsys, monkeypatch):
     assert "test-time aggregation" not in capsys.readouterr().out
 
 
+def test_the_free_memory_is_known_on_this_machine():
+    assert aggregation.free_memory_bytes(torch.device("cpu")) > 0
+
+
 def test_exact_aggregation_beyond_the_free_memory_is_refused_with_what_to_set(monkeypatch):
     monkeypatch.setattr(aggregation, "free_memory_bytes", lambda device: 1 << 20)
     model = StrideEight().eval()
