@@ -218,7 +218,8 @@ def check_budget(plan: AggregationPlan, like: Tensor, free: int | None) -> None:
             f"exact test-time aggregation of a {plan.height} x {plan.width} feature map ({plan.pixels:,} pixels, "
             f"{like.shape[1]} channels) needs about {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB "
             f"free on {like.device}: set eval.aggregation_max_pixels={DEFAULT_MAX_PIXELS} (windows of at most that "
-            f"many feature pixels, cost linear in the image area) or turn the aggregation off (--no-aggregate)")
+            f"many feature pixels, cost linear in the image area) or turn the aggregation off (--no-aggregate, "
+            f"eval.test_time_aggregation=false)")
 
 
 def announce(plan: AggregationPlan, features: Tensor, classes: int,
