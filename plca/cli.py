@@ -552,23 +552,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         setattr(args, target, list(getattr(args, target) or []) + extra)
-    from plca.data.io import DatasetError
-    from plca.engine.checkpoint import CheckpointError
-    from plca.engine.distributed import DeviceError
-    from plca.engine.run_dir import RunDirError
-    from plca.engine.trainer import TrainingError, TrainingInterrupted
-    from plca.models.weights import WeightsError
-    from plca.serialization import UnreadableFileError
+    from plca.engine.stop_report import REPORTED_ERRORS, exit_status, stop_text
+    from plca.engine.trainer import TrainingInterrupted
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, WeightsError, CheckpointError, TrainingError, RunDirError, DeviceError,
-            UnreadableFileError) as error:
-        print(f"plca {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as error:
-        print(f"plca {args.command}: {error}", file=sys.stderr)
-        return 130
+    except (*REPORTED_ERRORS, TrainingInterrupted) as error:  # the same text ends a run's train.log
+        print(stop_text(args.command, error), file=sys.stderr)
+        return exit_status(error)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ from plca.tools.sweep_table import (DEFAULT_FLAG_RANGE, MANIFEST, SweepError, ag
 #: Keys the sweep sets itself for every run.
 RESERVED_KEYS = ("run_name", "output_dir", "train.seed")
 LAUNCHERS = ("local", "slurm", "submitit-local")
+#: Exit statuses of a run stopped by SIGINT (130) or SIGTERM (143), after saving a checkpoint.
+INTERRUPTED_EXITS = (130, 143)
 _STDERR_TAIL = 20
 _STOP_WAIT_S = 80.0  # how long a preempted job waits for its run to save a checkpoint
 _ALIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED")
@@ -468,8 +470,8 @@ class _Sweep:
                 returncode = job()
             except KeyboardInterrupt:
                 returncode = 130
-            if returncode == 130:  # interrupted (Ctrl-C or SIGTERM): it saved, a re-run resumes it
-                entry.update(status="pending", finished=_now(), returncode=130,
+            if returncode in INTERRUPTED_EXITS:  # Ctrl-C or SIGTERM: it saved, a re-run resumes it
+                entry.update(status="pending", finished=_now(), returncode=returncode,
                              note="interrupted; the same plca sweep command resumes it")
                 self.outcome.interrupted = True
                 self.save()
