@@ -2,7 +2,8 @@
 
 Scanned: ``README.md``, ``docs/**/*.md`` and ``plca/**/*.py``. A reference is a path that starts at
 one of the repository's top-level folders (``docs/method.md``, ``configs/folder_plca.yaml``,
-``bench/association.py``; a ``*`` must match at least one file), an upper-case Markdown name
+``bench/association.py``; a ``*`` must match at least one file), a config piece
+(``_base_/models/x.yaml``, in ``configs/``), an upper-case Markdown name
 (``README.md``, ``METHOD.md``), or the target of a relative Markdown link (resolved from the page's
 folder). A file of another project is named with its repository in front
 (``lhoyer/DAFormer/configs/...``), which this check leaves alone.
@@ -18,6 +19,8 @@ FOLDERS = ("docs", "configs", "bench", "plca", "tests", "scripts", "examples", "
 EXTENSIONS = ("md", "yaml", "yml", "py", "json", "txt", "toml", "csv", "sh")
 # not preceded by a path or word character: "/x/configs/a.yaml" and "lhoyer/DAFormer/configs/a.py" are not ours
 _PATH = re.compile(rf"(?<![\w/.<>$-])((?:{'|'.join(FOLDERS)})/[\w.*/=-]*\.(?:{'|'.join(EXTENSIONS)}))\b")
+# config pieces are named from the configs folder, as the configs' own _base_ lists name them
+_BASE = re.compile(r"(?<![\w/.<>$-])(_base_/[\w./-]*\.ya?ml)\b")
 _MARKDOWN_NAME = re.compile(r"(?<![\w/.-])([A-Z][A-Z_]+\.md)\b")
 _LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
 
@@ -32,6 +35,8 @@ def references(path: Path, root: Path = ROOT) -> list[tuple[int, str, Path]]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         for match in _PATH.finditer(line):
             found.append((number, match.group(1), root / match.group(1)))
+        for match in _BASE.finditer(line):
+            found.append((number, match.group(1), root / "configs" / match.group(1)))
         for match in _MARKDOWN_NAME.finditer(line):
             found.append((number, match.group(1), root / match.group(1)))
         if path.suffix == ".md":
@@ -76,7 +81,8 @@ def test_the_scan_finds_what_is_missing_and_leaves_other_projects_alone(tmp_path
         "See `docs/method.md` and METHOD.md; configs/*_plca.yaml and configs/*_none.yaml; "
         "[the notes](docs/notes.md), [the web](https://example.org/x.md).\n")
     (tmp_path / "docs" / "method.md").write_text("[back](../README.md) and [gone](../bench/gone.py)\n")
-    (tmp_path / "plca" / "m.py").write_text('"""As ``lhoyer/DAFormer/configs/_base_/x.py``; see bench/none.py."""\n')
+    (tmp_path / "plca" / "m.py").write_text('"""As ``lhoyer/DAFormer/configs/_base_/x.py``; see bench/none.py, '
+                                           '_base_/models/none.yaml."""\n')
     assert sorted(missing(tmp_path)) == sorted([
         "README.md:1: METHOD.md", "README.md:1: configs/*_none.yaml", "README.md:1: docs/notes.md",
-        "docs/method.md:1: ../bench/gone.py", "plca/m.py:1: bench/none.py"])
+        "docs/method.md:1: ../bench/gone.py", "plca/m.py:1: bench/none.py", "plca/m.py:1: _base_/models/none.yaml"])
