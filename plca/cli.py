@@ -201,7 +201,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                              folder=args.slurm_folder, additional=parse_slurm_args(args.slurm_arg or []))
         outcome = run_sweep(config_path, seeds, args.grid or [], overrides, launcher=args.launcher,
                             nproc_per_node=args.nproc_per_node, slurm=slurm, flag_range=args.flag_range,
-                            wait=not args.no_wait, dry_run=args.dry_run)
+                            wait=not args.no_wait, dry_run=args.dry_run, progress_every_s=args.progress_every)
     except SweepError as error:
         print(f"plca sweep: error: {error}", file=sys.stderr)
         return 2
@@ -511,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flag-range", type=float, default=10.0, metavar="POINTS",
                    help="flag a class whose IoU spans more than POINTS across seeds (default 10)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their commands; run nothing")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="local: say the running run's step and ETA and the runs done this often, when the run "
+                        "logged a new step (0: only when a run ends; default 30)")
     slurm = p.add_argument_group("Slurm (--launcher slurm)")
     slurm.add_argument("--partition", help="Slurm partition")
     slurm.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node, one process each (default 1)")
@@ -572,24 +575,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         setattr(args, target, list(getattr(args, target) or []) + extra)
-    from plca.data.io import DatasetError
-    from plca.engine.checkpoint import CheckpointError
-    from plca.engine.distributed import DeviceError
-    from plca.engine.run_dir import RunDirError
-    from plca.engine.trainer import TrainingError, TrainingInterrupted
-    from plca.evaluation.aggregation import AggregationBudgetError
-    from plca.models.weights import WeightsError
-    from plca.serialization import UnreadableFileError
+    from plca.engine.stop_report import REPORTED_ERRORS, exit_status, stop_text
+    from plca.engine.trainer import TrainingInterrupted
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, WeightsError, CheckpointError, TrainingError, RunDirError, DeviceError,
-            UnreadableFileError, AggregationBudgetError) as error:
-        print(f"plca {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as error:
-        print(f"plca {args.command}: {error}", file=sys.stderr)
-        return 130
+    except (*REPORTED_ERRORS, TrainingInterrupted) as error:  # the same text ends a run's train.log
+        print(stop_text(args.command, error), file=sys.stderr)
+        return exit_status(error)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ from plca.engine.run_dir import RunLock, check_resume_config
 from plca.engine.run_files import prepare_run_dir, record_run
 from plca.engine.run_place import RunPlace, locate_run, resume_command
 from plca.engine.state import TrainState
+from plca.engine.stop_report import record_stop
 from plca.engine.update import update
 from plca.engine.validation import Validation, test_time_aggregation_enabled
 
@@ -123,10 +124,12 @@ def train(config: Config, resume: str | Path | None = None, max_steps: int | Non
     session = _Session(config, info, place, progress, data_check, argv)
     try:
         return session.run(max_steps)
-    except BaseException:
+    except BaseException as error:
         if info.is_main and place.created and session.state.step == 0 and session.checkpointer.saved_step is None:
             lock.release()
             shutil.rmtree(place.run_dir, ignore_errors=True)  # a run that never started leaves nothing behind
+        elif isinstance(error, Exception):
+            record_stop(session.logger, "train", error)  # train.log ends with what stderr says
         raise
     finally:
         session.close()
@@ -176,7 +179,7 @@ class _Session:
             self.logger.info("warmup shortened from %d to %d updates (a quarter of train.iters)",
                              config.train.warmup_iters, warmup)
         self.failures = FailurePolicy(state, self.checkpointer, self._save_last, info, self.run_dir, config.train,
-                                      self.logger)
+                                      self.logger, on_error=config.data.on_error)
         self.validation = Validation(config, self.datasets.val, method, state, self.checkpointer, self.header,
                                      self.board, info, self.run_dir, self.logger, self.progress)
         return self._loop(max_steps)

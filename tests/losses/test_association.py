@@ -1,4 +1,4 @@
-"""The association loss and spatial aggregation against the nested-loop reference of METHOD.md,
+"""The association loss and spatial aggregation against the nested-loop reference (docs/method.md),
 and the blockwise implementation against the dense one."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Batch reduction of the association loss (positives pooled over the batch, the reference's, or
 per-pair means), the exposed cycles ``j(i)`` / ``i'(i)``, and the precision of the products under
-autocast, against the nested-loop reference of METHOD.md."""
+autocast, against the nested-loop reference (docs/method.md)."""
 
 from __future__ import annotations
 
