@@ -271,7 +271,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "score a trained model on a validation set",
         "Computes the confusion matrix of a model on a labelled validation set and prints each protocol "
         "(mIoU19 / 16 / 13) with its per-class IoU. The model comes from the file (a run directory means its "
-        "final model); a config is optional and supplies the data: if it asks for another network or class "
+        "final model; an unfinished run is refused unless --allow-unfinished); a config is optional and supplies the data: if it asks for another network or class "
         "list than the file holds, that is an error naming both.",
         "  plca evaluate --checkpoint runs/<run_name>\n"
         "  plca evaluate --checkpoint model.safetensors data.val.format=folder data.val.root=/data/tgt "
@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate", action=argparse.BooleanOptionalAction, default=None,
                    help="PLCA's test-time spatial aggregation (default: eval.test_time_aggregation, which is the "
                         "method's default when null: on for plca)")
-    p.add_argument("--output", help="where to write the metrics JSON (default: next to the checkpoint)")
+    p.add_argument("--output", help="where to write the metrics JSON (default: next to the model file, named "
+                                    "after it and the data: <model>.<format>-<split>-<root hash>.metrics.json)")
     p.add_argument("--gallery", type=int, default=0, metavar="N",
                    help="also write the N validation images with the lowest and the N with the highest per-image "
                         "mIoU as input | prediction | label | error panels, with index.md / index.json")
