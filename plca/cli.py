@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from plca.evaluation.metrics import format_table
-    from plca.tools.evaluate import evaluate_checkpoint
+    from plca.tools.evaluate import default_metrics_path, describe_scored, evaluate_checkpoint
 
     from plca.tools.gallery import default_gallery_dir
 
@@ -83,11 +83,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     gallery_dir = args.gallery_dir or (default_gallery_dir(args.output) if args.output else None)
     metrics, classes = evaluate_checkpoint(args.checkpoint, config_path, overrides,
                                            test_time_aggregation=args.aggregate, progress=not args.no_progress,
-                                           gallery=args.gallery, gallery_dir=gallery_dir)
+                                           gallery=args.gallery, gallery_dir=gallery_dir,
+                                           allow_unfinished=args.allow_unfinished)
     print(f"model: {metrics['model']}")
+    print("\n".join(describe_scored(metrics)))
     print(format_table({Path(args.checkpoint).name: metrics}, classes))
-    source = Path(metrics["checkpoint"])
-    output = Path(args.output) if args.output else source.with_suffix(".metrics.json")
+    output = Path(args.output) if args.output else default_metrics_path(metrics)
     output.write_text(json.dumps(metrics, indent=2))
     print(f"metrics written to {output}")
     if "gallery" in metrics:
@@ -117,7 +118,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.submission and args.split is None:
         raise ConfigError("--submission needs --split SPLIT (the dataset's test images, whose names the server "
                           "matches), not --input")
-    model, config = load_model_for_inference(args.checkpoint, config_path, overrides)
+    model, config = load_model_for_inference(args.checkpoint, config_path, overrides,
+                                             allow_unfinished=args.allow_unfinished)
     window = args.window or (tuple(config.train.crop_size) if args.sliding_window else None)
     options = options_from_config(
         config, size=tuple(args.size) if args.size else None, scales=tuple(args.scales), flip=args.flip,
@@ -215,7 +217,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from plca.tools.export import export_model
 
     config = load_config(args.config, args.overrides) if args.config else None
-    path = export_model(args.source, args.output, config=config, which=args.which)
+    path = export_model(args.source, args.output, config=config, which=args.which,
+                        allow_unfinished=args.allow_unfinished)
     print(f"exported to {path} (use it with plca predict --checkpoint {path} or plca evaluate)")
     return 0
 
@@ -234,6 +237,12 @@ def cmd_weights(args: argparse.Namespace) -> int:
     print(f"wrote {output} in this project's layout (use it as model.backbone={identity.backbone}{style} "
           f"model.pretrained={output})")
     return 0
+
+
+def _allow_unfinished_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-unfinished", action="store_true",
+                        help="accept a model of a run that did not reach its end (e.g. last.pt at step 2 of 6); "
+                             "without it such a model is refused, naming the step it reached")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -265,7 +274,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "score a trained model on a validation set",
         "Computes the confusion matrix of a model on a labelled validation set and prints each protocol "
         "(mIoU19 / 16 / 13) with its per-class IoU. The model comes from the file (a run directory means its "
-        "final model); a config is optional and supplies the data: if it asks for another network or class "
+        "final model; an unfinished run is refused unless --allow-unfinished); a config is optional and supplies the data: if it asks for another network or class "
         "list than the file holds, that is an error naming both.",
         "  plca evaluate --checkpoint runs/<run_name>\n"
         "  plca evaluate --checkpoint model.safetensors data.val.format=folder data.val.root=/data/tgt "
@@ -396,12 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate", action=argparse.BooleanOptionalAction, default=None,
                    help="PLCA's test-time spatial aggregation (default: eval.test_time_aggregation, which is the "
                         "method's default when null: on for plca)")
-    p.add_argument("--output", help="where to write the metrics JSON (default: next to the checkpoint)")
+    p.add_argument("--output", help="where to write the metrics JSON (default: next to the model file, named "
+                                    "after it and the data: <model>.<format>-<split>-<root hash>.metrics.json)")
     p.add_argument("--gallery", type=int, default=0, metavar="N",
                    help="also write the N validation images with the lowest and the N with the highest per-image "
                         "mIoU as input | prediction | label | error panels, with index.md / index.json")
     p.add_argument("--gallery-dir", metavar="DIR",
                    help="folder for the gallery (default: X.gallery next to the metrics JSON X.metrics.json)")
+    _allow_unfinished_flag(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -450,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the config's device)")
     p.add_argument("--batch-size", type=int, default=1, help="images (or windows) per forward pass")
     p.add_argument("--num-workers", type=int, default=2, help="image-reading processes")
+    _allow_unfinished_flag(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -537,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which model of a run directory (default: final; best_on_val is oracle model selection)")
     p.add_argument("--config", help="config for a checkpoint that carries none (e.g. the authors' release)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for --config")
+    _allow_unfinished_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = _subcommand(sub, "weights")

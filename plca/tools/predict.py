@@ -280,11 +280,11 @@ class PredictSummary:
 
 
 def load_model_for_inference(checkpoint: str | Path, config_path: str | Path | None = None,
-                             overrides: Sequence[str] = ()) -> tuple[nn.Module, Config]:
+                             overrides: Sequence[str] = (), allow_unfinished: bool = True) -> tuple[nn.Module, Config]:
     """The model (CPU, eval mode) and its config (see :func:`plca.inference.load_for_inference`)."""
     from plca.inference import load_for_inference
 
-    model, config, _ = load_for_inference(checkpoint, config_path, overrides)
+    model, config, _ = load_for_inference(checkpoint, config_path, overrides, allow_unfinished=allow_unfinished)
     return model, config
 
 

@@ -668,7 +668,8 @@ def write_run_gallery(run: RunRecord, folder: Path, count: int, panel_width: int
     from plca.serialization import UnreadableFileError
 
     try:
-        evaluate_checkpoint(run.path, progress=progress, gallery=count, gallery_dir=folder, panel_width=panel_width)
+        evaluate_checkpoint(run.path, progress=progress, gallery=count, gallery_dir=folder, panel_width=panel_width,
+                            allow_unfinished=True)
     except (ConfigError, DatasetError, WeightsError, CheckpointError, DeviceError, UnreadableFileError) as error:
         raise ReportError(f"--gallery: run '{run.path}': {error}") from None
     return json.loads((folder / "index.json").read_text())

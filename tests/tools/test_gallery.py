@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from plca.cli import main
+from plca.tools.evaluate import data_key
 from plca.data.labels import palette
 from plca.engine.image_grids import colour_legend
 from plca.evaluation.evaluator import PerImageScores, evaluate
@@ -263,10 +264,11 @@ def tiny_checkpoint(tmp_path):
 def test_cli_evaluate_gallery(tmp_path, capsys):
     checkpoint = tiny_checkpoint(tmp_path)
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--gallery", "1", "--no-progress"]) == 0
-    folder = checkpoint.parent / "final.gallery"
+    key = data_key({"format": "folder", "root": str(tmp_path / "data"), "split": "val"})  # the data scored
+    folder = checkpoint.parent / f"final.{key}.gallery"
     assert str(folder) in capsys.readouterr().out
     index = json.loads((folder / "index.json").read_text())
-    metrics = json.loads((checkpoint.parent / "final.metrics.json").read_text())
+    metrics = json.loads((checkpoint.parent / f"final.{key}.metrics.json").read_text())
     assert metrics["gallery"]["dir"] == str(folder)
     assert [e["name"] for e in metrics["gallery"]["lowest"]] == [e["name"] for e in index["lowest"]]
     assert index["images"] == 3 and len(index["lowest"]) == len(index["highest"]) == 1
