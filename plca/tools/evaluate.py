@@ -88,7 +88,9 @@ def scored_what(file: ModelFile, config: Config, images: int, aggregation: bool)
         "data": {"format": val.format, "root": str(val.root), "split": val.split, "images": images},
         "images": images, "test_time_aggregation": aggregation,
         "test_time": {"size": list(config.eval.size) if config.eval.size else None, "aggregation": aggregation,
-                      "alpha": config.eval.alpha if aggregation else None, "amp": bool(config.train.amp)},
+                      "alpha": config.eval.alpha if aggregation else None,
+                      "aggregation_max_pixels": config.eval.aggregation_max_pixels if aggregation else None,
+                      "amp": bool(config.train.amp)},
     }
 
 
@@ -111,7 +113,9 @@ def describe_scored(metrics: dict) -> list[str]:
     final = {True: "final", False: "NOT the run's final model", None: "not known whether final"}[metrics["final"]]
     step = "step unknown" if metrics["step"] is None else f"step {metrics['step']}" + (
         f" of {metrics['total_steps']}" if metrics["total_steps"] is not None else "")
-    aggregation = f"on (alpha {options['alpha']})" if options["aggregation"] else "off"
+    bound = options.get("aggregation_max_pixels")
+    aggregation = (f"on (alpha {options['alpha']}, exact up to {bound} feature pixels, per window above)"
+                   if bound else f"on (alpha {options['alpha']}, exact at any size)") if options["aggregation"] else "off"
     return [f"checkpoint: {metrics['checkpoint']} ({metrics['checkpoint_format']}, {step}, {final})",
             f"data: {data['format']} '{data['root']}' split {data['split']}, {data['images']} images",
             f"protocol: {metrics['protocol']} | test time: size {options['size'] or 'as is'}, "

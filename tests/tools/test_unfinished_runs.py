@@ -109,7 +109,8 @@ def test_finished_runs_are_accepted_and_metrics_say_what_they_scored(finished, d
     assert (metrics["step"], metrics["total_steps"], metrics["final"]) == (4, 4, True)
     assert metrics["data"] == {"format": "folder", "root": str(data), "split": "val", "images": 2}
     assert metrics["run_id"] == json.loads((finished / "run.json").read_text())["run_id"]
-    assert metrics["test_time"] == {"size": None, "aggregation": False, "alpha": None, "amp": False}
+    assert metrics["test_time"] == {"size": None, "aggregation": False, "alpha": None,
+                                   "aggregation_max_pixels": None, "amp": False}
     assert metrics["protocol"] in metrics["protocols"]
     # the same model on other data: another file, the first one kept
     other = tmp_path / "other"
