@@ -37,6 +37,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from plca.models.hrda import HRDAOptions
+
 
 _LOG = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ class ModelConfig:
     drop_pretrained_head: bool = False  # drop a classifier stored with the weights (DeepLab's COCO layer5.*)
     features: str = "backbone_last"  # map of the feature-level association: backbone_last | head_embedding
     head_width: int | None = None  # channels of the DAFormer / SegFormer head's embeddings and fusion; null = the head's own (256); DeepLab-v2 heads have none
+    hrda: HRDAOptions = field(default_factory=HRDAOptions)  # HRDA's multi-resolution training and inference (plca.models.hrda)
 
 
 @dataclass
