@@ -605,12 +605,26 @@ def validate(config: Config) -> None:
         check(config.eval.model == "student" or method_cls.has_teacher,
               f"eval.model {config.eval.model}: method {config.method} has no teacher; use eval.model=student")
         _check_loss(config, check)
+        _check_hrda(config, method_cls, check)
         check(config.device == "auto" or config.device == "cpu" or config.device.split(":")[0] == "cuda",
               f"device '{config.device}' is unknown; use auto, cpu, cuda or cuda:N")
         if config.method_options is not None and hasattr(config.method_options, "validate"):
             config.method_options.validate(config)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def _check_hrda(config: Config, method_cls, check) -> None:
+    """``model.hrda`` against the crop and the evaluation."""
+    hrda = config.model.hrda
+    if not hrda.enabled:
+        return
+    check(all(d <= c for d, c in zip(hrda.detail_crop_size, config.train.crop_size)),
+          f"model.hrda.detail_crop_size {hrda.detail_crop_size} must fit in train.crop_size {config.train.crop_size}")
+    tta = config.eval.test_time_aggregation
+    check(not (method_cls.test_time_aggregation if tta is None else tta),
+          "eval.test_time_aggregation: PLCA's test-time aggregation is not defined for HRDA's fused sliding-window "
+          "prediction; set eval.test_time_aggregation=false with model.hrda.enabled")
 
 
 def _check_loss(config: Config, check) -> None:

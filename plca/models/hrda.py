@@ -122,12 +122,14 @@ class MultiResolution(nn.Module):
         """The scale attention ``(B, K or 1, h, w)`` in [0, 1] of the context view's backbone maps."""
         return torch.sigmoid(self.scale_attention(levels))
 
-    def train_forward(self, net: SingleScale, images: Tensor, return_bottleneck: bool = False) -> dict[str, Tensor]:
-        """HRDA's training forward of a crop ``(B, 3, H, W)``: the output keys of the module's docstring."""
+    def train_forward(self, net: SingleScale, images: Tensor, return_bottleneck: bool = False,
+                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """HRDA's training forward of a crop ``(B, 3, H, W)``: the output keys of the module's docstring; the
+        detail box is drawn from ``generator`` (torch's global generator when None)."""
         options = self.options
         levels, embedding, context_logits, stride = self._context(net, images)
         box = sample_detail_box(images.shape[-2], images.shape[-1], options.detail_crop_size,
-                                options.crop_divisible)
+                                options.crop_divisible, generator)
         detail_levels = net.levels(crop(images, box))
         detail_embedding = net.head.embed(detail_levels)
         detail_logits = net.head.classify(detail_embedding)
@@ -157,7 +159,23 @@ class MultiResolution(nn.Module):
 
     def inference(self, net: SingleScale, images: Tensor) -> Tensor:
         """HRDA's test prediction of images ``(B, 3, H, W)``: :meth:`encode_decode`, over sliding windows of
-        ``test_crop_size`` when the input is larger (then at full resolution, ``(B, K, H, W)``)."""
+        ``test_crop_size`` when the input is larger (then at full resolution, ``(B, K, H, W)``).
+
+        An input whose sides are not multiples of ``crop_divisible`` (the grid on which context and detail
+        align) is padded with zeros at the bottom and right, and the prediction, resized to the padded
+        input, cropped back to ``(B, K, H, W)``.
+        """
+        height, width = images.shape[-2:]
+        align = self.options.crop_divisible
+        pad_h, pad_w = -height % align, -width % align
+        if not pad_h and not pad_w:
+            return self._windows(net, images)
+        padded = F.pad(images, (0, pad_w, 0, pad_h))
+        logits = F.interpolate(self._windows(net, padded), size=padded.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        return logits[..., :height, :width]
+
+    def _windows(self, net: SingleScale, images: Tensor) -> Tensor:
         window = self.options.test_crop_size
         if window is None or (images.shape[-2] <= window[0] and images.shape[-1] <= window[1]):
             return self.encode_decode(net, images)

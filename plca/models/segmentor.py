@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from plca.models.hrda import MultiResolution, hrda_options
@@ -109,17 +110,19 @@ class Segmentor(nn.Module):
         """Class logits ``(B, K, h, w)`` of the head's embedding ``(B, E, h, w)``."""
         return self.head.classify(embedding)
 
-    def forward(self, images: Tensor, return_bottleneck: bool = False) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, return_bottleneck: bool = False,
+                generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """``{'features': (B, C, h', w'), 'logits': (B, K, h, w)}`` for images ``(B, 3, H, W)``.
 
         ``features`` is the map of the feature-level association (:attr:`features` says which);
         logits are at the head's resolution (1/8 for DeepLab-v2, 1/4 for DAFormer), not upsampled.
         With ``return_bottleneck`` also ``'bottleneck'``: the backbone's last map. With HRDA see
-        :mod:`plca.models.hrda` (train mode: its keys; eval mode: ``{'logits'}`` of the fused prediction).
+        :mod:`plca.models.hrda` (train mode: its keys, the detail box drawn from ``generator``, torch's
+        global one when None; eval mode: ``{'logits'}`` of the fused prediction). Single-scale: ``generator`` unused.
         """
         if self.multi_resolution is not None:
             if self.training:
-                return self.multi_resolution.train_forward(self, images, return_bottleneck)
+                return self.multi_resolution.train_forward(self, images, return_bottleneck, generator)
             return {"logits": self.multi_resolution.inference(self, images)}
         levels = self.levels(images)
         embedding = self.head.embed(levels)

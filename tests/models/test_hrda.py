@@ -161,6 +161,7 @@ def test_the_training_forward_fuses_its_own_views_and_inference_slides_at_full_r
     model.eval()
     assert model(images)["logits"].shape == (2, 3, 16, 16)  # one test window: at the output stride
     assert model(torch.rand(1, 3, 64, 128) * 255)["logits"].shape == (1, 3, 64, 128)  # windows: full resolution
+    assert model(torch.rand(1, 3, 70, 90) * 255)["logits"].shape == (1, 3, 70, 90)  # padded to the grid, cropped back
     assert "hrda" in model.describe() and any("scale_attention" in n for n, _ in model.parameter_parts()["head"])
 
 
