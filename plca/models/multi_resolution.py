@@ -72,7 +72,9 @@ def fuse_scales(context: Tensor, detail: Tensor, attention: Tensor, context_scal
     size = (round(context.shape[-2] * factor), round(context.shape[-1] * factor))
     if box is not None:
         mask = torch.zeros_like(context[:, :1])
-        y1, y2, x1, x2 = scale_box(box, factor)
+        # HRDA truncates the box onto the context grid (scale_box's int()): with output stride 8 and
+        # crop_divisible 8 (its DeepLab-v2 runs) the attention's box may start half a context cell early
+        y1, y2, x1, x2 = (int(coordinate / factor) for coordinate in box)
         mask[..., y1:y2, x1:x2] = 1
         attention = attention * mask
         inserted = detail.new_zeros(*detail.shape[:2], *size)

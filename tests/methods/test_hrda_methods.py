@@ -137,3 +137,33 @@ def test_resumed_hrda_self_training_with_mic_and_plca_equals_an_uninterrupted_ru
         assert torch.equal(a[key], b[key]), key
     lines = [json.loads(line) for line in (full.run_dir / "scalars.jsonl").read_text().splitlines()]
     assert all(line["loss/masked_ce"] > 0 and line["loss/assoc_feature"] >= 0 for line in lines)
+
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parent.parent.parent / "configs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gta2cityscapes_hrda_mitb5.yaml", "gta2cityscapes_mic_hrda_mitb5_plca.yaml",
+                                  "synthia2cityscapes_mic_hrda_mitb5.yaml", "gta2cityscapes_hrda_deeplabv2_plca.yaml"])
+def test_shipped_hrda_configs_train_two_updates_at_reduced_sizes(data, tmp_path, name):
+    from plca.config import load_config
+
+    small_model = (["model.backbone=mit_b0", "model.head_width=16"] if "mitb5" in name
+                   else ["model.backbone=resnet18", "model.style=pytorch", "model.hrda.crop_divisible=16"])
+    folder = [f"data.{split}.{key}" for split in ("source", "target", "val") for key in ("format=folder",)]
+    overrides = [*folder, f"data.source.root={data}", f"data.target.root={data}", f"data.val.root={data}",
+                 "data.source.split=train", "data.target.split=train", "data.val.split=val",
+                 f"data.classes=[{','.join(CLASSES)}]", "data.rare_class_sampling.min_pixels=30", "data.num_workers=0",
+                 *small_model, "model.pretrained=null", "self_training.feature_distance.enabled=false",
+                 "model.hrda.detail_crop_size=[32,32]", "model.hrda.test_crop_size=[64,64]",
+                 "model.hrda.test_stride=[32,32]", "self_training.masking.patch_size=8",
+                 "train.crop_size=[64,64]", "train.shorter_side=null", "train.target_shorter_side=null",
+                 "eval.size=null", "train.iters=2", "train.batch_size=2", f"output_dir={tmp_path}", "device=cpu"]
+    config = load_config(CONFIGS / name, overrides)
+    assert config.model.hrda.enabled and config.model.hrda.context_scale == 0.5
+    result = train(config, progress=False)
+    assert result.step == 2 and (result.run_dir / "metrics.json").is_file()
+    lines = [json.loads(line) for line in (result.run_dir / "scalars.jsonl").read_text().splitlines()]
+    assert all(line["loss/source_ce_detail"] > 0 for line in lines)
+    assert ("loss/masked_ce" in lines[-1]) == ("mic" in name)
+    assert ("loss/assoc_feature" in lines[-1]) == name.endswith("_plca.yaml")
