@@ -615,12 +615,11 @@ def validate(config: Config) -> None:
 
 
 def _check_hrda(config: Config, method_cls, check) -> None:
-    """``model.hrda`` against the crop and the evaluation."""
+    """``model.hrda`` against the evaluation (a detail crop larger than the training crop is refused at the
+    first step, naming both keys: the data checks shrink crops by override)."""
     hrda = config.model.hrda
     if not hrda.enabled:
         return
-    check(all(d <= c for d, c in zip(hrda.detail_crop_size, config.train.crop_size)),
-          f"model.hrda.detail_crop_size {hrda.detail_crop_size} must fit in train.crop_size {config.train.crop_size}")
     tta = config.eval.test_time_aggregation
     check(not (method_cls.test_time_aggregation if tta is None else tta),
           "eval.test_time_aggregation: PLCA's test-time aggregation is not defined for HRDA's fused sliding-window "
