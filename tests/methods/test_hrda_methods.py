@@ -119,6 +119,13 @@ def test_source_only_and_plca_train_two_updates_with_hrda(data, tmp_path, method
     assert 0.0 <= metrics["mIoU"] <= 100.0
     lines = [json.loads(line) for line in (result.run_dir / "scalars.jsonl").read_text().splitlines()]
     assert all(line["loss/source_ce_detail"] > 0 for line in lines)
+    # the saved model rebuilds as HRDA from the file alone (its description carries model.hrda)
+    from plca.inference import load_for_inference
+
+    model, _, _ = load_for_inference(result.run_dir)
+    assert model.multi_resolution is not None and model.multi_resolution.options.detail_crop_size == [32, 32]
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 72, 96) * 255)["logits"].shape == (1, 3, 18, 24)
 
 
 @pytest.mark.slow
