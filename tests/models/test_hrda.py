@@ -174,3 +174,14 @@ def test_bad_hrda_keys_name_the_key():
     with pytest.raises(ConfigError, match="model.hrda.context_scale"):
         build_config({"method": "source_only", "data": {"classes": ["a"], "source": {"root": "-"}},
                       "model": {"hrda": {"enabled": True, "context_scale": 1.5}}})
+
+
+def test_the_scale_attention_learns_at_the_heads_rate_as_hrdas_head_key_gives_it():
+    from plca.engine.optim import build_optimizer
+
+    model = _hrda_model()
+    optimizer = build_optimizer(model, lr=1e-4, head_lr_mult=10.0, kind="adamw")
+    attention = {id(p) for p in model.multi_resolution.parameters()}
+    by_group = [{id(p) for p in group["params"]} & attention for group in optimizer.param_groups]
+    assert set().union(*by_group) == attention
+    assert all(group["lr_mult"] == 10.0 for group, ids in zip(optimizer.param_groups, by_group) if ids)
