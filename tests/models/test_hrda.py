@@ -185,3 +185,16 @@ def test_the_scale_attention_learns_at_the_heads_rate_as_hrdas_head_key_gives_it
     by_group = [{id(p) for p in group["params"]} & attention for group in optimizer.param_groups]
     assert set().union(*by_group) == attention
     assert all(group["lr_mult"] == 10.0 for group, ids in zip(optimizer.param_groups, by_group) if ids)
+
+
+def test_a_box_off_the_context_grid_is_truncated_onto_it_as_hrda_does():
+    # output stride 8, crop_divisible 8, scale 0.5 (HRDA's DeepLab-v2 runs): detail pixel 8 is context cell 0.5
+    context, detail = torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 2, 2)
+    fused = fuse_scales(context, detail, torch.ones(1, 1, 4, 4), context_scale=0.5, box=(1, 3, 1, 3))
+    # the attention's box on the context grid is int(0.5)..int(1.5) = 0..1: cell 0 only
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 0:1, 0:1] = 1
+    inserted = torch.zeros(1, 1, 8, 8)
+    inserted[..., 1:3, 1:3] = 1
+    up = F.interpolate(mask, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(fused, up * inserted)
