@@ -183,7 +183,7 @@ def refuse_unfinished(file: ModelFile, allow_unfinished: bool = False) -> None:
 def spec_of(description: dict) -> SegmentorSpec:
     return SegmentorSpec(backbone=description["backbone"], head=description["head"], style=description.get("style"),
                          features=description.get("features", "backbone_last"),
-                         head_width=description.get("head_width"))
+                         head_width=description.get("head_width"), hrda=description.get("hrda"))
 
 
 def load_model_file(file: ModelFile, description: dict | None = None, classes=None) -> Segmentor:
