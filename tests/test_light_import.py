@@ -32,6 +32,7 @@ print(json.dumps(sorted(loaded)))
 CASES = {
     "import plca": "import plca",
     "the loss": "from plca import association_loss",
+    "the API names": "from plca import load_model, segment",
     "a segmentor": ("from plca.models import SegmentorSpec, build_segmentor\n"
                     "model = build_segmentor(SegmentorSpec(backbone='resnet18'), 3)\n"
                     "model(torch.zeros(1, 3, 32, 32))"),
