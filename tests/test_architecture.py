@@ -27,7 +27,8 @@ def _runtime_nodes(tree: ast.AST):
         node = stack.pop()
         yield node
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and getattr(child.test, "id", getattr(child.test, "attr", "")) == "TYPE_CHECKING":
+            if isinstance(child, ast.If) and getattr(child.test, "id",
+                                                     getattr(child.test, "attr", "")) == "TYPE_CHECKING":
                 stack.extend(child.orelse)
                 continue
             stack.append(child)
@@ -77,7 +78,8 @@ def package_graph(type_checking: bool = False) -> dict[str, set[str]]:
     known = set(modules())
     graph = {name: imports_of(path, known, type_checking) for name, path in modules().items()}
     # importing a submodule runs its parents' __init__ first; that is not a dependency of the child
-    return {name: {dep for dep in deps if dep != name and not name.startswith(dep + ".")} for name, deps in graph.items()}
+    return {name: {dep for dep in deps if dep != name and not name.startswith(dep + ".")}
+            for name, deps in graph.items()}
 
 
 def test_no_import_cycles_in_the_package():

@@ -35,7 +35,8 @@ def test_the_citation_names_the_paper_as_the_readme_and_the_model_cards_do():
     citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
     assert citation["cff-version"] == "1.2.0" and citation["license"] == "MIT"
     paper = citation["preferred-citation"]
-    assert paper["title"] == "Pixel-Level Cycle Association: A New Perspective for Domain Adaptive Semantic Segmentation"
+    assert paper["title"] == ("Pixel-Level Cycle Association: A New Perspective for Domain Adaptive Semantic "
+                              "Segmentation")
     assert [(a["family-names"], a["given-names"]) for a in paper["authors"]] == PAPER_AUTHORS
     assert paper["year"] == 2020 and paper["volume"] == 33
     assert PLCA_BIBTEX in (ROOT / "README.md").read_text()

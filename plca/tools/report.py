@@ -424,7 +424,8 @@ def build_markdown(runs: Sequence[RunRecord], curves: str | None, bars: str | No
               if run.final_metrics and run.final_metrics.get("per_class_IoU")}
     lines += ["", "## Per-class IoU (%)", ""]
     if scored:
-        lines += [format_markdown_table(scored, union_classes([r for r, l in zip(runs, labels) if l in scored])), ""]
+        scored_runs = [run for run, label in zip(runs, labels) if label in scored]
+        lines += [format_markdown_table(scored, union_classes(scored_runs)), ""]
         protocols = {name: metrics.get("protocols", {}) for name, metrics in scored.items()}
         if any(protocols.values()):
             lines += ["Every protocol's mean (each over its own classes):", ""]
