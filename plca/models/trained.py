@@ -4,7 +4,8 @@ Kinds: a plca checkpoint or model file (``.pt``: ``last.pt``, ``final.pt``, ``be
 which describe their segmentor and classes), a plca export (``.safetensors`` whose metadata
 holds the same), and the PLCA authors' released DeepLab-v2 checkpoints (``{'weights': ...}``,
 which describe nothing: the model comes from a config, the class order is theirs).
-A run directory stands for its ``checkpoints/final.pt`` (``last.pt`` for an unfinished run).
+A run directory stands for its ``checkpoints/final.pt`` (``last.pt`` for an unfinished run); a model
+folder (``plca export --format folder``) for its ``model.safetensors``, an export.
 
 Whether a file holds the end of its run (:attr:`ModelFile.final`) is what the file says
 (``final`` in a checkpoint's header or an export's metadata), else, for older files, a
@@ -69,14 +70,28 @@ def describe_model(description: dict, classes=None) -> str:
     return f"{description['backbone']}{style} + {description['head']} head{width} with {count} classes"
 
 
+#: A model folder's description and weights (:mod:`plca.tools.model_folder`).
+MODEL_FOLDER_CONFIG = "config.json"
+MODEL_FOLDER_WEIGHTS = "model.safetensors"
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a model folder: a folder with ``config.json`` and ``model.safetensors``."""
+    path = Path(path)
+    return (path / MODEL_FOLDER_CONFIG).is_file() and (path / MODEL_FOLDER_WEIGHTS).is_file()
+
+
 #: The models of a run directory, by checkpoint name (``checkpoints/<name>.pt``); best_on_val is oracle selection.
 RUN_MODELS: tuple[str, ...] = ("final", "last", "best_on_val")
 
 
 def resolve_model_path(source: str | Path, which: str = "final") -> Path:
     """``source`` itself when it is a file; ``RUN_DIR/checkpoints/<which>.pt`` for a run directory
-    (``which``: one of :data:`RUN_MODELS`; ``"final"`` falls back to ``last.pt`` when the run has not finished)."""
+    (``which``: one of :data:`RUN_MODELS`; ``"final"`` falls back to ``last.pt`` when the run has not finished);
+    ``FOLDER/model.safetensors`` for a model folder."""
     source = Path(source)
+    if is_model_folder(source):
+        return source / MODEL_FOLDER_WEIGHTS
     if source.is_dir():
         folder = source / "checkpoints"
         candidates = [folder / f"{which}.pt"] + ([folder / "last.pt"] if which == "final" else [])

@@ -89,7 +89,7 @@ def test_sigkill_at_a_random_step_then_resume_matches(config_file, uninterrupted
     resumed = run_cli("train", "--resume", str(run_dir), "--no-progress")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    assert f"resumed from" in err
+    assert "resumed from" in err
     assert_same_weights(final_weights(run_dir), uninterrupted)
 
 

@@ -76,7 +76,8 @@ def test_metadata_holds_format_classes_and_config(run_dir, tmp_path):
     segmentor = json.loads(metadata["segmentor"])
     assert (segmentor["backbone"], segmentor["head"], segmentor["style"], segmentor["num_classes"]) == \
         ("resnet18", "deeplabv2", "pytorch", 3)
-    assert segmentor["normalization"] == {"bgr": False, "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
+    assert segmentor["normalization"] == {"bgr": False, "mean": [123.675, 116.28, 103.53],
+                                          "std": [58.395, 57.12, 57.375]}
     assert yaml.safe_load(metadata["config"]) == to_dict(config)
     assert metadata["step"] == "7"
 

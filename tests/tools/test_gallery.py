@@ -60,18 +60,18 @@ def brute_force_score(prediction, label):
     ious, correct, counted = [], 0, 0
     for c in range(K):
         tp = fp = fn = 0
-        for p, l in zip(prediction.ravel().tolist(), label.ravel().tolist()):
-            if l == 255:
+        for p, truth in zip(prediction.ravel().tolist(), label.ravel().tolist()):
+            if truth == 255:
                 continue
-            tp += p == c and l == c
-            fp += p == c and l != c
-            fn += p != c and l == c
+            tp += p == c and truth == c
+            fp += p == c and truth != c
+            fn += p != c and truth == c
         if tp + fp + fn:
             ious.append(tp / (tp + fp + fn))
-    for p, l in zip(prediction.ravel().tolist(), label.ravel().tolist()):
-        if l != 255:
+    for p, truth in zip(prediction.ravel().tolist(), label.ravel().tolist()):
+        if truth != 255:
             counted += 1
-            correct += p == l
+            correct += p == truth
     return (100 * sum(ious) / len(ious) if ious else None), (100 * correct / counted if counted else None), len(ious)
 
 
@@ -84,9 +84,9 @@ def test_per_image_scores_match_a_brute_force_count():
     expected_matrix = np.zeros((K, K), dtype=np.int64)
     for item, prediction in zip(items, predictions):
         label = item["label"].numpy()
-        for p, l in zip(prediction.ravel(), label.ravel()):
-            if l != 255:
-                expected_matrix[l, p] += 1
+        for p, truth in zip(prediction.ravel(), label.ravel()):
+            if truth != 255:
+                expected_matrix[truth, p] += 1
     assert np.array_equal(confusion.matrix.numpy(), expected_matrix)
     got = scores.sorted_scores()
     assert [s.index for s in got] == list(range(len(items))) and [s.name for s in got] == [i["name"] for i in items]

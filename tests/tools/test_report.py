@@ -9,7 +9,6 @@ import yaml
 from PIL import Image
 
 from plca.cli import main
-from plca.data.labels import palette
 from plca.evaluation.metrics import summarize
 from plca.engine.run_record import write_run_record
 from plca.tools.report import (ReportError, config_differences, display_names, load_run, plot_per_class_iou,
