@@ -123,10 +123,16 @@ def tiny_config(data, out, run_name, iters=4, **extra):
 
 
 @pytest.mark.slow
-def test_resumed_self_training_equals_an_uninterrupted_run_teacher_included(data, tmp_path):
-    full = train(tiny_config(data, tmp_path, "full"), progress=False)
-    part = train(tiny_config(data, tmp_path, "part"), max_steps=2, progress=False)
-    resumed = train(tiny_config(data, tmp_path, "part"), resume=part.run_dir, progress=False)
+@pytest.mark.parametrize("model", [
+    {},
+    # MiT + DAFormer head train with dropout / drop path: random draws of torch's global generator, which the
+    # resume must continue where it stopped (nothing else may draw from it when the data stream restarts)
+    {"model.backbone": "mit_b0", "model.head": "daformer", "model.features": "head_embedding"},
+], ids=["resnet18", "mit_b0-dropout"])
+def test_resumed_self_training_equals_an_uninterrupted_run_teacher_included(data, tmp_path, model):
+    full = train(tiny_config(data, tmp_path, "full", **model), progress=False)
+    part = train(tiny_config(data, tmp_path, "part", **model), max_steps=2, progress=False)
+    resumed = train(tiny_config(data, tmp_path, "part", **model), resume=part.run_dir, progress=False)
     assert resumed.step == 4
     a = load_checkpoint(full.run_dir / "checkpoints" / "last.pt")["method"]
     b = load_checkpoint(resumed.run_dir / "checkpoints" / "last.pt")["method"]
