@@ -9,7 +9,8 @@ each storage once, as ``torch.save`` writes it:
     final.pt  the inference model; best_on_val.pt the same size (none on disk when it is a link to final.pt)
 
     python bench/disk_use.py configs/gta2cityscapes_plca.yaml
-    python bench/disk_use.py configs/gta2cityscapes_daformer_mitb5_plca.yaml self_training.feature_distance.enabled=false
+    python bench/disk_use.py configs/gta2cityscapes_daformer_mitb5_plca.yaml \
+        self_training.feature_distance.enabled=false
 
 Headers (config, description) and pickling add some kilobytes; the event files and logs are not counted.
 """

@@ -136,7 +136,8 @@ def main() -> None:
     parser.add_argument("--single-backward", action="store_true",
                         help="self-training: one backward of the summed loss (self_training.staged_backward=false)")
     parser.add_argument("--hrda", action="store_true",
-                        help="HRDA's multi-resolution step (model.hrda): context view at 0.5, detail crop of half the size")
+                        help="HRDA's multi-resolution step (model.hrda): context view at 0.5, detail crop of half "
+                             "the size")
     parser.add_argument("--mic", action="store_true", help="self-training: MIC's masked consistency (one more forward)")
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
@@ -145,7 +146,8 @@ def main() -> None:
                  staged_backward=not args.single_backward, hrda=args.hrda, mic=args.mic)
     print(f"{args.method}: {result['backbone']} + {args.head} (association on {args.features}) "
           f"{args.size[0]}x{args.size[1]} batch {args.batch} (+{args.batch} target) on {result['device']}, "
-          f"amp={args.amp}, association={args.impl}, channels_last={args.channels_last}, hrda={args.hrda}, mic={args.mic}"
+          f"amp={args.amp}, association={args.impl}, channels_last={args.channels_last}, hrda={args.hrda}, "
+          f"mic={args.mic}"
           + (f", staged_backward={result['staged_backward']}" if result["staged_backward"] is not None else ""))
     print(f"  {result['seconds_per_step']:.3f} s/step  {result['images_per_second']:.2f} images/s  "
           f"peak {result['peak_mb']:.0f} MB ({result['peak_measured_as']})")

@@ -276,7 +276,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "score a trained model on a validation set",
         "Computes the confusion matrix of a model on a labelled validation set and prints each protocol "
         "(mIoU19 / 16 / 13) with its per-class IoU. The model comes from the file (a run directory means its "
-        "final model; an unfinished run is refused unless --allow-unfinished); a config is optional and supplies the data: if it asks for another network or class "
+        "final model; an unfinished run is refused unless --allow-unfinished); a config is optional and supplies "
+        "the data: if it asks for another network or class "
         "list than the file holds, that is an error naming both.",
         "  plca evaluate --checkpoint runs/<run_name>\n"
         "  plca evaluate --checkpoint model.safetensors data.val.format=folder data.val.root=/data/tgt "

@@ -28,7 +28,8 @@ def new_run_id() -> str:
 
 
 def describe_data(config) -> dict:
-    """``{"source": {"format", "root", "split"}, "target": ..., "val": ...}`` of ``config.data`` (unset ones left out)."""
+    """``{"source": {"format", "root", "split"}, "target": ..., "val": ...}`` of ``config.data`` (unset ones
+    left out)."""
     data = {}
     for name in ("source", "target", "val"):
         spec = getattr(config.data, name)

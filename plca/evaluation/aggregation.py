@@ -24,7 +24,8 @@ other.
 Cost above the bound: per axis at most ``1.5 L / win + 1/2`` windows, so at most ``4 N x max_pixels``
 similarity pairs per aggregation (``N^2`` for the exact one): time linear in the image area, memory
 that of one window plus the map. Just above the bound the overlapping windows cost up to twice what
-the exact aggregation would; from about 1.5 times the bound on they cost less, and ever less. Before a map over the bound (or one over the default bound when
+the exact aggregation would; from about 1.5 times the bound on they cost less, and ever less.
+Before a map over the bound (or one over the default bound when
 ``max_pixels`` is None, i.e. exact at any size) is aggregated, :func:`announce` prints the plan and
 an estimate of the seconds, from a rate measured here on a small map of the same channels
 (:func:`measured_rate`); a tqdm bar counts the windows. Exact aggregation of a map whose estimated
@@ -209,7 +210,8 @@ def free_memory_bytes(device: torch.device) -> int | None:
 
 
 def check_budget(plan: AggregationPlan, like: Tensor, free: int | None) -> None:
-    """Raise :class:`AggregationBudgetError` when an exact plan over the default bound needs more than ``free`` bytes."""
+    """Raise :class:`AggregationBudgetError` when an exact plan over the default bound needs more than ``free``
+    bytes."""
     if not plan.exact or plan.pixels <= DEFAULT_MAX_PIXELS or free is None:
         return
     need = exact_memory_bytes(plan.pixels, like.shape[1], like.element_size())

@@ -114,8 +114,10 @@ def describe_scored(metrics: dict) -> list[str]:
     step = "step unknown" if metrics["step"] is None else f"step {metrics['step']}" + (
         f" of {metrics['total_steps']}" if metrics["total_steps"] is not None else "")
     bound = options.get("aggregation_max_pixels")
-    aggregation = (f"on (alpha {options['alpha']}, exact up to {bound} feature pixels, per window above)"
-                   if bound else f"on (alpha {options['alpha']}, exact at any size)") if options["aggregation"] else "off"
+    aggregation = "off"
+    if options["aggregation"]:
+        aggregation = (f"on (alpha {options['alpha']}, exact up to {bound} feature pixels, per window above)"
+                       if bound else f"on (alpha {options['alpha']}, exact at any size)")
     return [f"checkpoint: {metrics['checkpoint']} ({metrics['checkpoint_format']}, {step}, {final})",
             f"data: {data['format']} '{data['root']}' split {data['split']}, {data['images']} images",
             f"protocol: {metrics['protocol']} | test time: size {options['size'] or 'as is'}, "

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from dataset_writers import write_folder
 from tiny_runs import tiny_source_only_config

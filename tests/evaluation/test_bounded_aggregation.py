@@ -51,13 +51,13 @@ def nearest_window_reference(x: torch.Tensor, metric: str, alpha: float, max_pix
         return found[distances.index(min(distances))]
 
     tops, lefts = starts(height, win_h), starts(width, win_w)
-    dense = {(t, l): dense_spatial_aggregate(x[:, :, t:t + win_h, l:l + win_w], metric, alpha)
-             for t in tops for l in lefts}
+    dense = {(top, left): dense_spatial_aggregate(x[:, :, top:top + win_h, left:left + win_w], metric, alpha)
+             for top in tops for left in lefts}
     out = torch.empty_like(x)
     for row in range(height):
         for col in range(width):
-            t, l = nearest(row, tops, win_h), nearest(col, lefts, win_w)
-            out[:, :, row, col] = dense[(t, l)][:, :, row - t, col - l]
+            top, left = nearest(row, tops, win_h), nearest(col, lefts, win_w)
+            out[:, :, row, col] = dense[(top, left)][:, :, row - top, col - left]
     return out
 
 

@@ -70,7 +70,8 @@ def test_a_self_training_step_with_mic_and_plca_on_hrda_has_every_term_and_plca_
                  plca={"association": {"feature_weight": 0.1, "classifier_weight": 0.1}},
                  eval={"test_time_aggregation": False})
     g = torch.Generator().manual_seed(0)
-    source = {"image": torch.rand(2, 3, 64, 64, generator=g) * 255, "label": torch.randint(0, 3, (2, 64, 64), generator=g)}
+    source = {"image": torch.rand(2, 3, 64, 64, generator=g) * 255,
+              "label": torch.randint(0, 3, (2, 64, 64), generator=g)}
     target = {"image": torch.rand(2, 3, 64, 64, generator=g) * 255}
     seen = []
     original = st.segment
@@ -87,7 +88,8 @@ def test_a_self_training_step_with_mic_and_plca_on_hrda_has_every_term_and_plca_
 
 def test_plca_with_hrda_needs_test_time_aggregation_off():
     with pytest.raises(ConfigError, match="eval.test_time_aggregation"):
-        build_config({"method": "plca", "data": {"classes": CLASSES, "source": {"root": "/s"}, "target": {"root": "/t"}},
+        build_config({"method": "plca",
+                      "data": {"classes": CLASSES, "source": {"root": "/s"}, "target": {"root": "/t"}},
                       "model": MODEL, "train": {"crop_size": [64, 64]}})
 
 

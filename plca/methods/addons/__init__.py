@@ -18,6 +18,7 @@ from plca.methods.addons.strong_augment import (blur_kernel_size, color_jitter, 
                                                 hsv_to_rgb, strong_augment)
 
 __all__ = ["EMATeacher", "THING_CLASSES", "blur_kernel_size", "class_mix", "class_mix_masks", "color_jitter",
-           "detail_view", "downscale_labels", "ema_alpha", "is_multi_resolution", "feature_distance_loss", "gaussian_blur", "hsv_to_rgb", "mask_images",
-           "mix", "multi_resolution_loss", "normalized_zero", "patch_mask", "pseudo_label_accuracy", "pseudo_labels", "rgb_to_hsv",
-           "strong_augment", "thing_class_indices", "thing_mask"]
+           "detail_view", "downscale_labels", "ema_alpha", "feature_distance_loss", "gaussian_blur", "hsv_to_rgb",
+           "is_multi_resolution", "mask_images", "mix", "multi_resolution_loss", "normalized_zero", "patch_mask",
+           "pseudo_label_accuracy", "pseudo_labels", "rgb_to_hsv", "strong_augment", "thing_class_indices",
+           "thing_mask"]
