@@ -41,7 +41,7 @@ __all__ = ["HRDAOptions", "MultiResolution", "hrda_options"]
 
 @dataclass
 class HRDAOptions:
-    """The ``model.hrda`` section; defaults are HRDA's (``configs/hrda/gtaHR2csHR_hrda.py``)."""
+    """The ``model.hrda`` section; defaults are HRDA's (``lhoyer/HRDA/configs/hrda/gtaHR2csHR_hrda.py``)."""
 
     enabled: bool = False  # HRDA's multi-resolution training and inference
     context_scale: float = 0.5  # the context view is the crop at this scale (HRDA: scales=[1, 0.5])
