@@ -37,7 +37,8 @@ def run_cli(*args, **kwargs) -> subprocess.Popen:
 
 
 def config_file(tmp_path: Path, data: Path, **train_options) -> Path:
-    config = tiny_source_only_config(data, tmp_path / "runs", "run", **train_options)
+    # a fresh plca process trains it: a built-in backbone
+    config = tiny_source_only_config(data, tmp_path / "runs", "run", "resnet18", **train_options)
     path = tmp_path / "config.yaml"
     save_config(config, path)
     return path
