@@ -193,8 +193,9 @@ def _write_files(tmp: Path, world) -> list[tuple[list[str], str, str]]:
 
     weights = bad / "garbage_weights.pth"
     weights.write_bytes(np.random.default_rng(1).bytes(2048))
-    train_case({"model": {"pretrained": str(weights)}}, weights.name)
-    train_case({"model": {"pretrained": str(bad / "code.pt")}}, "not loaded for safety")
+    resnet = {"backbone": "resnet18", "style": "pytorch"}  # a backbone with a weight loader (the tiny one has none)
+    train_case({"model": {**resnet, "pretrained": str(weights)}}, weights.name)
+    train_case({"model": {**resnet, "pretrained": str(bad / "code.pt")}}, "not loaded for safety")
     latin = bad / "latin"
     write_folder(latin, classes_count=3, splits={"train": 4}, size=(40, 56), seed=3)
     (latin / "train.txt").write_bytes("caf\xe9\n".encode("latin-1") + (latin / "train.txt").read_bytes())
