@@ -239,7 +239,8 @@ def test_default_gallery_dir_is_next_to_the_metrics():
 
 
 def tiny_checkpoint(tmp_path):
-    """A random-weight checkpoint of the tiny test backbone whose config's data.val is a folder of 3 labelled 32 x 48 images."""
+    """A random-weight checkpoint of the tiny test backbone whose config's data.val is a folder of 3 labelled
+    32 x 48 images."""
     from dataset_writers import write_folder
 
     from plca.config import build_config, to_dict
