@@ -8,7 +8,8 @@ backbone gradient's squared norm. With ``--checkpoint`` the network is that mode
 source-only run's ``final.pt``) rather than the ImageNet start.
 
     python bench/term_gradients.py --tuning --batches 4
-    python bench/term_gradients.py --tuning --checkpoint runs/x/checkpoints/final.pt --set plca.association.feature_weight=0.025
+    python bench/term_gradients.py --tuning --checkpoint runs/x/checkpoints/final.pt \
+        --set plca.association.feature_weight=0.025
 """
 
 from __future__ import annotations

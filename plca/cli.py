@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from plca.evaluation.metrics import format_table
-    from plca.tools.evaluate import evaluate_checkpoint
+    from plca.tools.evaluate import default_metrics_path, describe_scored, evaluate_checkpoint
 
     from plca.tools.gallery import default_gallery_dir
 
@@ -83,11 +83,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     gallery_dir = args.gallery_dir or (default_gallery_dir(args.output) if args.output else None)
     metrics, classes = evaluate_checkpoint(args.checkpoint, config_path, overrides,
                                            test_time_aggregation=args.aggregate, progress=not args.no_progress,
-                                           gallery=args.gallery, gallery_dir=gallery_dir)
+                                           gallery=args.gallery, gallery_dir=gallery_dir,
+                                           allow_unfinished=args.allow_unfinished)
     print(f"model: {metrics['model']}")
+    print("\n".join(describe_scored(metrics)))
     print(format_table({Path(args.checkpoint).name: metrics}, classes))
-    source = Path(metrics["checkpoint"])
-    output = Path(args.output) if args.output else source.with_suffix(".metrics.json")
+    output = Path(args.output) if args.output else default_metrics_path(metrics)
     output.write_text(json.dumps(metrics, indent=2))
     print(f"metrics written to {output}")
     if "gallery" in metrics:
@@ -117,7 +118,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.submission and args.split is None:
         raise ConfigError("--submission needs --split SPLIT (the dataset's test images, whose names the server "
                           "matches), not --input")
-    model, config = load_model_for_inference(args.checkpoint, config_path, overrides)
+    model, config = load_model_for_inference(args.checkpoint, config_path, overrides,
+                                             allow_unfinished=args.allow_unfinished)
     window = args.window or (tuple(config.train.crop_size) if args.sliding_window else None)
     options = options_from_config(
         config, size=tuple(args.size) if args.size else None, scales=tuple(args.scales), flip=args.flip,
@@ -140,7 +142,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"predicting {len(inputs)} image(s) on {device}: size {list(options.size) if options.size else 'original'}, "
           f"scales {list(options.scales)}, flip {'on' if options.flip else 'off'}, "
           f"{'sliding window ' + str(list(options.window)) if options.window else 'whole image'}, "
-          f"test-time aggregation {'on' if options.test_time_aggregation else 'off'}", flush=True)
+          f"test-time aggregation {'on' if options.test_time_aggregation else 'off'}"
+          + (f" (exact up to {options.aggregation_max_pixels:,} feature pixels, per window above: "
+             f"eval.aggregation_max_pixels)" if options.test_time_aggregation and options.aggregation_max_pixels
+             else ""), flush=True)
     summary = run_predict(model, config, inputs, args.output, options, device, num_workers=args.num_workers,
                           progress=not args.no_progress, submission=submission)
     if submission is None:
@@ -198,7 +203,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                              folder=args.slurm_folder, additional=parse_slurm_args(args.slurm_arg or []))
         outcome = run_sweep(config_path, seeds, args.grid or [], overrides, launcher=args.launcher,
                             nproc_per_node=args.nproc_per_node, slurm=slurm, flag_range=args.flag_range,
-                            wait=not args.no_wait, dry_run=args.dry_run)
+                            wait=not args.no_wait, dry_run=args.dry_run, progress_every_s=args.progress_every)
     except SweepError as error:
         print(f"plca sweep: error: {error}", file=sys.stderr)
         return 2
@@ -210,10 +215,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from plca.tools.export import export_model
+    from plca.tools.model_folder import export_folder
 
     config = load_config(args.config, args.overrides) if args.config else None
-    path = export_model(args.source, args.output, config=config, which=args.which)
-    print(f"exported to {path} (use it with plca predict --checkpoint {path} or plca evaluate)")
+    writers = {"file": export_model, "folder": export_folder}
+    path = writers[args.format](args.source, args.output, config=config, which=args.which,
+                                allow_unfinished=args.allow_unfinished)
+    print(f"exported to {path} (use it with plca predict --checkpoint {path}, plca evaluate or plca.load_model)")
     return 0
 
 
@@ -231,6 +239,12 @@ def cmd_weights(args: argparse.Namespace) -> int:
     print(f"wrote {output} in this project's layout (use it as model.backbone={identity.backbone}{style} "
           f"model.pretrained={output})")
     return 0
+
+
+def _allow_unfinished_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-unfinished", action="store_true",
+                        help="accept a model of a run that did not reach its end (e.g. last.pt at step 2 of 6); "
+                             "without it such a model is refused, naming the step it reached")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -262,7 +276,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "score a trained model on a validation set",
         "Computes the confusion matrix of a model on a labelled validation set and prints each protocol "
         "(mIoU19 / 16 / 13) with its per-class IoU. The model comes from the file (a run directory means its "
-        "final model); a config is optional and supplies the data: if it asks for another network or class "
+        "final model; an unfinished run is refused unless --allow-unfinished); a config is optional and supplies the data: if it asks for another network or class "
         "list than the file holds, that is an error naming both.",
         "  plca evaluate --checkpoint runs/<run_name>\n"
         "  plca evaluate --checkpoint model.safetensors data.val.format=folder data.val.root=/data/tgt "
@@ -313,11 +327,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "  plca sweep configs/gta2cityscapes_plca.yaml --seeds 0 1 2 --launcher slurm --partition gpu "
         "--gpus-per-node 2"),
     "export": (
-        "save a trained model as one .safetensors file that describes itself",
+        "save a trained model as one .safetensors file that describes itself, or as a model folder",
         "Writes the weights of a run's final model (or of any model file) and, as metadata, the network "
         "(backbone, head, style, normalisation), the classes and the run's config: evaluate and predict then "
-        "need nothing else. No optimiser state, no pickle.",
+        "need nothing else. No optimiser state, no pickle. --format folder writes a folder instead: config.json "
+        "(network, classes, test-time settings, training config and command, metrics with their protocol), "
+        "model.safetensors and a model card README.md.",
         "  plca export runs/<run_name> --output model.safetensors\n"
+        "  plca export runs/<run_name> --format folder --output my_model/\n"
         "  plca export gta2city_plca.pth --config configs/gta2cityscapes_plca.yaml --output authors.safetensors"),
     "weights": (
         "name what a weights file is (inspect); rewrite a backbone's weights in our layout (convert)",
@@ -393,12 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate", action=argparse.BooleanOptionalAction, default=None,
                    help="PLCA's test-time spatial aggregation (default: eval.test_time_aggregation, which is the "
                         "method's default when null: on for plca)")
-    p.add_argument("--output", help="where to write the metrics JSON (default: next to the checkpoint)")
+    p.add_argument("--output", help="where to write the metrics JSON (default: next to the model file, named "
+                                    "after it and the data: <model>.<format>-<split>-<root hash>.metrics.json)")
     p.add_argument("--gallery", type=int, default=0, metavar="N",
                    help="also write the N validation images with the lowest and the N with the highest per-image "
                         "mIoU as input | prediction | label | error panels, with index.md / index.json")
     p.add_argument("--gallery-dir", metavar="DIR",
                    help="folder for the gallery (default: X.gallery next to the metrics JSON X.metrics.json)")
+    _allow_unfinished_flag(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -447,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the config's device)")
     p.add_argument("--batch-size", type=int, default=1, help="images (or windows) per forward pass")
     p.add_argument("--num-workers", type=int, default=2, help="image-reading processes")
+    _allow_unfinished_flag(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -508,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flag-range", type=float, default=10.0, metavar="POINTS",
                    help="flag a class whose IoU spans more than POINTS across seeds (default 10)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their commands; run nothing")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="local: say the running run's step and ETA and the runs done this often, when the run "
+                        "logged a new step (0: only when a run ends; default 30)")
     slurm = p.add_argument_group("Slurm (--launcher slurm)")
     slurm.add_argument("--partition", help="Slurm partition")
     slurm.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node, one process each (default 1)")
@@ -526,11 +549,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subcommand(sub, "export")
     p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--output", required=True, metavar="MODEL.safetensors")
+    p.add_argument("--output", required=True, metavar="MODEL.safetensors_OR_FOLDER")
+    p.add_argument("--format", choices=("file", "folder"), default="file",
+                   help="file: one self-describing .safetensors; folder: config.json, model.safetensors and a "
+                        "model card README.md, the layout model hubs read (default: file)")
     p.add_argument("--which", choices=RUN_MODELS, default=RUN_MODELS[0],
                    help="which model of a run directory (default: final; best_on_val is oracle model selection)")
     p.add_argument("--config", help="config for a checkpoint that carries none (e.g. the authors' release)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for --config")
+    _allow_unfinished_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = _subcommand(sub, "weights")
@@ -569,23 +596,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         setattr(args, target, list(getattr(args, target) or []) + extra)
-    from plca.data.io import DatasetError
-    from plca.engine.checkpoint import CheckpointError
-    from plca.engine.distributed import DeviceError
-    from plca.engine.run_dir import RunDirError
-    from plca.engine.trainer import TrainingError, TrainingInterrupted
-    from plca.models.weights import WeightsError
-    from plca.serialization import UnreadableFileError
+    from plca.engine.stop_report import REPORTED_ERRORS, exit_status, stop_text
+    from plca.engine.trainer import TrainingInterrupted
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, WeightsError, CheckpointError, TrainingError, RunDirError, DeviceError,
-            UnreadableFileError) as error:
-        print(f"plca {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as error:
-        print(f"plca {args.command}: {error}", file=sys.stderr)
-        return 130
+    except (*REPORTED_ERRORS, TrainingInterrupted) as error:  # the same text ends a run's train.log
+        print(stop_text(args.command, error), file=sys.stderr)
+        return exit_status(error)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from plca.models.hrda import HRDAOptions
+
 
 _LOG = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ class ModelConfig:
     drop_pretrained_head: bool = False  # drop a classifier stored with the weights (DeepLab's COCO layer5.*)
     features: str = "backbone_last"  # map of the feature-level association: backbone_last | head_embedding
     head_width: int | None = None  # channels of the DAFormer / SegFormer head's embeddings and fusion; null = the head's own (256); DeepLab-v2 heads have none
+    hrda: HRDAOptions = field(default_factory=HRDAOptions)  # HRDA's multi-resolution training and inference (plca.models.hrda)
 
 
 @dataclass
@@ -164,6 +167,7 @@ class EvalConfig:
     size: list[int] | None = None  # [h, w] to resize val images to (reference: [730, 1460]); null = as is
     test_time_aggregation: bool | None = None  # null = the method's default (on for plca)
     alpha: float = 0.5  # alpha of the test-time aggregation
+    aggregation_max_pixels: int | None = 32768  # test-time aggregation exact up to this many feature pixels, per window above (linear cost); null = exact at any size
     model: str = "student"  # methods with a teacher: student (what papers report) | teacher | both
 
 
@@ -602,12 +606,25 @@ def validate(config: Config) -> None:
         check(config.eval.model == "student" or method_cls.has_teacher,
               f"eval.model {config.eval.model}: method {config.method} has no teacher; use eval.model=student")
         _check_loss(config, check)
+        _check_hrda(config, method_cls, check)
         check(config.device == "auto" or config.device == "cpu" or config.device.split(":")[0] == "cuda",
               f"device '{config.device}' is unknown; use auto, cpu, cuda or cuda:N")
         if config.method_options is not None and hasattr(config.method_options, "validate"):
             config.method_options.validate(config)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def _check_hrda(config: Config, method_cls, check) -> None:
+    """``model.hrda`` against the evaluation (a detail crop larger than the training crop is refused at the
+    first step, naming both keys: the data checks shrink crops by override)."""
+    hrda = config.model.hrda
+    if not hrda.enabled:
+        return
+    tta = config.eval.test_time_aggregation
+    check(not (method_cls.test_time_aggregation if tta is None else tta),
+          "eval.test_time_aggregation: PLCA's test-time aggregation is not defined for HRDA's fused sliding-window "
+          "prediction; set eval.test_time_aggregation=false with model.hrda.enabled")
 
 
 def _check_loss(config: Config, check) -> None:

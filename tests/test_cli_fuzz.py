@@ -130,7 +130,6 @@ def test_malformed_configs_get_one_line_naming_the_key(world, config_cases):
 
 def _write_files(tmp: Path, world) -> list[tuple[list[str], str, str]]:
     """(command line, the command's name, what the message must name) for malformed files."""
-    from plca.engine.trainer import train
 
     bad = tmp / "bad"
     bad.mkdir()

@@ -115,7 +115,8 @@ def test_reference_hyperparameters_in_shipped_configs():
     assert synthia.train.iters == 8 * 372 and synthia.train.poly_iters == 10 * 372
     # PLCA's reference crops any window; DAFormer's re-draws source and target crops (cat_max_ratio 0.75)
     assert gta.train.cat_max_ratio == gta.train.target_cat_max_ratio == 1.0
-    for name in ("gta2cityscapes_self_training", "synthia2cityscapes_self_training_plca", "gta2cityscapes_daformer_mitb5"):
+    for name in ("gta2cityscapes_self_training", "synthia2cityscapes_self_training_plca",
+                 "gta2cityscapes_daformer_mitb5"):
         daformer = load_config(Path(CONFIGS[0]).parent / f"{name}.yaml")
         assert (daformer.train.cat_max_ratio, daformer.train.target_cat_max_ratio) == (0.75, 1.0)  # never on the target
     folder = load_config(Path(CONFIGS[0]).parent / "folder_self_training.yaml")
@@ -128,8 +129,9 @@ def test_deeplab_v2_heads_of_the_shipped_configs():
     for name in ("gta2cityscapes_plca", "gta2cityscapes_source_only", "synthia2cityscapes_plca",
                  "synthia2cityscapes_source_only", "folder_plca", "folder_source_only"):
         assert load_config(folder / f"{name}.yaml").model.head == "deeplabv2", name
-    for name in ("gta2cityscapes_self_training", "gta2cityscapes_self_training_plca", "synthia2cityscapes_self_training",
-                 "synthia2cityscapes_self_training_plca", "folder_self_training", "folder_self_training_plca"):
+    for name in ("gta2cityscapes_self_training", "gta2cityscapes_self_training_plca",
+                 "synthia2cityscapes_self_training", "synthia2cityscapes_self_training_plca", "folder_self_training",
+                 "folder_self_training_plca"):
         config = load_config(folder / f"{name}.yaml")
         assert config.model.head == "deeplabv2_reduced", name
         assert config.model.style == ("caffe" if "cityscapes" in name else "pytorch")

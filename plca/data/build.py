@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plca.data.checks import check_enough_samples, check_files
+from plca.data.checks import FileCheckReport, check_enough_samples, check_files
 from plca.data.datasets import build_dataset
 from plca.data.io import DatasetError
 from plca.data.transforms import EvalTransform, TrainTransform, crop_larger_than_images
@@ -71,6 +71,11 @@ def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target
     return RunDatasets(source, target, val)
 
 
+def _every_sample_bad(report: FileCheckReport) -> bool:
+    """Whether every sample this process checked has a problem (a remark such as a resize is none)."""
+    return report.checked > 0 and len(report.bad_samples) >= report.checked
+
+
 #: How a run checks its datasets' files before training (``plca train --data-check``; the default first): see
 #: :data:`plca.data.checks.CHECK_LEVELS` (``full``, which decodes every image, is for ``plca prepare``).
 RUN_CHECK_LEVELS: tuple[str, ...] = ("labels", "headers", "none")
@@ -82,7 +87,8 @@ def check_run_datasets(datasets: RunDatasets, level: str, on_error: str, rank: i
     """Check the files of each dataset before training (each process a share of the samples).
 
     Bad files are a :class:`DatasetError` naming them under ``on_error="raise"``, and a warning
-    under ``"skip"`` (they are then skipped, and counted, when loaded). ``agree(ok)`` is true on
+    under ``"skip"`` (they are then skipped, and counted, when loaded), unless not one sample of a
+    dataset is good. ``agree(ok)`` is true on
     every process iff ``ok`` is true on every process (a collective under DDP). With ``train``
     (:class:`plca.config.TrainConfig`), a crop larger than the training images is a warning.
     """
@@ -107,7 +113,10 @@ def check_run_datasets(datasets: RunDatasets, level: str, on_error: str, rank: i
         if report.resized:
             logger.warning("%s: %d label(s) differ in size from their image and are resized when loaded "
                            "(nearest), e.g. %s", dataset.description, len(report.resized), report.resized[0])
-        if not report.ok:
+        if on_error == "skip" and agree(_every_sample_bad(report)) and not failed:
+            failed = (f"{name} data: not one of its samples can be loaded, so data.on_error=skip (set) has nothing "
+                      f"left to train on. {report.message()}")
+        elif not report.ok:
             if on_error == "skip":
                 logger.warning("%s (data.on_error is skip: these samples are skipped and counted when loaded)",
                                report.message())

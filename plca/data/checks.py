@@ -126,6 +126,11 @@ class FileCheckReport:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def bad_samples(self) -> set[str]:
+        """The names of the samples with a problem (remarks such as a resized label are none)."""
+        return {problem.sample for problem in self.files if problem.kind not in _REMARKS}
+
     def message(self) -> str:
         """All problems in one paragraph: per kind, the count, up to five files and what to do."""
         parts = []

@@ -11,16 +11,39 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
 
 IGNORE_INDEX = 255
 
-#: The 19 Cityscapes evaluation classes, in train-id order.
-CITYSCAPES_CLASSES: tuple[str, ...] = tuple(
-    label.name for label in sorted(
-        (lb for lb in _CITYSCAPES_LABELS if 0 <= lb.trainId < IGNORE_INDEX), key=lambda lb: lb.trainId
-    )
+#: The 19 Cityscapes evaluation classes in train-id order: ``(name, Cityscapes label id, RGB colour)``.
+#: Every other label id (0..33) is ignored in training and evaluation. These are the values of
+#: cityscapesscripts' ``helpers/labels.py`` (checked against it in the tests where it is installed).
+CITYSCAPES_TRAIN_LABELS: tuple[tuple[str, int, tuple[int, int, int]], ...] = (
+    ("road", 7, (128, 64, 128)),
+    ("sidewalk", 8, (244, 35, 232)),
+    ("building", 11, (70, 70, 70)),
+    ("wall", 12, (102, 102, 156)),
+    ("fence", 13, (190, 153, 153)),
+    ("pole", 17, (153, 153, 153)),
+    ("traffic light", 19, (250, 170, 30)),
+    ("traffic sign", 20, (220, 220, 0)),
+    ("vegetation", 21, (107, 142, 35)),
+    ("terrain", 22, (152, 251, 152)),
+    ("sky", 23, (70, 130, 180)),
+    ("person", 24, (220, 20, 60)),
+    ("rider", 25, (255, 0, 0)),
+    ("car", 26, (0, 0, 142)),
+    ("truck", 27, (0, 0, 70)),
+    ("bus", 28, (0, 60, 100)),
+    ("train", 31, (0, 80, 100)),
+    ("motorcycle", 32, (0, 0, 230)),
+    ("bicycle", 33, (119, 11, 32)),
 )
+
+#: The largest Cityscapes label id (0 unlabeled ... 33 bicycle; -1, license plate, is never in a label file).
+CITYSCAPES_MAX_ID = 33
+
+#: The 19 Cityscapes evaluation classes, in train-id order.
+CITYSCAPES_CLASSES: tuple[str, ...] = tuple(name for name, _, _ in CITYSCAPES_TRAIN_LABELS)
 
 #: The 16 classes shared by SYNTHIA and Cityscapes (no terrain, truck, train).
 SYNTHIA16_CLASSES: tuple[str, ...] = tuple(
@@ -40,17 +63,14 @@ SYNTHIA_ID_TO_NAME: dict[int, str] = {
 }
 
 #: Cityscapes colour of each train class, by name (RGB).
-CLASS_COLORS: dict[str, tuple[int, int, int]] = {
-    label.name: tuple(label.color) for label in _CITYSCAPES_LABELS if 0 <= label.trainId < IGNORE_INDEX
-}
+CLASS_COLORS: dict[str, tuple[int, int, int]] = {name: color for name, _, color in CITYSCAPES_TRAIN_LABELS}
 
 
 def cityscapes_id_to_train_id() -> np.ndarray:
     """Lookup table ``(256,) uint8``: Cityscapes label id -> train id (255 for ignored ids)."""
     table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    for label in _CITYSCAPES_LABELS:
-        if 0 <= label.id < 256 and 0 <= label.trainId < IGNORE_INDEX:
-            table[label.id] = label.trainId
+    for train_id, (_, label_id, _) in enumerate(CITYSCAPES_TRAIN_LABELS):
+        table[label_id] = train_id
     return table
 
 
@@ -65,9 +85,7 @@ def synthia_id_to_train_id() -> np.ndarray:
 def cityscapes_known_ids() -> np.ndarray:
     """``(256,) bool``: the Cityscapes label ids (0..33) a GTA5 / Cityscapes label file may hold."""
     known = np.zeros(256, dtype=bool)
-    for label in _CITYSCAPES_LABELS:
-        if 0 <= label.id < 256:
-            known[label.id] = True
+    known[: CITYSCAPES_MAX_ID + 1] = True
     return known
 
 

@@ -214,49 +214,80 @@ def _counted(image_sizes: Mapping[tuple[int, int], int] | Iterable[tuple[int, in
     return Counter(tuple(size) for size in image_sizes)
 
 
-def _smallest_size(height: int, width: int, shorter_side: tuple[int, int] | None,
-                   scale_range: tuple[float, float] | None) -> tuple[int, int]:
-    """``(h, w)`` of an image at the smallest rescale the configuration draws."""
-    if shorter_side is not None:
-        return _shorter_side_size(height, width, shorter_side[0])
-    if scale_range is not None:
-        return _ratio_size(height, width, scale_range[0])
-    return height, width
+def _fits(size: tuple[int, int], crop: tuple[int, int]) -> bool:
+    return size[0] >= crop[0] and size[1] >= crop[1]
 
 
-def _rescale_text(shorter_side, scale_range) -> str:
+def _padded_share(height: int, width: int, crop: tuple[int, int], shorter_side: tuple[int, int] | None,
+                  scale_range: tuple[float, float] | None) -> tuple[float, float | None]:
+    """For one image size: the share of its training crops that are padded (the rescale drawn
+    leaves it smaller than the crop) and the rescale below which that happens (the shorter side,
+    or the ratio; ``None`` without a rescale, where every crop of a too small image is padded)."""
     if shorter_side is not None:
-        return f"even at the smallest train.shorter_side ({shorter_side[0]})"
+        low, high = shorter_side
+        # the rescaled size grows with the shorter side drawn: the padded sides are those below the first that fits
+        first_fit = next((side for side in range(low, high + 1)
+                          if _fits(_shorter_side_size(height, width, side), crop)), high + 1)
+        return (first_fit - low) / (high - low + 1), float(first_fit)
     if scale_range is not None:
-        return f"even at the smallest train.scale_range ratio ({scale_range[0]:g})"
-    return "and no rescale is configured (train.shorter_side / train.scale_range)"
+        low, high = scale_range
+        # int(h * r + 0.5) >= crop_h  <=>  r >= (crop_h - 0.5) / h: the ratio from which the crop fits
+        threshold = max((crop[0] - 0.5) / height, (crop[1] - 0.5) / width)
+        if high <= low:
+            return float(low < threshold), threshold
+        return min(max((threshold - low) / (high - low), 0.0), 1.0), threshold
+    return (0.0 if _fits((height, width), crop) else 1.0), None
+
+
+def _below_text(thresholds: list[float], shorter_side: tuple[int, int] | None,
+                scale_range: tuple[float, float] | None) -> str:
+    """Where the crop is larger than the image, in the configuration's terms."""
+    if shorter_side is None and scale_range is None:
+        return "at their own size (no rescale is configured: train.shorter_side / train.scale_range)"
+    low, high = min(thresholds), max(thresholds)
+    if shorter_side is not None:
+        span = f"{low:.0f}" if low == high else f"{low:.0f}..{high:.0f} (by image size)"
+        drawn = f"[{shorter_side[0]}, {shorter_side[1]}]"
+        if low > shorter_side[1]:
+            return f"at every train.shorter_side drawn from {drawn}"
+        return f"when the train.shorter_side drawn from {drawn} is below {span}"
+    span = f"{low:.3g}" if f"{low:.3g}" == f"{high:.3g}" else f"{low:.3g}..{high:.3g} (by image size)"
+    drawn = f"[{scale_range[0]:g}, {scale_range[1]:g}]"
+    if low > scale_range[1]:
+        return f"at every train.scale_range ratio drawn from {drawn}"
+    return f"when the train.scale_range ratio drawn from {drawn} is below {span}"
 
 
 def crop_larger_than_images(crop_size: tuple[int, int],
                             image_sizes: Mapping[tuple[int, int], int] | Iterable[tuple[int, int]],
                             shorter_side: tuple[int, int] | None = None,
                             scale_range: tuple[float, float] | None = None) -> str | None:
-    """A warning if the crop is larger than some images (after the smallest configured rescale), else None.
+    """A warning if the crop is larger than some images at some rescale drawn, else None: at which
+    rescales, and the share of all training crops that is (those crops are padded).
 
     ``crop_size`` and the ``image_sizes`` are ``(height, width)``; ``image_sizes`` is either a
     mapping size -> number of images (e.g. :attr:`~plca.data.checks.FileCheckReport.image_sizes`)
     or an iterable of sizes. Such crops are padded (image 0, label 255 = ignore), so part of each
-    teaches nothing: worth a warning, not an error.
+    teaches nothing: worth a warning, not an error. The share assumes every image is drawn
+    equally often, the rescale as :class:`TrainTransform` draws it (uniform ratio, uniform integer side).
     """
-    crop_h, crop_w = _pair_of_positive_ints(crop_size, "crop_size")
+    crop = _pair_of_positive_ints(crop_size, "crop_size")
     sizes = _counted(image_sizes)
-    small = {}
+    small, thresholds, padded = {}, [], 0.0
     for size, count in sizes.items():
-        height, width = _smallest_size(*size, shorter_side, scale_range)
-        if height < crop_h or width < crop_w:
+        share, threshold = _padded_share(*size, crop, shorter_side, scale_range)
+        if share > 0:
             small[size] = count
+            padded += share * count
+            if threshold is not None:
+                thresholds.append(threshold)
     if not small:
         return None
     smallest = min(small, key=lambda size: size[0] * size[1])
-    return (f"the crop {crop_w}x{crop_h} (train.crop_size [{crop_h}, {crop_w}]) is larger than "
+    return (f"the crop {crop[1]}x{crop[0]} (train.crop_size [{crop[0]}, {crop[1]}]) is larger than "
             f"{sum(small.values())} of {sum(sizes.values())} images (e.g. {smallest[1]}x{smallest[0]}) "
-            f"{_rescale_text(shorter_side, scale_range)}: those crops are padded with ignored pixels; lower "
-            f"train.crop_size or rescale the images up")
+            f"{_below_text(thresholds, shorter_side, scale_range)}: {100 * padded / sum(sizes.values()):.1f} % of "
+            f"the training crops are padded with ignored pixels; lower train.crop_size or rescale the images up")
 
 
 def resize_warnings(image_sizes: Mapping[tuple[int, int], int] | Iterable[tuple[int, int]],

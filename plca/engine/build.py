@@ -42,7 +42,10 @@ def build_training_method(config: Config, device: torch.device) -> Method:
     return method
 
 
-def checkpoint_header(config: Config, method: Method) -> dict:
-    """What every checkpoint and model file says about itself."""
+def checkpoint_header(config: Config, method: Method, run_id: str | None = None) -> dict:
+    """What every checkpoint and model file says about itself: the network, classes, config, and
+    which run it belongs to (``run``: ``{"id", "method", "data"}``; see :mod:`plca.engine.run_identity`)."""
+    from plca.engine.run_identity import describe_data
+
     return {"segmentor": method.inference_model().describe(), "classes": list(config.data.classes),
-            "config": to_dict(config)}
+            "config": to_dict(config), "run": {"id": run_id, "method": config.method, "data": describe_data(config)}}

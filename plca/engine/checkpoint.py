@@ -9,6 +9,9 @@ Two kinds of files, both written atomically (temporary file, fsync, rename):
 - model files (``final.pt``, ``best_on_val.pt``): only ``model``, ``segmentor``, ``classes``,
   ``config``, ``step`` and the metrics they were selected with, a fraction of the size.
 
+Both also carry ``run`` (``{"id", "method", "data"}``: which run wrote them, see
+:mod:`plca.engine.run_identity`) and ``final`` (whether ``step`` is the run's last).
+
 Nothing holding a non-finite tensor is ever written: a diverged model must not replace the
 last good checkpoint.
 """

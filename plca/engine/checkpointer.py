@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,10 +24,11 @@ class Checkpointer:
     step the intact ``last.pt`` holds and how to continue.
     """
 
-    def __init__(self, run_dir: Path, info: DistInfo, resume_command: str) -> None:
+    def __init__(self, run_dir: Path, info: DistInfo, resume_command: str, total_steps: int | None = None) -> None:
         self.folder = run_dir / "checkpoints"
         self.info = info
         self.resume_command = resume_command
+        self.total_steps = total_steps  # the run's train.iters: a file of that step is marked "final"
         self.saved_step: int | None = None  # step held by the last good last.pt
 
     @property
@@ -41,6 +44,8 @@ class Checkpointer:
 
     def _write(self, payload: dict, name: str, step: int) -> None:
         failure = None
+        if self.total_steps is not None:
+            payload["final"] = step >= self.total_steps
         if self.info.is_main:
             bad = nonfinite_tensors(payload["model"])
             if bad:
@@ -75,6 +80,27 @@ class Checkpointer:
         """A weights-only model file (``final.pt``, ``best_on_val.pt``)."""
         average_buffers(model)
         self._write({**header, "model": model.state_dict(), "step": step, **extra}, name, step)
+
+    def link_model(self, name: str, target: str) -> None:
+        """Make ``checkpoints/<name>`` the same file as ``checkpoints/<target>`` (a hard link, replacing
+        ``name`` atomically); where the file system has no hard links, an atomic copy. Collective."""
+        failure = None
+        if self.info.is_main:
+            source, path = self.folder / target, self.folder / name
+            temporary = self.folder / f".{name}.link.tmp"
+            try:
+                temporary.unlink(missing_ok=True)
+                try:
+                    os.link(source, temporary)
+                except OSError:  # no hard links here (e.g. some network or FAT file systems): one more copy
+                    shutil.copyfile(source, temporary)
+                os.replace(temporary, path)
+            except OSError as error:
+                temporary.unlink(missing_ok=True)
+                failure = CheckpointError(f"could not write checkpoint '{path}' as a link to '{source}' "
+                                          f"({error.strerror or error}); '{source}' is intact")
+        if not all_true(failure is None, self.info.device):
+            raise failure or CheckpointError("the main process could not link a model file")
 
     def restore(self, path: Path, method: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
         """Load ``path`` (a ``last.pt``) into the method, optimiser, loop state and this process's RNG."""

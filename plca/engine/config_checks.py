@@ -67,5 +67,8 @@ def validate_eval_config(evaluation: Any) -> None:
     _check(evaluation.size is None or (len(evaluation.size) == 2 and min(evaluation.size) > 0),
            "eval.size must be null or [h, w] > 0")
     _check(0.0 <= evaluation.alpha <= 1.0, "eval.alpha must be in [0, 1]")
+    bound = evaluation.aggregation_max_pixels
+    _check(bound is None or (isinstance(bound, int) and not isinstance(bound, bool) and bound > 0),
+           f"eval.aggregation_max_pixels must be null or a positive number of feature pixels, got {bound!r}")
     _check(evaluation.model in EVAL_MODELS,
            f"eval.model must be {', '.join(EVAL_MODELS[:-1])} or {EVAL_MODELS[-1]}")

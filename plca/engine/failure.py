@@ -3,8 +3,9 @@
 Between steps, :class:`FailurePolicy` decides:
 
 - a sample that fails to load (``data.on_error: raise``) on any process: ``last.pt`` of the
-  previous step is saved and :class:`~plca.data.io.DatasetError` names the file; with
-  ``skip`` the skipped samples are counted and logged;
+  previous step is saved (none before the first update) and :class:`~plca.data.io.DatasetError`
+  names the file; with ``skip`` the skipped samples are counted and logged, and only a dataset
+  without one loadable sample stops the run;
 - an update skipped for a non-finite loss or gradient is counted; ``train.max_nonfinite_steps``
   in a row raise :class:`TrainingError`; an update that made the weights non-finite raises at
   once (the checkpointer never writes non-finite weights);
@@ -45,7 +46,19 @@ class TrainingError(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGTERM / SIGINT arrived; a checkpoint was saved before stopping."""
+    """SIGTERM / SIGINT arrived; a checkpoint was saved before stopping.
+
+    ``signum``: the signal (``None`` when it reached another DDP process only); ``exit_code`` is
+    the shell's convention for a process ended by it, 128 + the signal's number (SIGINT 130, SIGTERM 143).
+    """
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
 
 
 class StopSignal:
@@ -78,9 +91,11 @@ class FailurePolicy:
     """
 
     def __init__(self, state: TrainState, checkpointer: Checkpointer, save_last: Callable[[], None],
-                 info: DistInfo, run_dir: Path, train: TrainConfig, logger: logging.Logger) -> None:
+                 info: DistInfo, run_dir: Path, train: TrainConfig, logger: logging.Logger,
+                 on_error: str = "raise") -> None:
         self.state, self.checkpointer, self.save_last = state, checkpointer, save_last
         self.info, self.run_dir, self.train, self.logger = info, run_dir, train, logger
+        self.on_error = on_error  # data.on_error
         self.stop = StopSignal()  # entered by the loop: signals become a flag only while it runs
 
     def catching_signals(self) -> StopSignal:
@@ -93,12 +108,18 @@ class FailurePolicy:
         Collective: every process calls it once per step, after loading that step's batches.
         """
         if not all_true(load_error is None, self.info.device):
+            problem = load_error or "another process could not load a sample (see its message)"
+            # under skip, only a dataset without one loadable sample stops a run: skipping is no way out
+            way_out = (" or set data.on_error=skip to skip such samples (they are counted)," if self.on_error != "skip"
+                       else "")
+            if self.state.step == 0 and self.checkpointer.saved_step is None:
+                raise DatasetError(f"{problem}\nTraining stopped before its first update; nothing was saved. Fix or "
+                                   f"remove the file(s) (plca prepare checks a whole dataset),{way_out} then start the "
+                                   f"run again")
             self.save_last()
             raise DatasetError(
-                f"{load_error or 'another process could not load a sample (see its message)'}\n"
-                f"Training stopped at step {self.state.step}; checkpoint saved. Fix or remove the file (plca prepare "
-                f"checks a whole dataset), or set data.on_error=skip to skip such samples (they are counted), "
-                f"then continue with: {resume_command(self.run_dir)}"
+                f"{problem}\nTraining stopped at step {self.state.step}; checkpoint saved. Fix or remove the file "
+                f"(plca prepare checks a whole dataset),{way_out} then continue with: {resume_command(self.run_dir)}"
             )
         for source, target in batches:
             for message in source["skipped"] + (target["skipped"] if target else []):
@@ -147,9 +168,11 @@ class FailurePolicy:
             if not self.signalled():
                 return
             self.save_last()  # the signal came during the logging or the validation of this step
-        self.logger.warning("stopped by a signal at step %d; checkpoint saved", self.state.step)
-        raise TrainingInterrupted(f"stopped by signal {self.stop.received or 'on another process'} at step "
-                                  f"{self.state.step}; checkpoint saved. Resume with: {resume_command(self.run_dir)}")
+        received = self.stop.received
+        name = signal.Signals(received).name if received is not None else "a signal on another process"
+        self.logger.warning("stopped by %s at step %d; checkpoint saved", name, self.state.step)
+        raise TrainingInterrupted(f"stopped by {name} at step {self.state.step}; checkpoint saved. Resume with: "
+                                  f"{resume_command(self.run_dir)}", received)
 
     def between_steps(self, error: Exception, where: str) -> NoReturn:
         """Save the last finished step (when the model can be trusted and saving is safe), then one line."""

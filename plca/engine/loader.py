@@ -168,8 +168,14 @@ def batch_stream(dataset, batch_size: int, seed: int, start: int = 0, rank: int 
     :class:`~plca.data.io.DatasetError` here, in the calling process, whatever ``num_workers``.
     """
     sampler = ResumableBatchSampler(len(dataset), batch_size, seed, rank, world_size, start)
+    # DataLoader draws its workers' base seed when an iterator starts, from torch's global generator unless
+    # given its own. The global one drives dropout and drop path, and a resumed run restores it before the
+    # stream restarts: a draw there would shift every later dropout mask against the uninterrupted run.
+    # (Augmentations do not use the workers' seeds: they are seeded by (seed, epoch, index).)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
     loader = DataLoader(
         EpochIndexedDataset(dataset), batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+        generator=generator,
         worker_init_fn=_worker_init if num_workers > 0 else None, pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,

@@ -37,7 +37,8 @@ class RunDirError(RuntimeError):
 
 
 def default_run_name(config) -> str:
-    """A name that encodes the run's choices and is unique, e.g. ``plca_gta5-cityscapes_resnet101_s0_20261124-101500_3fa2``."""
+    """A name that encodes the run's choices and is unique, e.g.
+    ``plca_gta5-cityscapes_resnet101_s0_20261124-101500_3fa2``."""
     target = config.data.target or config.data.val
     pair = config.data.source.format + (f"-{target.format}" if target is not None else "")
     backbone = config.model.backbone.replace(":", "-").replace("/", "-")

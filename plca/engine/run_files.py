@@ -19,7 +19,7 @@ JSONL_LOGS = ("scalars.jsonl", "eval_history.jsonl")
 
 
 def prepare_run_dir(run_dir: Path, config: Config, step: int, argv: Sequence[str] | None, started: float,
-                    logger: logging.Logger) -> None:
+                    logger: logging.Logger, run_id: str | None = None) -> None:
     """Ready ``run_dir`` for training from ``step`` (main process): the config, ``checkpoints/``, the
     JSON-lines logs cut back to ``step``, ``run.json``, and no temporary file of a cut-short write."""
     try:
@@ -30,20 +30,20 @@ def prepare_run_dir(run_dir: Path, config: Config, step: int, argv: Sequence[str
     except OSError as error:
         raise RunDirError(f"cannot write to the run directory '{run_dir}': "
                           f"{error.strerror or error}{_free_space(run_dir)}") from None
-    record_run(run_dir, config, argv, started, None, logger)
+    record_run(run_dir, config, argv, started, None, logger, run_id)
     for stale in (run_dir / "checkpoints").glob(".*.tmp"):
         stale.unlink(missing_ok=True)  # left by a checkpoint write cut short (the checkpoint is intact)
 
 
 def record_run(run_dir: Path, config: Config, argv: Sequence[str] | None, started: float, finished: float | None,
-               logger: logging.Logger) -> None:
-    """``run.json``: what is needed to reproduce the run (versions, commit, command, times)."""
+               logger: logging.Logger, run_id: str | None = None) -> None:
+    """``run.json``: what is needed to reproduce the run (versions, commit, command, times, run id)."""
     try:
         from plca.engine.run_record import write_run_record
     except ImportError:
         return
     try:
-        write_run_record(run_dir, to_dict(config), argv, config.train.seed, started, finished)
+        write_run_record(run_dir, to_dict(config), argv, config.train.seed, started, finished, run_id=run_id)
     except OSError as error:
         logger.warning("could not write %s (%s)", run_dir / "run.json", error)
 

@@ -2,7 +2,7 @@
 
 ::
 
-    {"format": 1, "seed": 0, "argv": [...], "command": "plca train ...", "config": {...},
+    {"format": 1, "run_id": "3f2a...", "seed": 0, "argv": [...], "command": "plca train ...", "config": {...},
      "environment": {...},                      # of the session that started the run
      "started": "2026-11-24T10:15:00.123+01:00", "finished": "..." or null,
      "duration_s": ...,                         # the sessions' running time, summed
@@ -10,7 +10,8 @@
 
 :func:`write_run_record` is called when a run starts (``finished=None``) and again when it
 ends; a resumed run is one more session. The file is replaced atomically, so a reader never
-sees half of it.
+sees half of it. ``run_id`` names the run (see :mod:`plca.engine.run_identity`); every
+checkpoint of the run carries the same id.
 """
 
 from __future__ import annotations
@@ -50,9 +51,7 @@ def git_state(package_dir: str | Path | None = None) -> tuple[str | None, bool |
     untracked files present (``git status --porcelain``).
     """
     if package_dir is None:
-        import plca
-
-        package_dir = Path(plca.__file__).parent
+        package_dir = Path(__file__).resolve().parent.parent  # plca/engine/run_record.py -> plca/
     package_dir = Path(package_dir).resolve()
     # the package's own __init__.py must be tracked, else the commit would describe another project
     if _git(["ls-files", "--error-unmatch", "__init__.py"], package_dir) is None:
@@ -68,7 +67,7 @@ def environment() -> dict:
     ``hostname``, ``platform``. A value that cannot be known is None."""
     import torch
 
-    import plca
+    from plca.version import __version__
 
     commit, dirty = git_state()
     gpus: list[str] = []
@@ -82,7 +81,7 @@ def environment() -> dict:
     except RuntimeError:
         cudnn = None
     return {
-        "plca_version": plca.__version__,
+        "plca_version": __version__,
         "git_commit": commit,
         "git_dirty": dirty,
         "python": platform.python_version(),
@@ -123,13 +122,15 @@ def _command(argv: Sequence[str]) -> str:
 
 
 def write_run_record(run_dir: str | Path, config_dict: dict, argv: Sequence[str] | None, seed: int,
-                     started: float | datetime | str, finished: float | datetime | str | None = None) -> Path:
+                     started: float | datetime | str, finished: float | datetime | str | None = None,
+                     run_id: str | None = None) -> Path:
     """Write (or update) ``run_dir/run.json`` atomically; return its path.
 
     ``started``: when this session began (Unix time, datetime or ISO text); a call with the
     ``started`` of a session already recorded updates that session (e.g. adds ``finished``),
     any other ``started`` adds a session (a resume). ``argv``: the command line (default
-    ``sys.argv``). The environment is measured once per session.
+    ``sys.argv``). The environment is measured once per session. ``run_id``: the run's id (None
+    keeps the one already recorded).
     """
     run_dir = Path(run_dir)
     argv = list(sys.argv if argv is None else argv)
@@ -146,6 +147,7 @@ def write_run_record(run_dir: str | Path, config_dict: dict, argv: Sequence[str]
                    for s in sessions if s.get("finished") and s.get("started"))
     record = {
         "format": 1,
+        "run_id": run_id or record.get("run_id"),
         "seed": seed,
         "argv": first["argv"],
         "command": _command(first["argv"]),

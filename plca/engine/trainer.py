@@ -16,19 +16,22 @@ Each duty lives in its own module:
 A run lives in one directory::
 
     RUN_DIR/config.yaml                 the resolved config (data roots absolute)
-    RUN_DIR/run.json                    how to reproduce it: versions, git commit, command, times
+    RUN_DIR/run.json                    how to reproduce it: versions, git commit, command, times, run id
     RUN_DIR/train.log                   the log: data checks, loss terms, validations, resumes, stops
     RUN_DIR/tb/                         TensorBoard events
     RUN_DIR/scalars.jsonl               the logged scalars (losses, LR, diagnostics), one line per log step
     RUN_DIR/eval_history.jsonl          one line per validation
     RUN_DIR/checkpoints/last.pt         everything needed to resume (written atomically)
     RUN_DIR/checkpoints/final.pt        the final model (weights only)
-    RUN_DIR/checkpoints/best_on_val.pt  the model of the best validation (weights only; see below)
+    RUN_DIR/checkpoints/best_on_val.pt  the model of the best validation (weights only; see below; a hard
+                                        link to final.pt when the final validation is the best)
     RUN_DIR/metrics.json                the final model's metrics (+ the best validation's, labelled)
 
 ``best_on_val.pt`` is selected on the validation set, which for these benchmarks is the
 target's test set: reporting it is oracle model selection. The README and every tool
-evaluate the final model.
+evaluate the final model, and refuse a model of a run that did not reach its end unless told
+(``--allow-unfinished``). Every checkpoint carries the run's id (:mod:`plca.engine.run_identity`):
+a resume from another run's checkpoint is refused before anything is written.
 
 What can go wrong, and what happens (the decisions between steps: :mod:`plca.engine.failure`;
 the data checks: :mod:`plca.data.checks`; checkpoint writes: :mod:`plca.engine.checkpointer`):
@@ -64,7 +67,8 @@ from plca.data.io import DatasetError
 from plca.engine.build import absolute_roots, build_training_method, checkpoint_header, seed_everything
 from plca.engine.checkpoint import load_checkpoint
 from plca.engine.checkpointer import Checkpointer
-from plca.engine.distributed import DistInfo, all_true, available_cpus, barrier, init_distributed, summed_count
+from plca.engine.distributed import (DistInfo, all_true, available_cpus, barrier, broadcast_object, init_distributed,
+                                     summed_count)
 from plca.engine.failure import FailurePolicy, TrainingError, TrainingInterrupted
 from plca.engine.loader import batch_stream
 from plca.engine.logger import TensorBoard, setup_logger
@@ -72,8 +76,10 @@ from plca.engine.optim import effective_warmup, optimizer_from_config, scheduled
 from plca.engine.periodic import Hook, ImageGrids, PeriodicCheckpoint, ScalarLog, StepEnd
 from plca.engine.run_dir import RunLock, check_resume_config
 from plca.engine.run_files import prepare_run_dir, record_run
+from plca.engine.run_identity import directory_run, new_run_id, resume_identity
 from plca.engine.run_place import RunPlace, locate_run, resume_command
 from plca.engine.state import TrainState
+from plca.engine.stop_report import record_stop
 from plca.engine.update import update
 from plca.engine.validation import Validation, test_time_aggregation_enabled
 
@@ -123,10 +129,12 @@ def train(config: Config, resume: str | Path | None = None, max_steps: int | Non
     session = _Session(config, info, place, progress, data_check, argv)
     try:
         return session.run(max_steps)
-    except BaseException:
+    except BaseException as error:
         if info.is_main and place.created and session.state.step == 0 and session.checkpointer.saved_step is None:
             lock.release()
             shutil.rmtree(place.run_dir, ignore_errors=True)  # a run that never started leaves nothing behind
+        elif isinstance(error, Exception):
+            record_stop(session.logger, "train", error)  # train.log ends with what stderr says
         raise
     finally:
         session.close()
@@ -142,7 +150,8 @@ class _Session:
         self.run_dir = place.run_dir
         self.progress, self.data_check, self.argv = progress, data_check, argv
         self.state = TrainState()
-        self.checkpointer = Checkpointer(self.run_dir, info, resume_command(self.run_dir))
+        self.checkpointer = Checkpointer(self.run_dir, info, resume_command(self.run_dir), config.train.iters)
+        self.run_id: str | None = None
         self.logger = setup_logger(None, info.is_main)  # the console only, until the run directory may change
         self.board: TensorBoard | None = None
         self.streams: list = []
@@ -161,12 +170,14 @@ class _Session:
         seed_everything(config.train.seed + info.rank)
         self.method = method = build_training_method(config, info.device)
         self.optimizer = optimizer_from_config(method.trainable_module(), config.train)
-        self.header = checkpoint_header(config, method)
         resume_notes: list[str] = []
         if self.place.resume_from is not None:
             resume_notes = self._resume(self.place.resume_from)
             if state.step >= config.train.iters:
                 return self._already_finished()
+        else:
+            self.run_id = broadcast_object(directory_run(self.run_dir)[0] or new_run_id())
+        self.header = checkpoint_header(config, method, self.run_id)
         self._open_run_dir(resume_notes)
         self.board = TensorBoard(self.run_dir / "tb" if info.is_main else None)
         self.datasets = self._datasets()
@@ -176,7 +187,7 @@ class _Session:
             self.logger.info("warmup shortened from %d to %d updates (a quarter of train.iters)",
                              config.train.warmup_iters, warmup)
         self.failures = FailurePolicy(state, self.checkpointer, self._save_last, info, self.run_dir, config.train,
-                                      self.logger)
+                                      self.logger, on_error=config.data.on_error)
         self.validation = Validation(config, self.datasets.val, method, state, self.checkpointer, self.header,
                                      self.board, info, self.run_dir, self.logger, self.progress)
         return self._loop(max_steps)
@@ -194,13 +205,16 @@ class _Session:
             for note in resume_notes:
                 logger.warning("%s", note)
         if self.info.is_main:
-            prepare_run_dir(self.run_dir, self.config, self.state.step, self.argv, self.started, logger)
+            prepare_run_dir(self.run_dir, self.config, self.state.step, self.argv, self.started, logger, self.run_id)
         barrier()
 
     def _resume(self, path: Path) -> list[str]:
-        """Restore the run from ``path``; the notes on what the requested config changes."""
-        stored = load_checkpoint(path).get("config")
-        notes = check_resume_config(self.config, stored, path)
+        """Restore the run from ``path`` (refused when it belongs to another run, or its config differs in
+        what cannot change); the notes on what the requested config changes."""
+        checkpoint = load_checkpoint(path)
+        self.run_id, notes = resume_identity(self.run_dir, checkpoint, path)
+        notes += check_resume_config(self.config, checkpoint.get("config"), path)
+        del checkpoint
         self.checkpointer.restore(path, self.method, self.optimizer, self.state)
         return notes
 
@@ -313,18 +327,21 @@ class _Session:
     def _finish(self) -> RunResult:
         config, state, info = self.config, self.state, self.info
         model = self.method.inference_model()
-        metrics = self.validation.run()
+        metrics = self.validation.run(final=True)
         self.checkpointer.save_model(model, "final.pt", state.step, self.header, metrics=metrics)
+        if self.validation.best_is_final:
+            self.checkpointer.link_model("best_on_val.pt", "final.pt")  # one copy on disk, not two
         if metrics is not None:
             metrics.update(method=config.method, skipped_steps=state.counters["skipped_steps"],
-                           skipped_samples=summed_count(state.counters["skipped_samples"], info), model="final")
+                           skipped_samples=summed_count(state.counters["skipped_samples"], info), model="final",
+                           checkpoint="checkpoints/final.pt", total_steps=config.train.iters, run_id=self.run_id)
             best = self.validation.best_on_val()
             if best is not None and info.is_main:
                 metrics["best_on_val"] = best
         if info.is_main:
             if metrics is not None:
                 (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            record_run(self.run_dir, config, self.argv, self.started, time.time(), self.logger)
+            record_run(self.run_dir, config, self.argv, self.started, time.time(), self.logger, self.run_id)
             self.logger.info("finished at step %d. Run dir %s: metrics.json (final model), checkpoints/final.pt "
                              "(final model), checkpoints/last.pt (to resume)%s", state.step, self.run_dir,
                              ", checkpoints/best_on_val.pt (oracle selection)" if metrics is not None else "")

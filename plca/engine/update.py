@@ -60,7 +60,7 @@ def update(method: nn.Module, optimizer: torch.optim.Optimizer, batches: Sequenc
                         else contextlib.nullcontext())
             parts_finite: list[Tensor] = []
 
-            def backward_part(loss: Tensor) -> None:
+            def backward_part(loss: Tensor, parts_finite: list[Tensor] = parts_finite) -> None:
                 parts_finite.append(torch.isfinite(loss.detach()))
                 (loss / len(batches)).backward()
 

@@ -6,6 +6,10 @@ method's evaluation models are measured on ``data.val``; each validation is a li
 first model's mIoU) is saved as ``checkpoints/best_on_val.pt``. For these benchmarks the
 validation set is the target's test set, so the best-on-val model is oracle model selection:
 it is labelled so wherever it appears, and the final model is the one to report.
+
+When the final model's validation is the best, ``best_on_val.pt`` is not written a second
+time: the trainer makes it a hard link to ``final.pt`` (one copy on disk; see
+:meth:`plca.engine.checkpointer.Checkpointer.link_model`), and ``metrics.json`` says so.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Validation:
         self.config, self.val, self.method, self.state = config, val, method, state
         self.checkpointer, self.header, self.board, self.info = checkpointer, header, board, info
         self.history, self.logger, self.progress = run_dir / "eval_history.jsonl", logger, progress
+        self.best_is_final = False  # the final model's validation was the best: best_on_val.pt is to link final.pt
 
     def after_step(self, end: StepEnd) -> None:
         every = self.config.train.eval_every
@@ -59,9 +64,10 @@ class Validation:
         if every and end.step % every == 0 and not end.last and not end.stopping:
             self.run()
 
-    def run(self) -> dict | None:
+    def run(self, final: bool = False) -> dict | None:
         """Metrics of the method's evaluation models on the validation set; the first model's are the
-        run's (top level), the others' go under their names (e.g. ``teacher``)."""
+        run's (top level), the others' go under their names (e.g. ``teacher``). ``final``: this is the
+        final model's validation (a best one is then not saved here; the trainer links it)."""
         config, info, state = self.config, self.info, self.state
         if self.val is None:
             return None
@@ -72,10 +78,12 @@ class Validation:
             confusion = evaluate(model, self.val, len(config.data.classes), info.device,
                                  test_time_aggregation=tta, alpha=config.eval.alpha,
                                  amp=config.train.amp and info.device.type == "cuda", rank=info.rank,
-                                 world_size=info.world_size, progress=self.progress)
+                                 world_size=info.world_size, progress=self.progress,
+                                 aggregation_max_pixels=config.eval.aggregation_max_pixels)
             results[name] = summarize(confusion.matrix.cpu(), config.data.classes)
         (primary, metrics), others = next(iter(results.items())), list(results.items())[1:]
-        metrics.update(step=state.step, test_time_aggregation=tta, evaluated=primary)
+        metrics.update(step=state.step, final=state.step >= config.train.iters, test_time_aggregation=tta,
+                       evaluated=primary)
         for name, extra in others:
             metrics[name] = extra
         if info.is_main:
@@ -86,8 +94,11 @@ class Validation:
                              primary, "".join(f", {name} {extra['mIoU']:.2f}" for name, extra in others))
         if metrics["mIoU"] > state.best_miou:
             state.best_miou, state.best_step = metrics["mIoU"], state.step
-            self.checkpointer.save_model(self.method.inference_model(), "best_on_val.pt", state.step, self.header,
-                                         metrics=metrics, selection="best validation mIoU (oracle model selection)")
+            self.best_is_final = final
+            if not final:
+                self.checkpointer.save_model(self.method.inference_model(), "best_on_val.pt", state.step, self.header,
+                                             metrics=metrics,
+                                             selection="best validation mIoU (oracle model selection)")
         return metrics
 
     def best_on_val(self) -> dict | None:
@@ -96,5 +107,9 @@ class Validation:
         if not history:
             return None
         best = max(history, key=lambda m: m["mIoU"])
-        return {"note": _ORACLE_NOTE, "step": best["step"], "mIoU": best["mIoU"], "protocol": best["protocol"],
-                "per_class_IoU": best["per_class_IoU"], "checkpoint": "checkpoints/best_on_val.pt"}
+        entry = {"note": _ORACLE_NOTE, "step": best["step"], "final": best["step"] >= self.config.train.iters,
+                 "mIoU": best["mIoU"], "protocol": best["protocol"], "per_class_IoU": best["per_class_IoU"],
+                 "checkpoint": "checkpoints/best_on_val.pt"}
+        if self.best_is_final:
+            entry["same_file_as"] = "checkpoints/final.pt"  # a hard link: one copy on disk
+        return entry

@@ -31,27 +31,28 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from plca.evaluation.aggregation import DEFAULT_MAX_PIXELS, aggregated_probabilities
 from plca.evaluation.metrics import ConfusionMatrix, confusion_matrix, iou_per_class, pixel_accuracy
-from plca.losses.association import spatial_aggregate
 
 
 @torch.no_grad()
 def predict_scores(model: nn.Module, images: Tensor, test_time_aggregation: bool = False,
-                   alpha: float = 0.5, amp: bool = False) -> Tensor:
+                   alpha: float = 0.5, amp: bool = False, aggregation_max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                   progress: bool = False) -> Tensor:
     """Class scores ``(B, K, h, w)`` (float32) at the model's output stride for images ``(B, 3, H, W)``.
 
     The logits; with test-time aggregation (the reference's evaluation of PLCA) class
     probabilities: features spatially aggregated (cos) before the classifier, softmax, then
     the probabilities aggregated (kl). Either is what the reference upsamples to the label
-    (:func:`upsampled_probabilities`).
+    (:func:`upsampled_probabilities`). The aggregation is exact on maps of at most
+    ``aggregation_max_pixels`` feature pixels (None: any), per window above
+    (:mod:`plca.evaluation.aggregation`); ``progress``: a bar over those windows.
     """
     autocast = (torch.autocast(device_type=images.device.type, dtype=torch.bfloat16)
                 if amp and images.device.type == "cuda" else contextlib.nullcontext())
     with autocast:
         if test_time_aggregation:
-            features = spatial_aggregate(model.extract_features(images), "cos", alpha)
-            probs = model.classify(features).float().softmax(dim=1)
-            return spatial_aggregate(probs, "kl", alpha)
+            return aggregated_probabilities(model, images, alpha, aggregation_max_pixels, progress)
         return model(images)["logits"].float()
 
 
@@ -188,11 +189,13 @@ def _as_uint8(prediction: Tensor) -> np.ndarray:
 def evaluate(model: nn.Module, dataset, num_classes: int, device: torch.device, *,
              test_time_aggregation: bool = False, alpha: float = 0.5, amp: bool = False,
              rank: int = 0, world_size: int = 1, num_workers: int = 0, progress: bool = True,
-             image_scores: PerImageScores | None = None) -> ConfusionMatrix:
+             image_scores: PerImageScores | None = None,
+             aggregation_max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ConfusionMatrix:
     """Confusion matrix of ``model`` on ``dataset`` (summed over processes when distributed).
 
     With ``image_scores``, each image's score is added to it in the same pass (gathered from
     all processes when distributed); the dataset's items need a ``"name"`` (else ``#index``).
+    ``aggregation_max_pixels``: the bound of the test-time aggregation (:func:`predict_scores`).
     """
     if image_scores is not None and image_scores.keep and num_classes > 255:
         raise ValueError(f"kept predictions are uint8: at most 255 classes, got {num_classes}")
@@ -205,7 +208,8 @@ def evaluate(model: nn.Module, dataset, num_classes: int, device: torch.device, 
                                           dynamic_ncols=True)):
         images = batch["image"].to(device, non_blocking=True).float()
         labels = batch["label"].to(device, non_blocking=True)
-        scores = predict_scores(model, images, test_time_aggregation, alpha, amp)
+        scores = predict_scores(model, images, test_time_aggregation, alpha, amp, aggregation_max_pixels,
+                                progress and rank == 0)
         # the softmax after upsampling (upsampled_probabilities) would not change the argmax
         predictions = upsample_scores(scores, labels.shape[-2:]).argmax(dim=1)
         if image_scores is None:

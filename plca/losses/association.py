@@ -1,10 +1,10 @@
-"""Pixel-level cycle association (METHOD.md, "The loss, exactly", steps 1-7) and spatial aggregation.
+"""Pixel-level cycle association (docs/method.md, "The association loss", steps 1-6) and spatial aggregation.
 
 Public API: :func:`spatial_aggregate`, :func:`associate`, :func:`association_loss` and
 :class:`AssociationOutput`. Each takes ``impl``:
 
 - ``"dense"`` (this module): materialises the ``N x M`` similarity and probability
-  matrices and follows METHOD.md literally. It is the reference the tests check
+  matrices and follows docs/method.md literally. It is the reference the tests check
   against a nested-loop implementation, and that ``"efficient"`` is checked against.
 - ``"efficient"`` (:mod:`plca.losses.association_efficient`, the default): the same
   numbers computed over blocks of rows, memory linear in the pixel count.
@@ -38,9 +38,6 @@ Conventions shared by both implementations:
 """
 
 from __future__ import annotations
-
-import contextlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +97,7 @@ def dense_similarity(a: Tensor, b: Tensor, metric: str, mm_dtype: torch.dtype | 
 
 
 def dense_aggregate_map(x: Tensor, metric: str, alpha: float, mm_dtype: torch.dtype | None = None) -> Tensor:
-    """``(1 - alpha) x + alpha A(x)`` for one map ``x`` ``(C, M)`` (METHOD.md step 6), in the
+    """``(1 - alpha) x + alpha A(x)`` for one map ``x`` ``(C, M)`` (docs/method.md step 6), in the
     statistics dtype; products in ``mm_dtype`` (None: the statistics dtype)."""
     s = dense_similarity(x, x, metric, mm_dtype)
     if metric == "cos":
@@ -173,7 +170,7 @@ def dense_associate(source: Tensor, target: Tensor, source_labels: Tensor, metri
 
 def spatial_aggregate(x: Tensor, metric: str, alpha: float = 0.5, impl: str = "efficient",
                       block_size: int | None = None, similarity_dtype: str = "float32") -> Tensor:
-    """Spatial aggregation (METHOD.md step 6): ``(1 - alpha) * x + alpha * A(x)``.
+    """Spatial aggregation (docs/method.md step 6): ``(1 - alpha) * x + alpha * A(x)``.
 
     ``x`` ``(B, C, H, W)`` -> ``(B, C, H, W)``. ``A(x)[:, j] = sum_k Q(j, k) x[:, k]`` with ``Q`` the
     row-softmax of the map's self-similarity: for ``"cos"`` (x are features) the rows of the cosine

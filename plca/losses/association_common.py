@@ -9,10 +9,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-
-from plca.data.labels import IGNORE_INDEX
 
 METRICS = ("cos", "kl")
 IMPLS = ("dense", "efficient")

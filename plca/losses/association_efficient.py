@@ -291,7 +291,7 @@ class _CycleNLL(Function):
 class _Aggregate(Function):
     """Spatial aggregation of the kl level, ``(1 - alpha) q + alpha softmax(q k^T) q``, blockwise over
     rows: ``q`` ``(M, K)`` the class probabilities (queries and values), ``k`` ``(M, K)`` their
-    ``log(p + eps)`` (keys), a plain softmax (no standardisation, METHOD.md step 6). Keeps the
+    ``log(p + eps)`` (keys), a plain softmax (no standardisation, docs/method.md step 6). Keeps the
     per-row max and logsumexp for backward, which recomputes ``block x M`` logits.
     Returns ``(M, K)`` in the statistics dtype.
     """

@@ -27,16 +27,19 @@ gets the ``plca:`` section too. :func:`add_term` adds a weighted term to a loss 
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plca.data.labels import IGNORE_INDEX
 from plca.losses.lovasz import lovasz_softmax_global, lovasz_softmax_reference_ddp
+from plca.methods.addons.multi_resolution import multi_resolution_loss
 
 
 @dataclass
@@ -93,6 +96,7 @@ class Method(nn.Module):
         self.options = context.options
         self.plca_options = context.plca
         self.classes = tuple(context.classes)
+        self.seed = context.seed
         self.__dict__["_student_forward"] = None  # not a submodule: the engine's DDP wrapper of the student
         self.__dict__["_backward_part"] = None  # the engine's early backward, during its updates only
 
@@ -151,10 +155,35 @@ class Method(nn.Module):
         backward(loss)
         return loss.new_zeros(())
 
+    def step_generator(self, step: int) -> torch.Generator:
+        """The step's random numbers (ClassMix, masks, HRDA's detail boxes): a function of (method, seed,
+        step, process), so a resumed run draws the same."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return torch.Generator().manual_seed(zlib.crc32(f"{self.name}/{self.seed}/{step}/{rank}".encode()))
+
     def segment(self, images: Tensor, **options) -> dict[str, Tensor]:
         """The student's training forward ``{'features', 'logits'}`` (through DDP when the engine wraps it)."""
         forward = self.__dict__["_student_forward"] or self.student
         return forward(images, **options)
+
+    def supervised_loss(self, output: dict[str, Tensor], labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`source_loss` of a segmentor's output ``{'logits', ...}`` against labels ``(B, H, W)``; for a
+        multi-resolution (HRDA) output, HRDA's sum of the fused and the detail prediction's losses
+        (:func:`~plca.methods.addons.multi_resolution.multi_resolution_loss`; the detail's terms are logged
+        as ``loss/<term>_detail``)."""
+        collected: list[dict[str, Tensor]] = []
+
+        def loss(logits: Tensor, target: Tensor, _weights: Tensor | None) -> Tensor:
+            value, term_logs = self.source_loss(logits, target)
+            collected.append(term_logs)
+            return value
+
+        total, _ = multi_resolution_loss(output, labels, loss)
+        logs = collected[0]
+        for key, value in (collected[1].items() if len(collected) > 1 else ()):
+            if key.startswith("loss/"):
+                logs[f"{key}_detail"] = value
+        return total, logs
 
     def source_loss(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Cross-entropy (+ weighted Lovasz-softmax) on logits ``(B, K, h, w)`` upsampled to labels ``(B, H, W)``.

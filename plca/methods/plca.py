@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from plca.methods.addons.multi_resolution import detail_view
 from plca.methods.base import Method, MethodContext, StepOutput
 from plca.methods.plca_objective import PLCAOptions, plca_objective
 from plca.methods.registry import register_method
@@ -33,10 +34,14 @@ class PLCA(Method):
     def training_step(self, source: dict, target: dict | None, step: int) -> StepOutput:
         if target is None:
             raise ValueError("PLCA needs a target batch")
-        tgt = self.segment(target["image"])
-        src = self.segment(source["image"])
-        loss, logs = self.source_loss(src["logits"], source["label"])
-        terms, term_logs = plca_objective(self.plca_options, src, tgt, source["label"], target.get("label"))
+        generator = self.step_generator(step)  # HRDA's detail boxes
+        tgt = self.segment(target["image"], generator=generator)
+        src = self.segment(source["image"], generator=generator)
+        loss, logs = self.supervised_loss(src, source["label"])
+        # with HRDA, the association and LSR read the detail crops (detail_view: single-scale outputs pass)
+        (src_view, src_labels), (tgt_view, tgt_labels) = (detail_view(src, source["label"]),
+                                                          detail_view(tgt, target.get("label")))
+        terms, term_logs = plca_objective(self.plca_options, src_view, tgt_view, src_labels, tgt_labels)
         loss = loss + terms
         logs.update(term_logs)
         logs["loss/total"] = loss.detach()

@@ -1,6 +1,6 @@
 """PLCA's objective: its config section (``plca:``), its table of terms, and the one function that computes them.
 
-PLCA adds three terms to a method's source loss (METHOD.md): LSR on the source and target logits,
+PLCA adds three terms to a method's source loss (docs/method.md): LSR on the source and target logits,
 and the pixel-level cycle association at feature level (``cos`` on the segmentor's ``features``)
 and at classifier level (``kl`` on the class probabilities). Every method that adds them calls
 :func:`plca_objective` with its source and target forwards and reads the ``plca:`` config section,

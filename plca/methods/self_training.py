@@ -26,6 +26,15 @@ With ``staged_backward`` (default), as DAFormer and MIC do, the source part (1, 
 back-propagated before the teacher and the mixed forward, and with MIC the mix before the masked
 forward: one graph at a time in memory, the same gradients as one backward of the sum.
 
+**With HRDA** (``model.hrda.enabled``, :mod:`plca.models.hrda`), as HRDA's ``dacs.py`` and MIC on HRDA
+do: every student forward is HRDA's (a context view and a random detail crop, fused) and each
+supervised or pseudo-labelled loss is HRDA's ``(1 - lambda_d) * fused + lambda_d * detail``; the
+teacher (eval mode) predicts the whole target crop fused with the detail scale by sliding windows;
+ClassMix and the pseudo-label weights act on the full-resolution crop; the feature distance compares
+the context view's bottleneck with the frozen network's of the same view; MIC masks the whole target
+crop, whose HRDA forward draws its own detail crop; PLCA's terms read the detail crops (source and
+target), whose embeddings are at full resolution, with the labels of the source's detail box.
+
 After each optimiser update the teacher follows the student (alpha = min(1 - 1/(t + 1), alpha_max)).
 The teacher is a submodule: it is in every checkpoint (keys ``teacher.*``) and a resumed run
 continues with it exactly. ``eval.model`` picks which network is evaluated and exported (student, as papers report; teacher; or both,
@@ -35,17 +44,15 @@ each in ``metrics.json``).
 from __future__ import annotations
 
 import contextlib
-import zlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from plca.data.labels import IGNORE_INDEX
-from plca.methods.addons import (EMATeacher, class_mix, feature_distance_loss, mask_images, normalized_zero,
-                                 patch_mask, pseudo_label_accuracy, pseudo_labels, strong_augment,
-                                 thing_class_indices)
+from plca.methods.addons import (EMATeacher, class_mix, detail_view, feature_distance_loss, mask_images,
+                                 multi_resolution_loss, normalized_zero, patch_mask, pseudo_label_accuracy,
+                                 pseudo_labels, strong_augment, thing_class_indices)
 from plca.methods.base import Method, MethodContext, StepOutput, add_term, cross_entropy, upsample
 from plca.methods.plca_objective import plca_objective
 from plca.methods.registry import register_method
@@ -187,8 +194,7 @@ class SelfTraining(Method):
 
     def _generator(self, step: int) -> torch.Generator:
         """The step's random numbers: a function of (seed, step, process), so a resumed run draws the same."""
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        return torch.Generator().manual_seed(zlib.crc32(f"self_training/{self.seed}/{step}/{rank}".encode()))
+        return self.step_generator(step)
 
     def training_step(self, source: dict, target: dict | None, step: int) -> StepOutput:
         if target is None:
@@ -202,7 +208,7 @@ class SelfTraining(Method):
         mix_goes_early = options.masking.enabled  # the masked forward comes after it
 
         with stage():
-            first = self._source_part(source, target, logs)
+            first = self._source_part(source, target, logs, generator)
             total = first.detach()
             loss = release(first)
 
@@ -213,9 +219,8 @@ class SelfTraining(Method):
                                                                labels, weights, generator)
         images = self._augment(images, generator)
         with stage() if mix_goes_early else contextlib.nullcontext():
-            mixed = self.segment(images)
-            mix = add_term(None, logs, "mix_ce", weighted_cross_entropy(
-                upsample(mixed["logits"], mixed_labels.shape[-2:]).float(), mixed_labels, mixed_weights))
+            mixed = self.segment(images, generator=generator)
+            mix = add_term(None, logs, "mix_ce", pseudo_label_loss(mixed, mixed_labels, mixed_weights))
             total = total + mix.detach()
             loss = loss + (release(mix) if mix_goes_early else mix)
 
@@ -223,30 +228,35 @@ class SelfTraining(Method):
             masks = patch_mask(target["image"], generator, options.masking.patch_size, options.masking.ratio)
             masked = mask_images(self._augment(target["image"], generator), masks.to(target["image"].device),
                                  self.mask_fill)
-            masked_logits = upsample(self.segment(masked)["logits"], labels.shape[-2:]).float()
-            masked_part = add_term(None, logs, "masked_ce", weighted_cross_entropy(masked_logits, labels, weights),
+            masked_out = self.segment(masked, generator=generator)
+            masked_part = add_term(None, logs, "masked_ce", pseudo_label_loss(masked_out, labels, weights),
                                    options.masking.weight)
             total = total + masked_part.detach()
             loss = loss + masked_part
         logs["loss/total"] = total
         return StepOutput(loss=loss, logs=logs)
 
-    def _source_part(self, source: dict, target: dict, logs: dict[str, Tensor]) -> Tensor:
+    def _source_part(self, source: dict, target: dict, logs: dict[str, Tensor], generator: torch.Generator) -> Tensor:
         """The loss terms of the student's source forward (and, with PLCA on top, of its un-mixed
         target forward, made first): supervised loss, feature distance, PLCA's terms."""
         with_plca = self.plca_options is not None and self.plca_options.enabled()
-        tgt = self.segment(target["image"]) if with_plca else None
-        src = self.segment(source["image"], return_bottleneck=self.imagenet is not None)
+        tgt = self.segment(target["image"], generator=generator) if with_plca else None
+        src = self.segment(source["image"], return_bottleneck=self.imagenet is not None, generator=generator)
 
-        loss, source_logs = self.source_loss(src["logits"], source["label"])
+        loss, source_logs = self.supervised_loss(src, source["label"])
         logs.update(source_logs)
         if self.imagenet is not None:
             fd = self.options.feature_distance
-            distance = feature_distance_loss(src["bottleneck"], self.imagenet(source["image"]), source["label"],
+            # HRDA: the bottleneck is the context view's, and the frozen network sees that view
+            reference = self.imagenet(self.student.bottleneck_view(source["image"]))
+            distance = feature_distance_loss(src["bottleneck"], reference, source["label"],
                                              self.thing_classes, min_ratio=fd.min_ratio)
             loss = add_term(loss, logs, "feature_distance", distance, fd.weight)
         if with_plca:
-            terms, term_logs = plca_objective(self.plca_options, src, tgt, source["label"], target.get("label"))
+            # with HRDA: the detail crops' views (see plca.methods.addons.multi_resolution.detail_view)
+            (src_view, src_labels), (tgt_view, tgt_labels) = (detail_view(src, source["label"]),
+                                                              detail_view(tgt, target.get("label")))
+            terms, term_logs = plca_objective(self.plca_options, src_view, tgt_view, src_labels, tgt_labels)
             loss = loss + terms
             logs.update(term_logs)
         return loss
@@ -268,6 +278,15 @@ class SelfTraining(Method):
         opts = self.options.augment
         return strong_augment(images, generator, opts.jitter_strength, opts.jitter_probability, opts.blur_probability,
                               tuple(opts.blur_sigma))
+
+
+def pseudo_label_loss(output: dict[str, Tensor], labels: Tensor, weights: Tensor) -> Tensor:
+    """:func:`weighted_cross_entropy` of a segmentor output's logits upsampled to ``labels`` ``(B, H, W)``;
+    for an HRDA output, HRDA's weighted sum of the fused and the detail terms (the detail in its box)."""
+    def loss(logits: Tensor, target: Tensor, pixel_weights: Tensor | None) -> Tensor:
+        return weighted_cross_entropy(upsample(logits, target.shape[-2:]).float(), target, pixel_weights)
+
+    return multi_resolution_loss(output, labels, loss, weights)[0]
 
 
 def weighted_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ class SourceOnly(Method):
     uses_target = False  # and no plca: section (it computes no LSR and no association)
 
     def training_step(self, source: dict, target: dict | None, step: int) -> StepOutput:
-        output = self.segment(source["image"])
-        loss, logs = self.source_loss(output["logits"], source["label"])
+        output = self.segment(source["image"], generator=self.step_generator(step))  # HRDA's detail boxes
+        loss, logs = self.supervised_loss(output, source["label"])
         logs["loss/total"] = loss.detach()
         return StepOutput(loss=loss, logs=logs)

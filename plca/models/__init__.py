@@ -6,7 +6,7 @@ Importing this package registers every built-in backbone and head (see
 """
 
 from plca.models import resnet, mit, efficientnet_lite, timm_backbone  # noqa: F401 - backbones, ResNets first
-from plca.models import daformer_head, deeplab, segformer_head  # noqa: F401 - registers the heads
+from plca.models import daformer_head, deeplab, segformer_head, attention_head  # noqa: F401 - registers the heads
 from plca.models.segmentor import Segmentor, SegmentorSpec, build_segmentor
 
 __all__ = ["Segmentor", "SegmentorSpec", "build_segmentor"]

@@ -36,6 +36,11 @@ def validate_model_config(model: SegmentorOptions) -> None:
            f"model.head_width must be > 0 or null, got {model.head_width}")
     _check(model.head_width is None or head_contract(model.head).width,
            f"model.head_width: the {model.head} head has no width (its output is the class count); leave it null")
+    hrda = getattr(model, "hrda", None)
+    if hrda is not None and hrda.enabled:
+        hrda.validate()
+        _check(hrda.attention_head is None or hrda.attention_head in head_names(),
+               f"model.hrda.attention_head '{hrda.attention_head}' is unknown; choose one of {', '.join(head_names())}")
     if is_packaged(model.pretrained):
         packaged_entry(model.pretrained)  # ValueError naming the package when it is not installed
     try:

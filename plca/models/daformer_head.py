@@ -1,6 +1,7 @@
 """DAFormer's head: per-level linear embeddings fused by an ASPP of depthwise separable convolutions.
 
-As lhoyer/DAFormer (``daformer_head.py`` with ``configs/_base_/models/daformer_sepaspp_mitb5.py``):
+As DAFormer builds it (``lhoyer/DAFormer/mmseg/models/decode_heads/daformer_head.py`` with
+``lhoyer/DAFormer/configs/_base_/models/daformer_sepaspp_mitb5.py``):
 
 1. every level is mapped to ``embed_dim`` (256) channels by a Linear at each pixel and upsampled
    (bilinear, ``align_corners=False``) to the size of the finest level; the maps are

@@ -7,7 +7,7 @@ both its embedding and the feature map of PLCA's feature-level association. Two 
 - ``deeplabv2`` (the PLCA reference): four branches, dilations 6, 12, 18 and 24, no bias,
   PyTorch's default initialisation;
 - ``deeplabv2_reduced`` (DACS and DAFormer's ``dlv2red``: mmseg ``DLV2Head`` with
-  ``dilations=(6, 12)``, ``configs/_base_/models/deeplabv2red_r50-d8.py``): two branches,
+  ``dilations=(6, 12)``, ``lhoyer/DAFormer/configs/_base_/models/deeplabv2red_r50-d8.py``): two branches,
   dilations 6 and 12, each convolution with a bias (mmcv ``ConvModule`` without a norm), weights
   drawn from Normal(0, 0.01) and biases 0 (``init_cfg=dict(type='Normal', std=0.01,
   override=dict(name='aspp_modules'))``). AdaptSegNet's code, which DACS and later works copied,

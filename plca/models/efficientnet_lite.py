@@ -83,7 +83,8 @@ LEVEL_STAGES: tuple[int, ...] = (1, 2, 4, 6)
 
 
 class SameConv2d(nn.Conv2d):
-    """``nn.Conv2d`` without bias that pads like TensorFlow's ``"same"``: ``(B, C, H, W) -> (B, C', ceil(H / s), ceil(W / s))``."""
+    """``nn.Conv2d`` without bias that pads like TensorFlow's ``"same"``:
+    ``(B, C, H, W) -> (B, C', ceil(H / s), ceil(W / s))``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
         super().__init__(in_channels, out_channels, kernel, stride=stride, padding=0, groups=groups, bias=False)
@@ -358,7 +359,8 @@ def load_efficientnet_lite_weights(backbone: EfficientNetLite, path: str | Path)
         converted = {k: v for k, v in converted.items() if k not in ignored}
     if unplaced:
         raise WeightsError(f"weights file '{path}' ({layout} layout) has keys with no place in EfficientNet-Lite0: "
-                           + ", ".join(unplaced[:12]) + (f", ... ({len(unplaced) - 12} more)" if len(unplaced) > 12 else ""))
+                           + ", ".join(unplaced[:12])
+                           + (f", ... ({len(unplaced) - 12} more)" if len(unplaced) > 12 else ""))
     return load_strict(backbone, converted, path, f"EfficientNet-Lite0 backbone ({layout} layout)", ignored,
                        optional=True)
 

@@ -55,7 +55,8 @@ def packaged_entry(pretrained: str) -> PackagedWeights:
 
 
 def resolve_weights(pretrained: str | Path) -> Path:
-    """The local file ``model.pretrained`` names: ``package:<name>`` inside its installed package, else the path itself."""
+    """The local file ``model.pretrained`` names: ``package:<name>`` inside its installed package, else the
+    path itself."""
     if not is_packaged(pretrained):
         return Path(pretrained)
     entry = packaged_entry(str(pretrained))

@@ -302,5 +302,6 @@ def create_head(name: str, in_channels: Sequence[int], num_classes: int, **optio
     unknown = [key for key in options if key not in accepted]
     if unknown:
         raise ValueError(f"head {name!r} has no option {', '.join(map(repr, unknown))}"
-                         + (" (its width is the class count: leave model.head_width null)" if "width" in unknown else ""))
+                         + (" (its width is the class count: leave model.head_width null)"
+                            if "width" in unknown else ""))
     return _HEADS[name](tuple(in_channels), num_classes, **options)

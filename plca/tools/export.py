@@ -8,6 +8,9 @@ rebuild it and to use it::
     classes    the class names in output-channel order (JSON list)
     config     the run's resolved config (YAML text)
     step       the training step the weights come from (when known)
+    final      "true" when that step is the run's last, "false" for a model of an unfinished run
+               (exported only with ``--allow-unfinished``), absent when unknown
+    run_id     the run the weights come from (when known)
 
 :func:`load_exported` rebuilds the model from the file alone, so ``plca evaluate`` and
 ``plca predict --checkpoint model.safetensors`` need no config file. Unlike a training
@@ -26,8 +29,8 @@ from torch import nn
 from plca.config import Config, ConfigError, build_config, to_dict
 from plca.inference import check_config_matches, description_from_config
 from plca.models.segmentor import Segmentor
-from plca.models.trained import (EXPORT_FORMAT, inspect_model_file, load_model_file, resolve_model_path,
-                                 spec_of)
+from plca.models.trained import (EXPORT_FORMAT, inspect_model_file, load_model_file, refuse_unfinished,
+                                 resolve_model_path, spec_of)
 from plca.models.weights import WeightsError, save_safetensors
 
 __all__ = ["EXPORT_FORMAT", "export_model", "load_exported", "read_export_metadata"]
@@ -44,16 +47,18 @@ def read_export_metadata(path: str | Path) -> dict[str, str]:
 
 
 def export_model(source: str | Path, output: str | Path, config: Config | None = None,
-                 which: str = "final") -> Path:
+                 which: str = "final", allow_unfinished: bool = False) -> Path:
     """Write the weights of ``source`` (a run directory or a model file) to ``output`` (.safetensors).
 
     ``config``: needed only when the file carries none (e.g. the PLCA authors' release); a given
-    config that asks for another network than the file holds is an error.
+    config that asks for another network than the file holds is an error. A model of a run that
+    did not reach its end is refused (nothing written) unless ``allow_unfinished``.
     """
     output = Path(output)
     if output.suffix != ".safetensors":
         raise ConfigError(f"export output '{output}' must end in .safetensors")
     file = inspect_model_file(resolve_model_path(source, which))
+    refuse_unfinished(file, allow_unfinished)
     if config is not None:
         check_config_matches(file, config)
     elif file.config is not None:
@@ -70,6 +75,10 @@ def export_model(source: str | Path, output: str | Path, config: Config | None =
     }
     if file.step is not None:
         metadata["step"] = str(int(file.step))
+    if file.final is not None:
+        metadata["final"] = "true" if file.final else "false"
+    if file.run_id is not None:
+        metadata["run_id"] = file.run_id
     output.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(model, output, metadata)
     return output

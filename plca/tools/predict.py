@@ -37,6 +37,7 @@ from plca.config import Config, ConfigError
 from plca.data.labels import palette
 from plca.engine.distributed import available_cpus
 from plca.engine.image_grids import colour_legend
+from plca.evaluation.aggregation import DEFAULT_MAX_PIXELS
 from plca.evaluation.evaluator import predict_scores, upsample_scores, upsampled_probabilities
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ class InferenceOptions:
     alpha: float = 0.5
     amp: bool = False
     batch_size: int = 1  # images or windows per forward pass
+    aggregation_max_pixels: int | None = DEFAULT_MAX_PIXELS  # exact aggregation up to it, per window above
+    progress: bool = False  # a bar over the aggregation's windows (maps over aggregation_max_pixels)
 
     def __post_init__(self) -> None:
         if self.size is not None and min(self.size) <= 0:
@@ -70,6 +73,8 @@ class InferenceOptions:
             raise ConfigError("--stride needs --sliding-window --window H W and must be positive")
         if self.batch_size <= 0:
             raise ConfigError("--batch-size must be > 0")
+        if self.aggregation_max_pixels is not None and self.aggregation_max_pixels <= 0:
+            raise ConfigError("eval.aggregation_max_pixels must be null or a positive number of feature pixels")
 
 
 # --------------------------------------------------------------------------- inference
@@ -91,7 +96,8 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
 def _forward(model: nn.Module, images: Tensor, options: InferenceOptions) -> Tensor:
     """Scores ``(B, K, h, w)`` at the model's output stride (logits, or aggregated probabilities with
     test-time aggregation: :func:`plca.evaluation.evaluator.predict_scores`), ``batch_size`` images per pass."""
-    chunks = [predict_scores(model, chunk, options.test_time_aggregation, options.alpha, options.amp)
+    chunks = [predict_scores(model, chunk, options.test_time_aggregation, options.alpha, options.amp,
+                             options.aggregation_max_pixels, options.progress)
               for chunk in images.split(options.batch_size)]
     return torch.cat(chunks)
 
@@ -274,11 +280,11 @@ class PredictSummary:
 
 
 def load_model_for_inference(checkpoint: str | Path, config_path: str | Path | None = None,
-                             overrides: Sequence[str] = ()) -> tuple[nn.Module, Config]:
+                             overrides: Sequence[str] = (), allow_unfinished: bool = True) -> tuple[nn.Module, Config]:
     """The model (CPU, eval mode) and its config (see :func:`plca.inference.load_for_inference`)."""
     from plca.inference import load_for_inference
 
-    model, config, _ = load_for_inference(checkpoint, config_path, overrides)
+    model, config, _ = load_for_inference(checkpoint, config_path, overrides, allow_unfinished=allow_unfinished)
     return model, config
 
 
@@ -307,6 +313,7 @@ def run_predict(model: nn.Module, config: Config, inputs: Sequence[InputImage], 
     and overlay/."""
     output = Path(output)
     summary = PredictSummary(output=output)
+    options = replace(options, progress=progress)
     model = model.to(device).eval()
     loader = DataLoader(_ImageFiles(inputs), batch_size=None, collate_fn=_as_is,
                         num_workers=min(num_workers, max(len(inputs) - 1, 0), available_cpus()))
@@ -338,7 +345,8 @@ def run_predict(model: nn.Module, config: Config, inputs: Sequence[InputImage], 
 
 
 def options_from_config(config: Config, **given) -> InferenceOptions:
-    """Inference options, with ``size``, ``test_time_aggregation``, ``alpha`` and ``amp`` defaulting to the config."""
+    """Inference options, with ``size``, ``test_time_aggregation``, ``alpha``, ``amp`` and
+    ``aggregation_max_pixels`` defaulting to the config."""
     from plca.engine.trainer import test_time_aggregation_enabled
 
     defaults = InferenceOptions(
@@ -346,5 +354,6 @@ def options_from_config(config: Config, **given) -> InferenceOptions:
         test_time_aggregation=test_time_aggregation_enabled(config),
         alpha=config.eval.alpha,
         amp=config.train.amp,
+        aggregation_max_pixels=config.eval.aggregation_max_pixels,
     )
     return replace(defaults, **{key: value for key, value in given.items() if value is not None})

@@ -200,8 +200,8 @@ def check_dataset(fmt: str, root: str | Path, classes: Sequence[str] | None = No
             report.add("error", f"{len(orphans)} label(s) have no image (incomplete download or extraction?)",
                        [path.name for path in orphans])
     if unlabelled and datasets:
-        report.add("note", f"checked as unlabelled images (unlabelled / --unlabelled): labels are not required; "
-                           f"the label files present were checked too")
+        report.add("note", "checked as unlabelled images (unlabelled / --unlabelled): labels are not required; "
+                           "the label files present were checked too")
     dataset = _union(datasets, f"{fmt} dataset in {root}")
     if dataset is None:
         return report

@@ -424,7 +424,8 @@ def build_markdown(runs: Sequence[RunRecord], curves: str | None, bars: str | No
               if run.final_metrics and run.final_metrics.get("per_class_IoU")}
     lines += ["", "## Per-class IoU (%)", ""]
     if scored:
-        lines += [format_markdown_table(scored, union_classes([r for r, l in zip(runs, labels) if l in scored])), ""]
+        scored_runs = [run for run, label in zip(runs, labels) if label in scored]
+        lines += [format_markdown_table(scored, union_classes(scored_runs)), ""]
         protocols = {name: metrics.get("protocols", {}) for name, metrics in scored.items()}
         if any(protocols.values()):
             lines += ["Every protocol's mean (each over its own classes):", ""]
@@ -470,102 +471,60 @@ figure { margin: .8em 0 1.4em; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e4e4e4; }
 figcaption { font-size: .85em; color: #555; }
 """
-_SEPARATOR_CELL = re.compile(r"^:?-{3,}:?$")
-_IMAGE_LINE = re.compile(r"^!\[(?P<alt>.*)\]\((?P<src>[^()]+)\)$")
-_HEADING_LINE = re.compile(r"^(?P<level>#{1,6}) (?P<text>.*)$")
 _NUMBER_CELL = re.compile(r"^(-|n/a|[-+]?\d+(\.\d+)?\*?)( ± ([-+]?\d+(\.\d+)?|n/a))?( ⚠)?$")
 
 
-def _inline_html(text: str) -> str:
-    """Escaped text with ``code`` spans and Markdown's ``\\|`` turned back into ``|``."""
-    parts = re.split(r"(`[^`]*`)", text)
-    return "".join(f"<code>{html.escape(part[1:-1])}</code>" if len(part) > 1 and part[0] == part[-1] == "`"
-                   else html.escape(part) for part in parts).replace("\\|", "|")
+def _page_layout(root) -> None:
+    """The page's touches on the HTML Python-Markdown builds (an ElementTree ``root``): tables scroll
+    sideways in a ``div.scroll``; right-aligned and numeric cells get ``class="num"``; an image alone in
+    its paragraph becomes a figure linked to the full-size file, its path URL-quoted."""
+    from xml.etree import ElementTree
 
-
-def _table_cells(line: str) -> list[str]:
-    cells = re.split(r"(?<!\\)\|", line.strip())
-    if cells and not cells[0].strip():
-        cells = cells[1:]
-    if cells and not cells[-1].strip():
-        cells = cells[:-1]
-    return [cell.strip() for cell in cells]
-
-
-def _table_html(rows: list[list[str]]) -> list[str]:
-    """A pipe table's rows (cells as written) as an HTML table; numeric cells are right-aligned."""
-    header: list[str] | None = None
-    right: list[bool] = []
-    if len(rows) > 1 and rows[1] and all(_SEPARATOR_CELL.match(cell) for cell in rows[1]):
-        header, right, rows = rows[0], [cell.endswith(":") for cell in rows[1]], rows[2:]
-
-    def cell(tag: str, column: int, text: str) -> str:
-        numeric = tag == "td" and ((column < len(right) and right[column]) or bool(_NUMBER_CELL.match(text)))
-        attribute = ' class="num"' if numeric else ""
-        return f"<{tag}{attribute}>{_inline_html(text)}</{tag}>"
-
-    out = ['<div class="scroll"><table>']
-    if header is not None:
-        out.append("<thead><tr>" + "".join(cell("th", k, text) for k, text in enumerate(header)) + "</tr></thead>")
-    out.append("<tbody>")
-    out += ["<tr>" + "".join(cell("td", k, text) for k, text in enumerate(row)) + "</tr>" for row in rows]
-    out.append("</tbody></table></div>")
-    return out
+    for index, child in enumerate(list(root)):
+        if child.tag == "table":
+            wrapper = ElementTree.Element("div", {"class": "scroll"})
+            wrapper.append(child)
+            root.remove(child)
+            root.insert(index, wrapper)
+        elif child.tag == "p" and len(child) == 1 and child[0].tag == "img" and not (child.text or "").strip() \
+                and not (child[0].tail or "").strip():
+            source = urllib.parse.quote(urllib.parse.unquote(child[0].get("src", "")))
+            image = ElementTree.Element("img", {"src": source, "alt": child[0].get("alt", ""), "loading": "lazy"})
+            child.clear()
+            child.tag = "figure"
+            ElementTree.SubElement(child, "a", {"href": source}).append(image)
+    for cell in root.iter():
+        if cell.tag in ("td", "th"):
+            right = "right" in cell.attrib.pop("style", "")
+            if right or (cell.tag == "td" and _NUMBER_CELL.match("".join(cell.itertext()).strip())):
+                cell.set("class", "num")
 
 
 def markdown_to_html(text: str, title: str = "plca report") -> str:
     """A standalone HTML page (inline CSS, no script, nothing fetched) of the Markdown the report writes.
 
-    Knows the subset the report uses: ``#`` headings, pipe tables (``---:`` right-aligns a column),
-    image lines ``![alt](file)`` (shown, and linked to the full-size file), ``-`` lists, paragraphs and
-    ``code`` spans. Every piece of text is HTML-escaped; image paths are URL-quoted.
+    Python-Markdown with pipe tables converts it; raw HTML and entities in the text are not markup
+    there (its HTML block, inline HTML and entity rules are removed), so every piece of text comes
+    out escaped. :func:`_page_layout` adds the page's own touches (scrolling tables, numeric cells,
+    linked figures, URL-quoted image paths).
     """
-    lines = text.split("\n")
-    body: list[str] = []
-    position = 0
+    import markdown
+    from markdown.treeprocessors import Treeprocessor
 
-    def starts_block(line: str) -> bool:
-        stripped = line.strip()
-        return (not stripped or stripped.startswith("|") or stripped.startswith("- ")
-                or bool(_HEADING_LINE.match(stripped)) or bool(_IMAGE_LINE.match(stripped)))
+    class _Layout(Treeprocessor):
+        def run(self, root):
+            _page_layout(root)
 
-    while position < len(lines):
-        line = lines[position].strip()
-        if not line:
-            position += 1
-            continue
-        heading, image = _HEADING_LINE.match(line), _IMAGE_LINE.match(line)
-        if heading:
-            level = len(heading["level"])
-            body.append(f"<h{level}>{_inline_html(heading['text'])}</h{level}>")
-            position += 1
-        elif image:
-            src = html.escape(urllib.parse.quote(image["src"]), quote=True)
-            alt = html.escape(image["alt"].replace("\\|", "|"), quote=True)
-            body.append(f'<figure><a href="{src}"><img src="{src}" alt="{alt}" loading="lazy"></a></figure>')
-            position += 1
-        elif line.startswith("|"):
-            block = []
-            while position < len(lines) and lines[position].strip().startswith("|"):
-                block.append(_table_cells(lines[position]))
-                position += 1
-            body += _table_html(block)
-        elif line.startswith("- "):
-            body.append("<ul>")
-            while position < len(lines) and lines[position].strip().startswith("- "):
-                body.append(f"<li>{_inline_html(lines[position].strip()[2:])}</li>")
-                position += 1
-            body.append("</ul>")
-        else:
-            paragraph = []
-            while position < len(lines) and (not paragraph or not starts_block(lines[position])):
-                paragraph.append(_inline_html(lines[position].strip()))
-                position += 1
-            body.append(f"<p>{' '.join(paragraph)}</p>")
+    converter = markdown.Markdown(extensions=["tables"], output_format="html")
+    converter.preprocessors.deregister("html_block")
+    for rule in ("html", "entity"):
+        converter.inlinePatterns.deregister(rule)
+    converter.treeprocessors.register(_Layout(converter), "plca_layout", 1)
+    body = converter.convert(text)
     return "\n".join(["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
                       '<meta name="viewport" content="width=device-width, initial-scale=1">',
                       f"<title>{html.escape(title)}</title>", f"<style>{_HTML_STYLE}</style>", "</head>", "<body>",
-                      *body, "</body>", "</html>", ""])
+                      body, "</body>", "</html>", ""])
 
 
 def _write_report_files(output: Path, text: str) -> Path:
@@ -668,7 +627,8 @@ def write_run_gallery(run: RunRecord, folder: Path, count: int, panel_width: int
     from plca.serialization import UnreadableFileError
 
     try:
-        evaluate_checkpoint(run.path, progress=progress, gallery=count, gallery_dir=folder, panel_width=panel_width)
+        evaluate_checkpoint(run.path, progress=progress, gallery=count, gallery_dir=folder, panel_width=panel_width,
+                            allow_unfinished=True)
     except (ConfigError, DatasetError, WeightsError, CheckpointError, DeviceError, UnreadableFileError) as error:
         raise ReportError(f"--gallery: run '{run.path}': {error}") from None
     return json.loads((folder / "index.json").read_text())

@@ -38,12 +38,15 @@ from pathlib import Path
 
 from plca.engine.run_dir import LockHeldError, acquire_lock, release_lock
 from plca.files import atomic_write_json, flatten
+from plca.tools.sweep_progress import RunProgress
 from plca.tools.sweep_table import (DEFAULT_FLAG_RANGE, MANIFEST, SweepError, aggregate, format_summary,
                                     read_manifest, write_results)
 
 #: Keys the sweep sets itself for every run.
 RESERVED_KEYS = ("run_name", "output_dir", "train.seed")
 LAUNCHERS = ("local", "slurm", "submitit-local")
+#: Exit statuses of a run stopped by SIGINT (130) or SIGTERM (143), after saving a checkpoint.
+INTERRUPTED_EXITS = (130, 143)
 _STDERR_TAIL = 20
 _STOP_WAIT_S = 80.0  # how long a preempted job waits for its run to save a checkpoint
 _ALIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED")
@@ -396,9 +399,19 @@ class SweepOutcome:
 class _Sweep:
     """One call of :func:`run_sweep` while it holds the sweep directory."""
 
-    def __init__(self, sweep_dir: Path, manifest: dict, config: str, echo: Callable[[str], None]) -> None:
+    def __init__(self, sweep_dir: Path, manifest: dict, config: str, echo: Callable[[str], None],
+                 progress_every_s: float = 0.0) -> None:
         self.dir, self.manifest, self.config, self.echo = sweep_dir, manifest, config, echo
         self.outcome = SweepOutcome(sweep_dir)
+        self.progress_every_s = progress_every_s
+        self.entries: list[dict] = []  # this call's runs
+
+    def done(self) -> str:
+        """How far this call's runs are: ``sweep: 2 of 6 runs done (1 failed)``."""
+        finished = sum(entry.get("status") == "finished" for entry in self.entries)
+        failed = sum(entry.get("status") == "failed" for entry in self.entries)
+        return (f"sweep: {finished + failed} of {len(self.entries)} runs done"
+                + (f" ({failed} failed)" if failed else ""))
 
     def save(self) -> None:
         self.manifest["updated"] = _now()
@@ -433,14 +446,14 @@ class _Sweep:
             entry["status"] = "finished"
             if not (self.dir / entry["run_dir"] / "metrics.json").is_file():
                 entry["note"] = "no metrics.json: the config has no data.val, so nothing to average"
-            self.echo(f"  {entry['name']}: finished{self._miou(entry)}")
+            self.echo(f"  {entry['name']}: finished{self._miou(entry)} | {self.done()}")
             return
         entry["status"] = "failed"
         entry["stderr_tail"] = stderr_tail(self.dir / entry["log"]["stderr"]) + ([error] if error else [])
         self.outcome.failed.append(entry["name"])
         last = next((line for line in reversed(entry["stderr_tail"]) if line.strip()), "")
         self.echo(f"  {entry['name']}: FAILED (exit {returncode}){': ' + last.strip() if last else ''} "
-                  f"[log: {self.dir / entry['log']['stderr']}]")
+                  f"[log: {self.dir / entry['log']['stderr']}] | {self.done()}")
 
     def _miou(self, entry: dict) -> str:
         try:
@@ -465,11 +478,13 @@ class _Sweep:
                       f"(log: {self.dir / entry['log']['stderr']})")
             started = time.monotonic()
             try:
-                returncode = job()
+                with RunProgress(Path(job.run_dir) / "train.log", self.echo, f"  {entry['name']}", self.done,
+                                 self.progress_every_s):
+                    returncode = job()
             except KeyboardInterrupt:
                 returncode = 130
-            if returncode == 130:  # interrupted (Ctrl-C or SIGTERM): it saved, a re-run resumes it
-                entry.update(status="pending", finished=_now(), returncode=130,
+            if returncode in INTERRUPTED_EXITS:  # Ctrl-C or SIGTERM: it saved, a re-run resumes it
+                entry.update(status="pending", finished=_now(), returncode=returncode,
                              note="interrupted; the same plca sweep command resumes it")
                 self.outcome.interrupted = True
                 self.save()
@@ -584,13 +599,15 @@ def _processes_per_node(launcher: str, nproc_per_node: int | None, slurm: SlurmO
 def run_sweep(config: str | Path, seeds: Sequence[int], grid: dict[str, list[str]] | Sequence[str] = (),
               overrides: Sequence[str] = (), launcher: str = "local", nproc_per_node: int | None = None,
               slurm: SlurmOptions | None = None, flag_range: float = DEFAULT_FLAG_RANGE, wait: bool = True,
-              dry_run: bool = False, echo: Callable[[str], None] = print) -> SweepOutcome:
+              dry_run: bool = False, echo: Callable[[str], None] = print,
+              progress_every_s: float = 30.0) -> SweepOutcome:
     """Run (or continue) the sweep of ``config`` + ``overrides`` over ``grid`` x ``seeds``; write the results.
 
     ``grid``: ``{key: [values]}`` or ``--grid`` strings (``key=v1,v2``); ``launcher``: ``local``
     (here, one run after another), ``slurm`` (one Slurm job per run, through submitit) or
     ``submitit-local`` (submitit's local executor: the Slurm code path on this machine).
-    ``wait``: for Slurm, wait for the jobs and then write the results. Raises
+    ``wait``: for Slurm, wait for the jobs and then write the results. ``progress_every_s``: with
+    ``local``, how often the running run's step and ETA are said (when it logged a new step; 0: never). Raises
     :class:`SweepError` for a bad request and :class:`plca.config.ConfigError` for a bad config.
     """
     from plca.config import load_config, to_dict
@@ -633,7 +650,8 @@ def run_sweep(config: str | Path, seeds: Sequence[int], grid: dict[str, list[str
         entries = _merge_plan(manifest, planned, grid, seeds)
         manifest["invocations"].append({"time": _now(), "argv": list(sys.argv), "launcher": launcher,
                                         "grid": grid, "seeds": list(seeds), "nproc_per_node": nproc})
-        sweep = _Sweep(sweep_dir, manifest, config, echo)
+        sweep = _Sweep(sweep_dir, manifest, config, echo, progress_every_s)
+        sweep.entries = entries
         sweep.save()
         echo(f"sweep dir {sweep_dir}: {len(entries)} run(s) in this call, {len(manifest['runs'])} in the sweep")
         if launcher == "local":

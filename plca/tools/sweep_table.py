@@ -266,7 +266,7 @@ def results_markdown(table: SweepTable) -> str:
               "| " + " | ".join(["---"] * (len(keys) + 2) + ["---:"] * (1 + len(others) + len(table.classes))) + " |"]
     for row in table.rows:
         for seed, name in row.runs:
-            def at(stat: Stat | None) -> str:
+            def at(stat: Stat | None, seed: int = seed) -> str:
                 return _num(stat.values[stat.seeds.index(seed)]) if stat and seed in stat.seeds else "-"
 
             cells = [_md_cell(row.params[k]) for k in table.keys] + [str(seed), f"`{name}`", at(row.miou)]

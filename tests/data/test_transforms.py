@@ -286,13 +286,13 @@ def test_crop_larger_than_images_without_resize():
     sizes = {(300, 400): 2, (600, 800): 5}  # (h, w): count
     message = crop_larger_than_images((512, 512), sizes)
     assert "512x512" in message and "2 of 7 images" in message and "400x300" in message
-    assert "no rescale is configured" in message
+    assert "no rescale is configured" in message and "28.6 % of the training crops" in message  # 2 of 7
     assert crop_larger_than_images((256, 256), sizes) is None
     assert crop_larger_than_images((512, 512), [(600, 800), (700, 900)]) is None  # an iterable of sizes
     assert crop_larger_than_images((512, 512), sizes, shorter_side=(512, 600)) is None  # upscaled enough
     assert crop_larger_than_images((512, 512), sizes, scale_range=(1.75, 2.0)) is None
     message = crop_larger_than_images((512, 512), sizes, scale_range=(0.5, 2.0))
-    assert "7 of 7 images" in message and "scale_range ratio (0.5)" in message
+    assert "7 of 7 images" in message and "ratio drawn from [0.5, 2] is below 0.853..1.71 (by image size)" in message
 
 
 def test_resize_warnings():

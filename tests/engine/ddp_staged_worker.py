@@ -3,7 +3,8 @@
 One engine update of self-training with PLCA on top and MIC (three forwards of the student, two
 of them back-propagated early under ``no_sync``) through DistributedDataParallel: every process's
 gradients must equal the mean over processes of the gradients of one plain backward of the whole
-loss on its own batch, and the gradients are all-reduced once (the early parts under no_sync). Writes RESULT_DIR/rank<k>.json.
+loss on its own batch, and the gradients are all-reduced once (the early parts under no_sync).
+Writes RESULT_DIR/rank<k>.json.
 """
 
 import copy

@@ -56,7 +56,9 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
-    random.seed(1); np.random.seed(2); torch.manual_seed(3)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
     atomic_save({"model": {}, "rng": rng_state()}, tmp_path / "r.pt")
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])

@@ -149,7 +149,8 @@ def test_bad_files_under_on_error_skip_are_a_warning(data, tmp_path):
 # ---------------------------------------------------------------------------------------------- during training
 
 
-def test_unreadable_sample_in_a_worker_is_a_clear_error_after_a_checkpoint(data, tmp_path, capsys):
+def test_unreadable_sample_in_a_worker_is_a_clear_error_and_the_unstarted_run_leaves_nothing(data, tmp_path,
+                                                                                             capsys):
     bad = first_batch_sample()
     truncate(data / "images" / f"train_{bad:04d}.png")  # the header is intact: only loading finds it
     config = tmp_path / "c.yaml"
@@ -165,9 +166,10 @@ def test_unreadable_sample_in_a_worker_is_a_clear_error_after_a_checkpoint(data,
     assert live_children() <= before  # the workers were stopped, not left to the garbage collector
     err = capsys.readouterr().err
     assert f"train_{bad:04d}.png: cannot decode the image" in err
-    assert "data.on_error=skip" in err and f"--resume {tmp_path / 'runs' / 'run'}" in err
+    assert "data.on_error=skip" in err and "before its first update; nothing was saved" in err
+    assert "--resume" not in err
     assert "Traceback" not in err and "DataLoader worker" not in err and "Caught" not in err
-    assert load_checkpoint(tmp_path / "runs" / "run" / "checkpoints" / "last.pt")["step"] == 0
+    assert not (tmp_path / "runs" / "run").exists()  # the first batch failed: nothing was trained
 
 
 @pytest.mark.slow

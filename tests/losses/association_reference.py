@@ -1,8 +1,8 @@
-"""METHOD.md steps 1-7 written out with nested loops over pixels, on float64 scalars.
+"""docs/method.md, steps 1-6 of "The association loss", written out with nested loops over pixels, on float64 scalars.
 
 Obviously correct and very slow: only for maps of a few dozen pixels. Every value is a
 0-d tensor so autograd gives the reference gradients too. Mean and std of a row are
-detached, exactly as METHOD.md step 2 says.
+detached, exactly as docs/method.md step 2 says.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The association loss and spatial aggregation against the nested-loop reference of METHOD.md,
+"""The association loss and spatial aggregation against the nested-loop reference (docs/method.md),
 and the blockwise implementation against the dense one."""
 
 from __future__ import annotations
@@ -148,8 +148,8 @@ def test_efficient_equals_dense_float32(metric, aggregate, shape):
                            source, target)
     for block_size in (None, 7):  # one block and several blocks of rows
         efficient = loss_and_grads(
-            lambda s, t: association_loss(s, t, labels, metric, aggregate, impl="efficient",
-                                          block_size=block_size), source, target)
+            lambda s, t, block_size=block_size: association_loss(s, t, labels, metric, aggregate, impl="efficient",
+                                                                 block_size=block_size), source, target)
         for want, got in zip(dense, efficient):
             assert rel_diff(got, want) < 1e-4
     assert dense[0].item() > 0
@@ -330,9 +330,9 @@ def test_cos_with_zero_and_tiny_feature_rows_equals_dense(backend):
     target[0, :, 2, 3] *= 1e-14
     labels = make_labels(1, (3, 4), classes=2, ignore_fraction=0.0)
     for aggregate in (False, True):
-        dense = loss_and_grads(lambda s, t: association_loss(s, t, labels, "cos", aggregate, impl="dense"),
-                               source, target)
-        got = loss_and_grads(lambda s, t: efficient.efficient_associate(
+        dense = loss_and_grads(lambda s, t, aggregate=aggregate: association_loss(s, t, labels, "cos", aggregate,
+                                                                                  impl="dense"), source, target)
+        got = loss_and_grads(lambda s, t, aggregate=aggregate: efficient.efficient_associate(
             s, t, labels, "cos", aggregate, 0.5, IGNORE_INDEX, None, aggregate_backend=backend).loss, source, target)
         assert dense[0].item() > 0
         for want, value in zip(dense, got):
@@ -359,7 +359,7 @@ def test_cosine_tiles_with_identical_pixels_stay_finite_and_uniform():
     logits (uniform) and the output equal to the input, with finite gradients, in any tiling."""
     x = torch.randn(1, 5, 1, 1, generator=torch.Generator().manual_seed(23)).expand(1, 5, 3, 4).contiguous()
     for tile in (2, 5, 64):
-        got = loss_and_grads(lambda a, _: efficient.efficient_spatial_aggregate(
+        got = loss_and_grads(lambda a, _, tile=tile: efficient.efficient_spatial_aggregate(
             a, "cos", 0.5, block_size=tile, backend="blockwise").pow(2).sum(), x, x)
         out = efficient.efficient_spatial_aggregate(x, "cos", 0.5, block_size=tile, backend="blockwise")
         assert torch.allclose(out, x, rtol=1e-5, atol=1e-6)

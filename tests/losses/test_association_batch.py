@@ -1,6 +1,6 @@
 """Batch reduction of the association loss (positives pooled over the batch, the reference's, or
 per-pair means), the exposed cycles ``j(i)`` / ``i'(i)``, and the precision of the products under
-autocast, against the nested-loop reference of METHOD.md."""
+autocast, against the nested-loop reference (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -53,11 +53,11 @@ def test_pooled_and_pair_means_match_the_nested_reference(metric, aggregate):
 
     results = {}
     for reduction in ("pooled", "pairs"):
-        want = loss_and_grads(lambda s, t: reference.associate(s, t, labels, metric, aggregate,
-                                                               reduction=reduction)[0], source, target)
+        want = loss_and_grads(lambda s, t, reduction=reduction: reference.associate(
+            s, t, labels, metric, aggregate, reduction=reduction)[0], source, target)
         for impl in IMPLS:
-            got = loss_and_grads(lambda s, t: association_loss(s, t, labels, metric, aggregate, impl=impl,
-                                                               reduction=reduction), source, target)
+            got = loss_and_grads(lambda s, t, impl=impl, reduction=reduction: association_loss(
+                s, t, labels, metric, aggregate, impl=impl, reduction=reduction), source, target)
             for name, a, b in zip(("loss", "source grad", "target grad"), got, want):
                 assert rel_diff(a, b) < 1e-4, (reduction, impl, name, rel_diff(a, b))
         results[reduction] = want
@@ -92,7 +92,8 @@ def test_a_pair_without_positives_weighs_nothing_pooled_and_zero_per_pair(metric
     labels[:] = IGNORE_INDEX
     for reduction in ("pooled", "pairs"):
         loss, grad_source, grad_target = loss_and_grads(
-            lambda s, t: association_loss(s, t, labels, metric, impl=impl, reduction=reduction), source, target)
+            lambda s, t, reduction=reduction: association_loss(s, t, labels, metric, impl=impl, reduction=reduction),
+            source, target)
         assert loss.item() == 0.0
         assert grad_source.abs().max() == 0 and grad_target.abs().max() == 0
 

@@ -17,8 +17,8 @@ def per_pixel_loop(logits: torch.Tensor, threshold: float) -> float:
             for w in range(width):
                 scores = [float(logits[b, c, h, w]) for c in range(num_classes)]
                 log_normaliser = math.log(sum(math.exp(s) for s in scores))
-                l = -sum(s - log_normaliser for s in scores) / num_classes
-                terms.append((l / threshold - 1.0) * l)
+                ell = -sum(s - log_normaliser for s in scores) / num_classes
+                terms.append((ell / threshold - 1.0) * ell)
     return sum(terms) / len(terms)
 
 
@@ -30,8 +30,8 @@ def test_value_matches_per_pixel_loop(threshold):
 
 def test_uniform_prediction_has_l_equal_log_k():
     logits = torch.zeros(1, 19, 2, 2)
-    l = math.log(19)
-    assert lsr_loss(logits).item() == pytest.approx((l / 10 - 1) * l, rel=1e-6)
+    ell = math.log(19)
+    assert lsr_loss(logits).item() == pytest.approx((ell / 10 - 1) * ell, rel=1e-6)
 
 
 def test_gradient_is_detached_coefficient_times_dl():
@@ -41,9 +41,9 @@ def test_gradient_is_detached_coefficient_times_dl():
     # l = logsumexp(x) - mean_c(x), so dl/dx_c = softmax_c - 1/K; the coefficient (l/t - 1) is a constant.
     with torch.no_grad():
         num_classes = logits.shape[1]
-        l = torch.logsumexp(logits, dim=1, keepdim=True) - logits.mean(dim=1, keepdim=True)
-        pixels = l.numel()
-        expected = (l / threshold - 1) * (logits.softmax(dim=1) - 1 / num_classes) / pixels
+        ell = torch.logsumexp(logits, dim=1, keepdim=True) - logits.mean(dim=1, keepdim=True)
+        pixels = ell.numel()
+        expected = (ell / threshold - 1) * (logits.softmax(dim=1) - 1 / num_classes) / pixels
     torch.testing.assert_close(logits.grad, expected, rtol=1e-10, atol=1e-14)
 
 

@@ -39,7 +39,7 @@ def nearest(labels, size):
 
 
 def written_out(src, tgt, labels, options: PLCAOptions):
-    """The objective as the removed ``lsr_terms`` + ``association_terms`` computed it (METHOD.md)."""
+    """The objective as the removed ``lsr_terms`` + ``association_terms`` computed it (docs/method.md)."""
     assoc = options.association
     kwargs = dict(aggregate=assoc.aggregate, alpha=assoc.alpha, impl=assoc.impl, reduction=assoc.reduction)
     lsr = lsr_loss(src["logits"].float(), options.lsr_threshold) + lsr_loss(tgt["logits"].float(),

@@ -1,4 +1,4 @@
-"""The PLCA training step: its objective is the sum of the METHOD.md terms with their weights,
+"""The PLCA training step: its objective is the sum of the docs/method.md terms with their weights,
 and target labels never reach it."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def test_plca_objective_is_the_weighted_sum_of_its_terms():
     net = model()
     step = plca_step(net, source, target)
 
-    # the same objective written out from METHOD.md, with fresh forward passes in train mode
+    # the same objective written out from docs/method.md, with fresh forward passes in train mode
     net2 = model()
     src, tgt = net2(source["image"]), net2(target["image"])
     labels = source["label"]

@@ -51,7 +51,8 @@ def test_styles_and_families_in_registration_order():
 
 def test_heads_widths_come_from_their_contracts():
     assert {name: head_contract(name).width for name in head_names()} == {
-        "segformer": True, "daformer": True, "deeplabv2": False, "deeplabv2_reduced": False}
+        "segformer": True, "daformer": True, "deeplabv2": False, "deeplabv2_reduced": False,
+        "daformer_attention": True}
     with pytest.raises(ValueError, match="unknown head 'fcn'"):
         head_contract("fcn")
 

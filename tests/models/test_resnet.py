@@ -240,7 +240,7 @@ def test_resnet_forward_is_stem_then_four_stages():
 def test_caffe_normalizer_is_bgr_minus_mean():
     rgb = torch.rand(2, 3, 5, 4) * 255
     out = InputNormalizer(style_normalization("caffe"))(rgb)
-    # Caffe ImageNet mean, BGR (the DeepLab / PLCA reference values; METHOD.md rounds them)
+    # Caffe ImageNet mean, BGR (the DeepLab / PLCA reference values; docs/method.md rounds them)
     mean_bgr = (104.00698793, 116.66876762, 122.67891434)
     for channel, (source, mean) in enumerate(zip((2, 1, 0), mean_bgr)):
         torch.testing.assert_close(out[:, channel], rgb[:, source] - mean)

@@ -106,4 +106,5 @@ def test_config_accepts_v1c_for_resnets_only():
     config = build_config({"method": "source_only", "data": data, "model": {"backbone": "resnet101", "style": "v1c"}})
     assert config.model.style == "v1c"
     with pytest.raises(ConfigError, match="model.style v1c is for the ResNet backbones only"):
-        build_config({"method": "source_only", "data": data, "model": {"backbone": "mit_b0", "style": "v1c", "head": "daformer"}})
+        build_config({"method": "source_only", "data": data,
+                      "model": {"backbone": "mit_b0", "style": "v1c", "head": "daformer"}})

@@ -24,6 +24,7 @@ def tiny_config(root="data/none"):
                  "target": {"format": "folder", "root": str(root), "split": "train"},
                  "val": {"format": "folder", "root": str(root), "split": "val"}},
         "model": {"backbone": "resnet18", "style": "pytorch"},
+        "train": {"iters": 7},  # the fixtures' checkpoints are at step 7: a finished run
         "device": "cpu",
     })
 
@@ -75,7 +76,8 @@ def test_metadata_holds_format_classes_and_config(run_dir, tmp_path):
     segmentor = json.loads(metadata["segmentor"])
     assert (segmentor["backbone"], segmentor["head"], segmentor["style"], segmentor["num_classes"]) == \
         ("resnet18", "deeplabv2", "pytorch", 3)
-    assert segmentor["normalization"] == {"bgr": False, "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
+    assert segmentor["normalization"] == {"bgr": False, "mean": [123.675, 116.28, 103.53],
+                                          "std": [58.395, 57.12, 57.375]}
     assert yaml.safe_load(metadata["config"]) == to_dict(config)
     assert metadata["step"] == "7"
 
@@ -183,7 +185,7 @@ def test_round_trip_of_the_reduced_deeplab_v2_head(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     torch.save({"model": model.state_dict(), "segmentor": model.describe(), "classes": CLASSES,
-                "config": to_dict(config), "step": 3, "optimizer": {}}, run / "checkpoints" / "last.pt")
+                "config": to_dict(config), "step": 7, "optimizer": {}}, run / "checkpoints" / "last.pt")
     path = export_model(run, tmp_path / "reduced.safetensors")
     assert json.loads(read_export_metadata(path)["segmentor"])["head"] == "deeplabv2_reduced"
     loaded, loaded_config = load_exported(path)
@@ -202,7 +204,7 @@ def test_round_trip_of_a_narrow_daformer_head(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     torch.save({"model": model.state_dict(), "segmentor": model.describe(), "classes": CLASSES,
-                "config": to_dict(config), "step": 3, "optimizer": {}}, run / "checkpoints" / "last.pt")
+                "config": to_dict(config), "step": 7, "optimizer": {}}, run / "checkpoints" / "last.pt")
     path = export_model(run, tmp_path / "narrow.safetensors")
     assert json.loads(read_export_metadata(path)["segmentor"])["head_width"] == 16
     loaded, _ = load_exported(path)

@@ -13,6 +13,7 @@ from torch import nn
 
 from tiny_runs import TINY_BACKBONE  # registers the tiny backbone
 from plca.cli import main
+from plca.tools.evaluate import data_key
 from plca.data.labels import palette
 from plca.engine.image_grids import colour_legend
 from plca.evaluation.evaluator import PerImageScores, evaluate
@@ -60,18 +61,18 @@ def brute_force_score(prediction, label):
     ious, correct, counted = [], 0, 0
     for c in range(K):
         tp = fp = fn = 0
-        for p, l in zip(prediction.ravel().tolist(), label.ravel().tolist()):
-            if l == 255:
+        for p, truth in zip(prediction.ravel().tolist(), label.ravel().tolist()):
+            if truth == 255:
                 continue
-            tp += p == c and l == c
-            fp += p == c and l != c
-            fn += p != c and l == c
+            tp += p == c and truth == c
+            fp += p == c and truth != c
+            fn += p != c and truth == c
         if tp + fp + fn:
             ious.append(tp / (tp + fp + fn))
-    for p, l in zip(prediction.ravel().tolist(), label.ravel().tolist()):
-        if l != 255:
+    for p, truth in zip(prediction.ravel().tolist(), label.ravel().tolist()):
+        if truth != 255:
             counted += 1
-            correct += p == l
+            correct += p == truth
     return (100 * sum(ious) / len(ious) if ious else None), (100 * correct / counted if counted else None), len(ious)
 
 
@@ -84,9 +85,9 @@ def test_per_image_scores_match_a_brute_force_count():
     expected_matrix = np.zeros((K, K), dtype=np.int64)
     for item, prediction in zip(items, predictions):
         label = item["label"].numpy()
-        for p, l in zip(prediction.ravel(), label.ravel()):
-            if l != 255:
-                expected_matrix[l, p] += 1
+        for p, truth in zip(prediction.ravel(), label.ravel()):
+            if truth != 255:
+                expected_matrix[truth, p] += 1
     assert np.array_equal(confusion.matrix.numpy(), expected_matrix)
     got = scores.sorted_scores()
     assert [s.index for s in got] == list(range(len(items))) and [s.name for s in got] == [i["name"] for i in items]
@@ -265,10 +266,11 @@ def tiny_checkpoint(tmp_path):
 def test_cli_evaluate_gallery(tmp_path, capsys):
     checkpoint = tiny_checkpoint(tmp_path)
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--gallery", "1", "--no-progress"]) == 0
-    folder = checkpoint.parent / "final.gallery"
+    key = data_key({"format": "folder", "root": str(tmp_path / "data"), "split": "val"})  # the data scored
+    folder = checkpoint.parent / f"final.{key}.gallery"
     assert str(folder) in capsys.readouterr().out
     index = json.loads((folder / "index.json").read_text())
-    metrics = json.loads((checkpoint.parent / "final.metrics.json").read_text())
+    metrics = json.loads((checkpoint.parent / f"final.{key}.metrics.json").read_text())
     assert metrics["gallery"]["dir"] == str(folder)
     assert [e["name"] for e in metrics["gallery"]["lowest"]] == [e["name"] for e in index["lowest"]]
     assert index["images"] == 3 and len(index["lowest"]) == len(index["highest"]) == 1

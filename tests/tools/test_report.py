@@ -10,7 +10,6 @@ from PIL import Image
 
 from tiny_runs import TINY_BACKBONE  # registers the tiny backbone
 from plca.cli import main
-from plca.data.labels import palette
 from plca.evaluation.metrics import summarize
 from plca.engine.run_record import write_run_record
 from plca.tools.report import (ReportError, config_differences, display_names, load_run, plot_per_class_iou,

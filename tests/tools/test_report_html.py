@@ -97,8 +97,10 @@ def test_markdown_to_html_escapes_and_renders_the_subset():
     assert "<td>a | b &lt;script&gt;alert(1)&lt;/script&gt;</td>" in page  # the escaped pipe is a pipe again
     assert '<td class="num">45.10 ± 1.02</td>' in page and '<td class="num">n/a</td>' in page
     assert "<th><code>key</code></th>" in page and "<td><code>x&lt;y</code></td>" in page
-    assert "<li>one <code>&lt;i&gt;</code></li>" in page and "<p>some text continued</p>" in page
-    assert '<a href="my%20chart.png"><img src="my%20chart.png" alt="chart &quot;&lt;x&gt;&quot;"' in page
+    assert "<li>one <code>&lt;i&gt;</code></li>" in page and "<p>some text\ncontinued</p>" in page
+    figure = re.search(r'<figure><a href="my%20chart.png"><img ([^>]*)></a></figure>', page)
+    assert figure and sorted(figure[1].split('" ')) == ['alt="chart &quot;&lt;x&gt;&quot;', 'loading="lazy',
+                                                         'src="my%20chart.png"']
     assert page.count("<table>") == 1 and page.count("<tr>") == 3
 
 

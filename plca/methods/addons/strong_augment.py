@@ -112,8 +112,8 @@ def color_jitter(images: Tensor, strength: float, generator: torch.Generator) ->
         saturation = _uniform(generator, low, 1.0 + strength)
         hue_shift = _uniform(generator, -hue, hue)
         order = torch.randperm(4, generator=generator, device=generator.device).tolist()
-        operations = (lambda x: adjust_brightness(x, brightness), lambda x: adjust_contrast(x, contrast),
-                      lambda x: adjust_saturation(x, saturation), lambda x: adjust_hue(x, hue_shift))
+        operations = (lambda x, f=brightness: adjust_brightness(x, f), lambda x, f=contrast: adjust_contrast(x, f),
+                      lambda x, f=saturation: adjust_saturation(x, f), lambda x, f=hue_shift: adjust_hue(x, f))
         for index in order:
             image = operations[index](image)
         out.append(image)
