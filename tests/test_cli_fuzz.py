@@ -23,7 +23,7 @@ from PIL import Image
 from dataset_writers import write_folder
 from processes import plca_in_process
 from plca.config import merge_dicts, save_config
-from tiny_runs import tiny_source_only_config
+from tiny_runs import tiny_in_process_config
 
 
 def plca(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -45,7 +45,7 @@ def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     data = tmp / "data"
     write_folder(data, classes_count=3, splits={"train": 4, "val": 2}, size=(40, 56), seed=0)
-    config = tiny_source_only_config(data, tmp / "runs", "existing", iters=1)
+    config = tiny_in_process_config(data, tmp / "runs", "existing", iters=1)
     config.data.val = type(config.data.source)(format="folder", root=str(data), split="val")
     run = train(config, progress=False).run_dir
     base = yaml.safe_load((run / "config.yaml").read_text())
@@ -164,12 +164,12 @@ def _write_files(tmp: Path, world) -> list[tuple[list[str], str, str]]:
     evaluate(bad / "plain.safetensors", "not a plca export")
     evaluate(bad / "missing.pt")
     # a real checkpoint of another network, with a config that asks for this one
-    other_config = tiny_source_only_config(world["data"], tmp / "other_runs", "five", iters=1)
+    other_config = tiny_in_process_config(world["data"], tmp / "other_runs", "five", iters=1)
     other_config.data.classes = ["a", "b", "c", "d", "e"]
     other_run = tmp / "other"
     other_run.mkdir()
     config_path = other_run / "config.yaml"
-    save_config(tiny_source_only_config(world["data"], tmp / "x", "y"), config_path)
+    save_config(tiny_in_process_config(world["data"], tmp / "x", "y"), config_path)
     from plca.engine.checkpoint import atomic_save
     from plca.models import build_segmentor
 

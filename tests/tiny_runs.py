@@ -1,8 +1,9 @@
-"""A tiny source-only run on a folder dataset: the config the fault tests train, and the tiny backbone
-that most of them train it with.
+"""A tiny source-only run on a folder dataset: the config the fault tests train, and a tiny backbone for
+the runs that a test trains in its own process.
 
-Importing this module registers the backbone ``tiny_test_net`` (a process that trains or loads such a run
-must import it first: ``python -m plca.cli`` does not, so tests that start one use ``resnet18``)."""
+Importing this module registers the backbone ``tiny_test_net``. A process that trains or loads such a
+run must import it first: ``python -m plca.cli`` does not, so a run that a fresh ``plca`` process
+trains or resumes keeps ``tiny_source_only_config``'s ResNet-18."""
 
 from __future__ import annotations
 
@@ -46,11 +47,10 @@ if not is_known_backbone(TINY_BACKBONE):
                                                                normalization=IMAGENET_RGB))(TinyTestNet)
 
 
-def tiny_source_only_config(root: Path, out: Path, run_name: str = "run", backbone: str = TINY_BACKBONE,
+def tiny_source_only_config(root: Path, out: Path, run_name: str = "run", backbone: str = "resnet18",
                             **train_options) -> Config:
-    """``backbone`` (the tiny test net unless a test needs a real network or a fresh ``plca`` process
-    trains it; ResNets in their ``pytorch`` style), 32 x 32 crops of ``root``'s ``train`` split, batch 2,
-    4 updates with a checkpoint after each, in ``out / run_name``; ``train_options`` override the
+    """``backbone`` (ResNets in their ``pytorch`` style), 32 x 32 crops of ``root``'s ``train`` split,
+    batch 2, 4 updates with a checkpoint after each, in ``out / run_name``; ``train_options`` override the
     ``train`` section."""
     model = {"backbone": backbone, **({"style": "pytorch"} if backbone.startswith("resnet") else {})}
     return build_config({
@@ -62,3 +62,9 @@ def tiny_source_only_config(root: Path, out: Path, run_name: str = "run", backbo
                   "checkpoint_every": 1, "log_every": 1, "image_every": 0, "seed": 0, **train_options},
         "output_dir": str(out), "run_name": run_name, "device": "cpu",
     })
+
+
+def tiny_in_process_config(root: Path, out: Path, run_name: str = "run", **train_options) -> Config:
+    """:func:`tiny_source_only_config` with the tiny test backbone: for a run that only this process
+    trains and loads (kilobyte checkpoints instead of ResNet-18's 90 MB)."""
+    return tiny_source_only_config(root, out, run_name, TINY_BACKBONE, **train_options)

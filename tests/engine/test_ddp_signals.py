@@ -36,7 +36,7 @@ def children(pid: int) -> list[int]:
 def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
     data = tmp_path / "data"
     write_folder(data, classes_count=3, splits={"train": 8}, size=(40, 56), seed=0)
-    config = tiny_source_only_config(data, tmp_path / "runs", "ddp", "resnet18", iters=500, checkpoint_every=1000,
+    config = tiny_source_only_config(data, tmp_path / "runs", "ddp", iters=500, checkpoint_every=1000,
                                      collective_timeout_s=60)
     config_path = tmp_path / "config.yaml"
     save_config(config, config_path)

@@ -50,9 +50,9 @@ ITERS = 40
 
 
 def toy_config(data_root: Path, out: Path, run_name: str):
-    from tiny_runs import tiny_source_only_config
+    from tiny_runs import tiny_in_process_config
 
-    config = tiny_source_only_config(data_root, out, run_name, iters=ITERS)
+    config = tiny_in_process_config(data_root, out, run_name, iters=ITERS)
     return type(config)(**{**config.__dict__, "method": "toy_teacher"})
 
 
