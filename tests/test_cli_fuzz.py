@@ -1,5 +1,9 @@
 """Malformed configs and files through the real command line: each ends with a non-zero exit and one
-clear line that names the key or the file, never a traceback, and never touches an existing run."""
+clear line that names the key or the file, never a traceback, and never touches an existing run.
+
+The cases run in this process through ``plca.cli.main(argv)`` (a fresh interpreter per case cost a
+second each); one case per command also runs as a real ``python -m plca.cli`` process and must print
+the same line."""
 
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ import yaml
 from PIL import Image
 
 from dataset_writers import write_folder
+from processes import plca_in_process
 from plca.config import merge_dicts, save_config
-from tiny_runs import tiny_source_only_config
+from tiny_runs import tiny_in_process_config
 
 
 def plca(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -40,7 +45,7 @@ def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     data = tmp / "data"
     write_folder(data, classes_count=3, splits={"train": 4, "val": 2}, size=(40, 56), seed=0)
-    config = tiny_source_only_config(data, tmp / "runs", "existing", iters=1)
+    config = tiny_in_process_config(data, tmp / "runs", "existing", iters=1)
     config.data.val = type(config.data.source)(format="folder", root=str(data), split="val")
     run = train(config, progress=False).run_dir
     base = yaml.safe_load((run / "config.yaml").read_text())
@@ -90,8 +95,9 @@ def _one_error_line(result: subprocess.CompletedProcess, command: str) -> str:
     return lines[0]
 
 
-@pytest.mark.slow
-def test_malformed_configs_get_one_line_naming_the_key(world):
+@pytest.fixture(scope="module")
+def config_cases(world) -> list[tuple[Path, str]]:
+    """(config file, the key its message must name) for malformed configs."""
     tmp = world["tmp"]
     paths = []
     for index, (change, key) in enumerate(CONFIG_CASES):
@@ -108,10 +114,14 @@ def test_malformed_configs_get_one_line_naming_the_key(world):
     (extra / "bases.yaml").write_text("_base_: nowhere.yaml\n")
     for name in ("list.yaml", "broken.yaml", "binary.yaml", "bases.yaml"):
         paths.append((extra / name, "nowhere.yaml" if name == "bases.yaml" else name))
-    assert len(paths) >= 30
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda case: plca("train", str(case[0]), "--no-progress", cwd=tmp), paths))
-    for (path, key), result in zip(paths, results):
+    return paths
+
+
+def test_malformed_configs_get_one_line_naming_the_key(world, config_cases):
+    tmp = world["tmp"]
+    assert len(config_cases) >= 30
+    results = [plca_in_process("train", str(path), "--no-progress", cwd=tmp) for path, _ in config_cases]
+    for (path, key), result in zip(config_cases, results):
         line = _one_error_line(result, "train")
         assert key in line, (path.name, key, line)
     assert not any((tmp / "fuzz_runs").rglob("*.pt"))  # nothing trained, nothing saved
@@ -154,12 +164,12 @@ def _write_files(tmp: Path, world) -> list[tuple[list[str], str, str]]:
     evaluate(bad / "plain.safetensors", "not a plca export")
     evaluate(bad / "missing.pt")
     # a real checkpoint of another network, with a config that asks for this one
-    other_config = tiny_source_only_config(world["data"], tmp / "other_runs", "five", iters=1)
+    other_config = tiny_in_process_config(world["data"], tmp / "other_runs", "five", iters=1)
     other_config.data.classes = ["a", "b", "c", "d", "e"]
     other_run = tmp / "other"
     other_run.mkdir()
     config_path = other_run / "config.yaml"
-    save_config(tiny_source_only_config(world["data"], tmp / "x", "y"), config_path)
+    save_config(tiny_in_process_config(world["data"], tmp / "x", "y"), config_path)
     from plca.engine.checkpoint import atomic_save
     from plca.models import build_segmentor
 
@@ -182,8 +192,9 @@ def _write_files(tmp: Path, world) -> list[tuple[list[str], str, str]]:
 
     weights = bad / "garbage_weights.pth"
     weights.write_bytes(np.random.default_rng(1).bytes(2048))
-    train_case({"model": {"pretrained": str(weights)}}, weights.name)
-    train_case({"model": {"pretrained": str(bad / "code.pt")}}, "not loaded for safety")
+    resnet = {"backbone": "resnet18", "style": "pytorch"}  # a backbone with a weight loader (the tiny one has none)
+    train_case({"model": {**resnet, "pretrained": str(weights)}}, weights.name)
+    train_case({"model": {**resnet, "pretrained": str(bad / "code.pt")}}, "not loaded for safety")
     latin = bad / "latin"
     write_folder(latin, classes_count=3, splits={"train": 4}, size=(40, 56), seed=3)
     (latin / "train.txt").write_bytes("caf\xe9\n".encode("latin-1") + (latin / "train.txt").read_bytes())
@@ -212,18 +223,42 @@ def _write_files(tmp: Path, world) -> list[tuple[list[str], str, str]]:
     return cases
 
 
+@pytest.fixture(scope="module")
+def file_cases(world) -> list[tuple[list[str], str, str]]:
+    return _write_files(world["tmp"], world)
+
+
+def _check_file_case(args: list[str], command: str, fragment: str, result: subprocess.CompletedProcess) -> None:
+    assert result.returncode != 0, (args, result.stdout[-500:])
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, (args, output[-3000:])
+    assert fragment in output, (args, fragment, output[-1500:])
+    if command != "prepare":  # prepare prints its report of findings; the others one line
+        line = _one_error_line(result, command)
+        assert fragment in line, (args, fragment, line)
+
+
+def test_malformed_files_get_a_clear_message_naming_the_file(world, file_cases):
+    assert len(file_cases) >= 20
+    for args, command, fragment in file_cases:
+        _check_file_case(args, command, fragment, plca_in_process(*args, cwd=world["tmp"]))
+
+
 @pytest.mark.slow
-def test_malformed_files_get_a_clear_message_naming_the_file(world):
-    tmp = world["tmp"]
-    cases = _write_files(tmp, world)
-    assert len(cases) >= 20
+def test_a_real_process_per_command_prints_what_main_prints(world, config_cases, file_cases):
+    """The in-process cases stand for real runs: one case of each command, as its own interpreter, ends the
+    same way (exit status and the error line) as through ``main``."""
+    config, key = next(case for case in config_cases if case[1] == "train.itres")
+    cases = [(["train", str(config), "--no-progress"], "train", key)]
+    for command in ("evaluate", "prepare"):
+        cases.append(next(case for case in file_cases if case[1] == command))
+    assert {case[1] for case in cases} == {"train", "evaluate", "prepare"}
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda case: plca(*case[0], cwd=tmp), cases))
+        results = list(pool.map(lambda case: plca(*case[0], cwd=world["tmp"]), cases))
     for (args, command, fragment), result in zip(cases, results):
-        assert result.returncode != 0, (args, result.stdout[-500:])
-        output = result.stdout + result.stderr
-        assert "Traceback" not in output, (args, output[-3000:])
-        assert fragment in output, (args, fragment, output[-1500:])
-        if command != "prepare":  # prepare prints its report of findings; the others one line
-            line = _one_error_line(result, command)
-            assert fragment in line, (args, fragment, line)
+        _check_file_case(args, command, fragment, result)
+        again = plca_in_process(*args, cwd=world["tmp"])
+        _check_file_case(args, command, fragment, again)
+        assert again.returncode == result.returncode, (args, again.stderr[-1500:])
+        said = [[line for line in run.stderr.splitlines() if line.startswith("plca ")] for run in (result, again)]
+        assert said[0] == said[1], (args, said)

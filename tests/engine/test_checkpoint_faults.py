@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dataset_writers import write_folder
-from tiny_runs import CLASSES, tiny_source_only_config
+from tiny_runs import CLASSES, tiny_in_process_config
 from plca.cli import main
 from plca.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from plca.engine.trainer import train
@@ -138,7 +138,7 @@ def test_full_disk_during_training_stops_the_run_and_keeps_the_last_checkpoint(d
 
     monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
     with pytest.raises(CheckpointError) as info:
-        train(tiny_source_only_config(data, tmp_path), progress=False)
+        train(tiny_in_process_config(data, tmp_path), progress=False)
     run_dir = tmp_path / "run"
     message = str(info.value)
     assert f"could not write checkpoint '{run_dir / 'checkpoints' / 'last.pt'}' (No space left on device" in message
@@ -190,7 +190,7 @@ def test_a_full_disk_for_the_logs_is_a_warning_not_the_end_of_the_run(data, tmp_
         return builtins.open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(run_files, "open", open_without_space, raising=False)
-    result = train(tiny_source_only_config(data, tmp_path, iters=2, checkpoint_every=100), progress=False)
+    result = train(tiny_in_process_config(data, tmp_path, iters=2, checkpoint_every=100), progress=False)
     assert result.step == 2 and load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["step"] == 2
     log = (result.run_dir / "train.log").read_text()
     assert "could not append to" in log and "scalars.jsonl" in log and "training goes on" in log

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from dataset_writers import write_folder
+from tiny_runs import TINY_BACKBONE  # registers the tiny backbone
 from plca.cli import main
 from plca.config import build_config
 from plca.data.io import DatasetError
@@ -36,7 +37,7 @@ def tiny_config(root, out, run_name="run", val=True, **options):
     return build_config({
         "method": "source_only",
         "data": {"classes": CLASSES, "source": {"format": "folder", "root": str(root), "split": "train"}, **data},
-        "model": {"backbone": "resnet18", "style": "pytorch"},
+        "model": {"backbone": TINY_BACKBONE},
         "train": train_options,
         "output_dir": str(out),
         "run_name": run_name,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dataset_writers import write_folder
-from tiny_runs import tiny_source_only_config
+from tiny_runs import tiny_in_process_config
 from plca.engine.checkpoint import load_checkpoint
 from plca.engine.trainer import train
 from plca.methods.source_only import SourceOnly
@@ -21,7 +21,7 @@ def data(tmp_path_factory):
 
 
 def tiny_config(root, out, run_name, **train_options):
-    return tiny_source_only_config(root, out, run_name, **{"checkpoint_every": 100, **train_options})
+    return tiny_in_process_config(root, out, run_name, **{"checkpoint_every": 100, **train_options})
 
 
 class _InfiniteGradient(torch.autograd.Function):

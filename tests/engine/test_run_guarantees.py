@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dataset_writers import write_folder
-from tiny_runs import tiny_source_only_config
+from tiny_runs import tiny_in_process_config, tiny_source_only_config
 from plca.config import ConfigError, save_config
 from plca.engine.checkpoint import load_checkpoint
 from plca.engine.run_dir import RunDirError, RunLock, create_unique, default_run_name
@@ -59,7 +59,7 @@ def wait_until(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 
 def test_default_run_names_differ_within_one_second(data, tmp_path):
-    config = tiny_source_only_config(data, tmp_path, None)
+    config = tiny_in_process_config(data, tmp_path, None)
     names = {default_run_name(config) for _ in range(50)}
     assert len(names) == 50
 
@@ -142,7 +142,7 @@ def test_an_out_of_memory_validation_saves_and_says_so_in_one_line(data, tmp_pat
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(validation, "evaluate", out_of_memory)
-    config = tiny_source_only_config(data, tmp_path, "oom", iters=4, eval_every=2, checkpoint_every=1000)
+    config = tiny_in_process_config(data, tmp_path, "oom", iters=4, eval_every=2, checkpoint_every=1000)
     config.data.val = config.data.source
     with pytest.raises(TrainingError) as info:
         train(config, progress=False)
@@ -159,7 +159,7 @@ def test_an_out_of_memory_validation_saves_and_says_so_in_one_line(data, tmp_pat
 def test_an_incompatible_resume_is_refused_by_name_and_changes_nothing(data, tmp_path, capsys):
     from plca.cli import main
 
-    part = train(tiny_source_only_config(data, tmp_path, "run", iters=4), max_steps=2, progress=False)
+    part = train(tiny_in_process_config(data, tmp_path, "run", iters=4), max_steps=2, progress=False)
     before = snapshot(part.run_dir)
     for override, key in (("model.backbone=resnet34", "model.backbone"), ("data.classes=[a,b,c,d]", "data.classes"),
                           ("train.lr=0.5", "train.lr")):
@@ -173,22 +173,22 @@ def test_an_incompatible_resume_is_refused_by_name_and_changes_nothing(data, tmp
 
 @pytest.mark.slow
 def test_rerunning_a_named_run_with_other_hyperparameters_is_refused(data, tmp_path):
-    train(tiny_source_only_config(data, tmp_path, "named", iters=4), max_steps=2, progress=False)
+    train(tiny_in_process_config(data, tmp_path, "named", iters=4), max_steps=2, progress=False)
     before = snapshot(tmp_path / "named")
     with pytest.raises(ConfigError, match=r"train\.lr: 0\.01 -> 0\.02"):
-        train(tiny_source_only_config(data, tmp_path, "named", iters=4, lr=0.02), progress=False)
+        train(tiny_in_process_config(data, tmp_path, "named", iters=4, lr=0.02), progress=False)
     assert snapshot(tmp_path / "named") == before
     # more iterations are allowed, with a warning that the LR schedule stretches
-    result = train(tiny_source_only_config(data, tmp_path, "named", iters=5), progress=False)
+    result = train(tiny_in_process_config(data, tmp_path, "named", iters=5), progress=False)
     assert result.step == 5
     assert "poly LR schedule now decays over the new length" in (tmp_path / "named" / "train.log").read_text()
 
 
 @pytest.mark.slow
 def test_resuming_a_finished_run_says_it_is_finished(data, tmp_path, caplog):
-    done = train(tiny_source_only_config(data, tmp_path, "done", iters=2), progress=False)
+    done = train(tiny_in_process_config(data, tmp_path, "done", iters=2), progress=False)
     before = snapshot(done.run_dir)
-    again = train(tiny_source_only_config(data, tmp_path, "done", iters=2), resume=done.run_dir, progress=False)
+    again = train(tiny_in_process_config(data, tmp_path, "done", iters=2), resume=done.run_dir, progress=False)
     assert again.step == 2
     assert "already finished" in (done.run_dir / "train.log").read_text()
     assert {k: v for k, v in snapshot(done.run_dir).items() if k != "train.log"} == \
@@ -197,14 +197,14 @@ def test_resuming_a_finished_run_says_it_is_finished(data, tmp_path, caplog):
 
 @pytest.mark.slow
 def test_logs_hold_each_step_once_after_a_resume(data, tmp_path):
-    part = train(tiny_source_only_config(data, tmp_path, "logs", iters=6, checkpoint_every=2), max_steps=3,
+    part = train(tiny_in_process_config(data, tmp_path, "logs", iters=6, checkpoint_every=2), max_steps=3,
                  progress=False)  # steps 1-3 logged, checkpoint at 3
     # a kill after step 3 was logged but before its checkpoint would leave 3 logged and 2 saved: simulate it
     state = load_checkpoint(part.run_dir / "checkpoints" / "last.pt")
     assert state["step"] == 3
     with open(part.run_dir / "scalars.jsonl", "a") as handle:
         handle.write(json.dumps({"step": 4, "loss/total": 1.0}) + "\n")
-    train(tiny_source_only_config(data, tmp_path, "logs", iters=6, checkpoint_every=2), progress=False)
+    train(tiny_in_process_config(data, tmp_path, "logs", iters=6, checkpoint_every=2), progress=False)
     steps = [json.loads(line)["step"] for line in (part.run_dir / "scalars.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 
@@ -214,7 +214,7 @@ def test_logs_hold_each_step_once_after_a_resume(data, tmp_path):
 
 @pytest.mark.slow
 def test_a_huge_learning_rate_stops_the_run_before_a_diverged_checkpoint(data, tmp_path):
-    config = tiny_source_only_config(data, tmp_path, "huge", iters=20, lr=1e12, checkpoint_every=1)
+    config = tiny_in_process_config(data, tmp_path, "huge", iters=20, lr=1e12, checkpoint_every=1)
     with pytest.raises(TrainingError) as info:
         train(config, progress=False)
     message = str(info.value)
@@ -253,7 +253,7 @@ def test_unlabelled_batches_are_counted_apart_from_non_finite_steps(tmp_path):
     write_folder(root, classes_count=3, splits={"train": 4}, size=(40, 56), seed=0)
     for path in (root / "labels").glob("*.png"):  # every label all-ignore
         Image.fromarray(np.full((40, 56), 255, dtype=np.uint8)).save(path)
-    result = train(tiny_source_only_config(root, tmp_path / "runs", "empty", iters=6, max_nonfinite_steps=2),
+    result = train(tiny_in_process_config(root, tmp_path / "runs", "empty", iters=6, max_nonfinite_steps=2),
                    progress=False)
     state = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")
     assert result.step == 6 and state["counters"]["skipped_steps"] == 0
@@ -268,7 +268,7 @@ def test_out_of_memory_in_the_first_update_says_what_to_lower_and_leaves_nothing
 
     monkeypatch.setattr(trainer, "update", out_of_memory)
     with pytest.raises(TrainingError) as info:
-        train(tiny_source_only_config(data, tmp_path, "big", iters=2), progress=False)
+        train(tiny_in_process_config(data, tmp_path, "big", iters=2), progress=False)
     message = str(info.value)
     assert message.startswith("out of memory during the update at step 0, before anything was trained")
     assert "train.crop_size" in message and "--resume" not in message

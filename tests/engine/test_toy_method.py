@@ -44,10 +44,15 @@ if "toy_teacher" not in method_names():
     register_method(ToyTeacher)
 
 
-def toy_config(data_root: Path, out: Path, run_name: str):
-    from tiny_runs import tiny_source_only_config
+#: updates of a run: the tiny test backbone and its small checkpoints make them fast, so enough of them that a
+#: run is still going (seconds) when the test, polling its checkpoint, sees step 2
+ITERS = 40
 
-    config = tiny_source_only_config(data_root, out, run_name, iters=6)
+
+def toy_config(data_root: Path, out: Path, run_name: str):
+    from tiny_runs import tiny_in_process_config
+
+    config = tiny_in_process_config(data_root, out, run_name, iters=ITERS)
     return type(config)(**{**config.__dict__, "method": "toy_teacher"})
 
 
@@ -84,7 +89,7 @@ def test_toy_method_with_a_teacher_resumes_exactly_after_sigkill(tmp_path):
     full = start_worker(data, tmp_path / "runs", "full")
     assert full.wait(timeout=300) == 0, full.communicate()
     expected = method_state(tmp_path / "runs" / "full")
-    assert int(expected["updates"]) == 6
+    assert int(expected["updates"]) == ITERS
     assert any(k.startswith("teacher.") for k in expected) and any(k.startswith("student.") for k in expected)
     assert any(not torch.equal(expected[k], expected["student." + k[len("teacher."):]])
                for k in expected if k.startswith("teacher.") and expected[k].is_floating_point())
@@ -104,12 +109,12 @@ def test_toy_method_with_a_teacher_resumes_exactly_after_sigkill(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     killed_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
-    assert 2 <= killed_at <= 6
+    assert 2 <= killed_at <= ITERS
     assert int(method_state(run_dir)["updates"]) == killed_at
 
     resumed = start_worker(data, tmp_path / "runs", "killed", resume=True)
     assert resumed.wait(timeout=300) == 0, resumed.communicate()
-    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 6
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == ITERS
     state = method_state(run_dir)
     assert state.keys() == expected.keys()
     for key in expected:

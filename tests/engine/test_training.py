@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dataset_writers import write_folder
+from tiny_runs import TINY_BACKBONE  # registers the tiny backbone
 from plca.cli import main
 from plca.config import build_config
 from plca.engine.checkpoint import load_checkpoint
@@ -35,7 +36,7 @@ def tiny_config(root, out, method="plca", run_name=None, **train):
             "val": {"format": "folder", "root": str(root), "split": "val"},
             "num_workers": 0,
         },
-        "model": {"backbone": "resnet18", "style": "pytorch"},
+        "model": {"backbone": TINY_BACKBONE},
         "train": overrides,
         "loss": {"lovasz_weight": 3.0},
         **({"plca": {"lsr_weight": 0.01}} if method == "plca" else {}),

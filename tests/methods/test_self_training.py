@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dataset_writers import write_folder
+from tiny_runs import TINY_BACKBONE  # registers the tiny backbone
 from plca.config import build_config, load_config
 from plca.engine.checkpoint import load_checkpoint
 from plca.engine.trainer import train
@@ -112,7 +113,7 @@ def tiny_config(data, out, run_name, iters=4, **extra):
                  "target": {"format": "folder", "root": str(data), "split": "train"},
                  "val": {"format": "folder", "root": str(data), "split": "val"}, "num_workers": 0,
                  "rare_class_sampling": {"enabled": True, "min_pixels": 30}},
-        "model": {"backbone": "resnet18", "style": "pytorch"},
+        "model": {"backbone": TINY_BACKBONE},
         "train": {"iters": iters, "batch_size": 2, "crop_size": [32, 32], "lr": 1e-3, "optimizer": "adamw",
                   "warmup_iters": 2, "eval_every": 0, "checkpoint_every": 100, "log_every": 1, "image_every": 0},
         "self_training": {"masking": {"enabled": True, "patch_size": 8}},

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from tiny_runs import TINY_BACKBONE  # registers the tiny backbone
 from plca.cli import main
 from plca.tools.evaluate import data_key
 from plca.data.labels import palette
@@ -239,7 +240,8 @@ def test_default_gallery_dir_is_next_to_the_metrics():
 
 
 def tiny_checkpoint(tmp_path):
-    """A random-weight ResNet-18 checkpoint whose config's data.val is a folder of 3 labelled 32 x 48 images."""
+    """A random-weight checkpoint of the tiny test backbone whose config's data.val is a folder of 3 labelled
+    32 x 48 images."""
     from dataset_writers import write_folder
 
     from plca.config import build_config, to_dict
@@ -251,7 +253,7 @@ def tiny_checkpoint(tmp_path):
         "method": "source_only",
         "data": {"classes": CLASSES, "source": {"format": "folder", "root": str(root), "split": "train"},
                  "val": {"format": "folder", "root": str(root), "split": "val"}},
-        "model": {"backbone": "resnet18", "style": "pytorch"}, "device": "cpu",
+        "model": {"backbone": TINY_BACKBONE}, "device": "cpu",
     })
     torch.manual_seed(0)
     model = build_inference_model(config).eval()

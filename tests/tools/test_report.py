@@ -8,6 +8,7 @@ import torch
 import yaml
 from PIL import Image
 
+from tiny_runs import TINY_BACKBONE  # registers the tiny backbone
 from plca.cli import main
 from plca.evaluation.metrics import summarize
 from plca.engine.run_record import write_run_record
@@ -249,7 +250,7 @@ def test_report_from_two_real_runs(tmp_path):
                      "source": {"format": "folder", "root": str(root), "split": "train"},
                      "target": {"format": "folder", "root": str(root), "split": "train"},
                      "val": {"format": "folder", "root": str(root), "split": "val"}},
-            "model": {"backbone": "resnet18", "style": "pytorch"},
+            "model": {"backbone": TINY_BACKBONE},
             "train": {"iters": 2, "batch_size": 2, "crop_size": [32, 32], "log_every": 1, "eval_every": 1,
                       "checkpoint_every": 2},
             "output_dir": str(tmp_path / "runs"), "run_name": method, "device": "cpu",

@@ -13,6 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
+from tiny_runs import TINY_BACKBONE  # registers the tiny backbone
 from plca.cli import main
 from plca.evaluation.metrics import summarize
 from plca.tools.report import ReportError, markdown_to_html, write_report
@@ -162,7 +163,7 @@ def run_with_a_model(tmp_path, name="run", seed=0):
         "method": "source_only",
         "data": {"classes": CLASSES, "source": {"format": "folder", "root": str(root), "split": "train"},
                  "val": {"format": "folder", "root": str(root), "split": "val"}},
-        "model": {"backbone": "resnet18", "style": "pytorch"}, "device": "cpu", "run_name": name,
+        "model": {"backbone": TINY_BACKBONE}, "device": "cpu", "run_name": name,
     })
     run = tmp_path / name
     fake_run(run, seed, "source_only", 0.01, name_in_config=name)
