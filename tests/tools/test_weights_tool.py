@@ -174,7 +174,7 @@ def test_what_inspect_says_about_resnets(tmp_path, capsys):
     assert "gta2cityscapes_plca.yaml" in field(text, "configs") and "synthia2cityscapes_plca.yaml" in text
     torch.save(LAYOUT_FILES["v1c"][1](), tmp_path / "v1c.pth")
     _, text = inspect(tmp_path / "v1c.pth", capsys)
-    assert "configs/_base_/models/deeplabv2_r101_v1c.yaml" in field(text, "configs")
+    assert "gta2cityscapes_hrda_deeplabv2.yaml" in field(text, "configs")  # HRDA's DeepLab-v2 starts from v1c
 
 
 @pytest.mark.parametrize("depth, blocks", [(18, "2/2/2/2"), (34, "3/4/6/3"), (50, "3/4/6/3")])
