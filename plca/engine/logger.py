@@ -13,6 +13,7 @@ from torch import Tensor
 def setup_logger(run_dir: Path | None, is_main: bool) -> logging.Logger:
     """Logger ``plca`` writing to stderr and ``run_dir/train.log`` (main process only)."""
     logger = logging.getLogger("plca")
+    close_run_log(logger)
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
@@ -25,6 +26,14 @@ def setup_logger(run_dir: Path | None, is_main: bool) -> logging.Logger:
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     return logger
+
+
+def close_run_log(logger: logging.Logger) -> None:
+    """Detach and close the ``train.log`` handler of ``logger``: once a run ends, later lines of the same
+    process (a second run, a notebook's next cell) no longer go into its log, and its file is closed."""
+    for handler in [handler for handler in logger.handlers if isinstance(handler, _RunLogHandler)]:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 class _RunLogHandler(logging.FileHandler):

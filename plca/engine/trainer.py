@@ -71,7 +71,7 @@ from plca.engine.distributed import (DistInfo, all_true, available_cpus, barrier
                                      summed_count)
 from plca.engine.failure import FailurePolicy, TrainingError, TrainingInterrupted
 from plca.engine.loader import batch_stream
-from plca.engine.logger import TensorBoard, setup_logger
+from plca.engine.logger import TensorBoard, close_run_log, setup_logger
 from plca.engine.optim import effective_warmup, optimizer_from_config, scheduled_lr, set_lr
 from plca.engine.periodic import Hook, ImageGrids, PeriodicCheckpoint, ScalarLog, StepEnd
 from plca.engine.run_dir import RunLock, check_resume_config
@@ -162,6 +162,7 @@ class _Session:
             stream.close()
         if self.board is not None:
             self.board.close()
+        close_run_log(self.logger)
 
     # ------------------------------------------------------------------ set-up
 
