@@ -11,5 +11,7 @@ demo: setup
 lint: setup
 	.venv/bin/python -m ruff check .
 
+# two pytest-xdist workers (one torch thread each, tests/conftest.py): the suite's subprocess and signal
+# tests spend much of their time waiting, so two workers finish in about 2/3 of one's time on 2 cores
 test: setup
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest -n 2

@@ -44,3 +44,17 @@ def _declare_torchvision_ops_if_its_library_fails() -> None:
 
 
 _declare_torchvision_ops_if_its_library_fails()
+
+
+def _one_thread_per_parallel_worker() -> None:
+    """Under ``pytest -n N`` (pytest-xdist) every worker takes one intra-op thread: N workers of the
+    default torch thread count would oversubscribe the cores they share."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+_one_thread_per_parallel_worker()
