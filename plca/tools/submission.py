@@ -24,7 +24,7 @@ from PIL import Image
 from plca.config import ConfigError
 from plca.data.formats.base import SubmissionLayout
 from plca.data.formats.registry import format_names, get_format
-from plca.data.labels import CITYSCAPES_CLASSES, IGNORE_INDEX, cityscapes_id_to_train_id
+from plca.data.labels import CITYSCAPES_CLASSES, CITYSCAPES_TRAIN_LABELS, IGNORE_INDEX
 from plca.files import atomic_path
 
 __all__ = ["SubmissionWriter", "class_to_submission_ids", "submission_layout", "train_id_to_label_id"]
@@ -42,12 +42,8 @@ def submission_layout(format_name: str) -> SubmissionLayout:
 
 def train_id_to_label_id() -> np.ndarray:
     """``(256,) uint8``: Cityscapes train id (0..18) -> its label id; 255 stays 255."""
-    forward = cityscapes_id_to_train_id()
     table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    for label_id in range(len(forward)):
-        train_id = int(forward[label_id])
-        if train_id != IGNORE_INDEX:
-            table[train_id] = label_id
+    table[:len(CITYSCAPES_TRAIN_LABELS)] = [label_id for _, label_id, _ in CITYSCAPES_TRAIN_LABELS]
     return table
 
 
