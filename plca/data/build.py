@@ -33,10 +33,12 @@ def reads_target_labels(data, train) -> bool:
 
 
 def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target: bool,
-                       world_size: int = 1, cache_dir: Path | None = None) -> RunDatasets:
+                       world_size: int = 1, cache_dir: Path | None = None,
+                       target_border_margins: Sequence[int] | None = None) -> RunDatasets:
     """The training source (and target, when the method uses one) with the training transform, and the
     validation set with the evaluation transform. A training set smaller than one batch for every
-    process is a :class:`DatasetError`.
+    process is a :class:`DatasetError`. ``target_border_margins`` (what the method asks for, e.g.
+    HRDA's pseudo-label margins) adds each target item's ``border_valid`` mask.
 
     ``data``: :class:`plca.config.DataConfig`; ``train``: :class:`plca.config.TrainConfig`.
     """
@@ -54,7 +56,8 @@ def build_run_datasets(data, train, eval_size: Sequence[int] | None, uses_target
     if uses_target:
         target = build_dataset(data.target.format, data.target.root, data.target.split, transform=target_transform,
                                seed=train.seed + 1, require_labels=False,
-                               read_labels=reads_target_labels(data, train), **common)
+                               read_labels=reads_target_labels(data, train), border_margins=target_border_margins,
+                               **common)
     for name, dataset in (("source", source), ("target", target)):
         if dataset is not None:
             check_enough_samples(dataset, train.batch_size, world_size, name)

@@ -31,11 +31,12 @@ from plca.data.labels import IGNORE_INDEX
 from plca.data.transforms import resize_label, to_tensors
 
 __all__ = [
-    "DATASET_FORMATS", "DatasetScan", "LabelMap", "Sample", "SegmentationDataset", "build_dataset",
+    "DATASET_FORMATS", "DatasetScan", "LabelMap", "Sample", "SegmentationDataset", "border_mask", "build_dataset",
     "dataset_splits", "format_names", "guess_format", "read_classes_file", "scan_dataset", "unpaired_labels",
 ]
 
-Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
+#: ``transform(image, label, rng[, valid])`` -> ``(image, label[, valid])`` tensors (see TrainTransform)
+Transform = Callable[..., tuple[torch.Tensor, ...]]
 LabelReader = Callable[[Path], np.ndarray]
 
 
@@ -70,11 +71,17 @@ class SegmentationDataset(Dataset):
     file; ``num_skipped`` counts them (per process). ``on_error="raise"`` lets the error through.
     ``resize_mismatched_labels`` resizes (nearest, one warning per file) a label whose size differs
     from its image's (GTA5 has a few); otherwise that is a :class:`DatasetError`.
+
+    ``border_margins = (top, bottom, left, right)`` adds ``"border_valid"`` to every item: ``(H, W)
+    bool``, False within that many pixels of the image's borders as stored, transformed with the
+    label (HRDA's pseudo-label cropping v2: the margins mask the image's borders, so a training crop
+    loses them only where it reaches them).
     """
 
     def __init__(self, samples: Sequence[Sample], classes: Sequence[str], label_reader: LabelReader,
                  transform: Transform | None = None, *, seed: int = 0, on_error: str = "raise",
-                 resize_mismatched_labels: bool = False, description: str = "dataset") -> None:
+                 resize_mismatched_labels: bool = False, description: str = "dataset",
+                 border_margins: Sequence[int] | None = None) -> None:
         self.samples: list[Sample] = list(samples)
         self.classes: tuple[str, ...] = tuple(classes)
         self.label_reader = label_reader
@@ -89,6 +96,7 @@ class SegmentationDataset(Dataset):
         self.seed = int(seed)
         self.on_error = on_error
         self.resize_mismatched_labels = resize_mismatched_labels
+        self.border_margins = None if border_margins is None else _margins(border_margins)
         self.epoch = 0
         self.num_skipped = 0
         self._size_warned: set[str] = set()
@@ -148,12 +156,16 @@ class SegmentationDataset(Dataset):
 
     def _load(self, index: int) -> dict:
         image, label = self.load_pair(index)
+        valid = None if self.border_margins is None else border_mask(label.shape, self.border_margins)
         if self.transform is None:
-            image_tensor, label_tensor = to_tensors(image, label)
+            tensors = (*to_tensors(image, label), *(() if valid is None else (torch.from_numpy(valid).bool(),)))
         else:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            image_tensor, label_tensor = self.transform(image, label, rng)
-        return self.item(index, image_tensor, label_tensor)
+            tensors = self.transform(image, label, rng) if valid is None else self.transform(image, label, rng, valid)
+        item = self.item(index, tensors[0], tensors[1])
+        if valid is not None:
+            item["border_valid"] = tensors[2]
+        return item
 
     def _fit_label(self, label: np.ndarray, image: np.ndarray, sample: Sample) -> np.ndarray:
         if label.shape == image.shape[:2]:
@@ -186,20 +198,40 @@ def _format(format: str, classes: Sequence[str]) -> DatasetFormat:
     return fmt
 
 
+def _margins(margins: Sequence[int]) -> tuple[int, int, int, int]:
+    values = tuple(margins)
+    if len(values) != 4 or not all(isinstance(v, (int, np.integer)) and v >= 0 for v in values):
+        raise ValueError(f"border margins must be 4 integers >= 0 (top, bottom, left, right), got {list(values)}")
+    return tuple(int(v) for v in values)  # type: ignore[return-value]
+
+
+def border_mask(shape: Sequence[int], margins: Sequence[int]) -> np.ndarray:
+    """``(H, W) uint8``: 1 inside the image, 0 within ``margins = (top, bottom, left, right)`` pixels of its
+    borders (a margin larger than the image masks all of it)."""
+    height, width = int(shape[0]), int(shape[1])
+    top, bottom, left, right = _margins(margins)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[top:max(height - bottom, 0), left:max(width - right, 0)] = 1
+    return mask
+
+
 def _make(format: str, root: Path, split: str, classes: Sequence[str], listing: Listing, transform: Transform | None,
-          seed: int, on_error: str) -> SegmentationDataset:
+          seed: int, on_error: str, border_margins: Sequence[int] | None = None) -> SegmentationDataset:
     return SegmentationDataset(listing.samples, classes, listing.label_reader, transform, seed=seed, on_error=on_error,
-                               description=f"{format} split '{split}' in {root}", **listing.options)
+                               description=f"{format} split '{split}' in {root}", border_margins=border_margins,
+                               **listing.options)
 
 
 def build_dataset(format: str, root: str | Path, split: str, classes: Sequence[str],
                   transform: Transform | None = None, *, seed: int = 0, on_error: str = "raise",
-                  require_labels: bool = True, read_labels: bool = True) -> SegmentationDataset:
+                  require_labels: bool = True, read_labels: bool = True,
+                  border_margins: Sequence[int] | None = None) -> SegmentationDataset:
     """The ``split`` of the ``format`` dataset in ``root``, labelled with indices of ``classes``.
 
     ``require_labels=False`` allows a dataset without label files (e.g. the target's train
     split); its samples' labels are then all 255. ``read_labels=False`` never opens a label file,
     even where they exist (every label is 255): the unsupervised target of a training run.
+    ``border_margins``: see :class:`SegmentationDataset`.
     Raises :class:`DatasetError` for an unknown format, a missing folder or split, an empty
     split or listed files that do not exist.
     """
@@ -208,7 +240,7 @@ def build_dataset(format: str, root: str | Path, split: str, classes: Sequence[s
     listing = fmt.list_split(root, split, classes, require_labels and read_labels, Issues(strict=True))
     if not read_labels:
         listing.samples = [replace(sample, label=None) for sample in listing.samples]
-    return _make(format, root, split, classes, listing, transform, seed, on_error)
+    return _make(format, root, split, classes, listing, transform, seed, on_error, border_margins)
 
 
 @dataclass

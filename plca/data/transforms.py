@@ -142,10 +142,18 @@ class TrainTransform:
         self.scale_range = None if scale_range is None else _ratio_range(scale_range)
         self.flip = bool(flip)
 
-    def __call__(self, image: np.ndarray, label: np.ndarray,
-                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(H, W, 3) uint8``, ``(H, W) uint8`` -> ``(3, h, w) uint8``, ``(h, w) int64``; ``(h, w) = crop_size``."""
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                 valid: np.ndarray | None = None) -> tuple[torch.Tensor, ...]:
+        """``(H, W, 3) uint8``, ``(H, W) uint8`` -> ``(3, h, w) uint8``, ``(h, w) int64``; ``(h, w) = crop_size``.
+
+        ``valid``: an optional ``(H, W)`` mask of the image's pixels (e.g. where pseudo-labels may be
+        trusted) that follows the label's rescale (nearest), flip, padding (with 0) and crop; it is
+        returned third, ``(h, w) bool``. It draws no random numbers, so the crop is the same with or
+        without it.
+        """
         _check_pair(image, label)
+        if valid is not None and valid.shape != label.shape:
+            raise ValueError(f"valid mask {valid.shape} and label {label.shape} differ in shape")
         size = None
         if self.shorter_side is not None:
             shorter = int(rng.integers(self.shorter_side[0], self.shorter_side[1] + 1))
@@ -154,17 +162,23 @@ class TrainTransform:
             size = _ratio_size(*image.shape[:2], float(rng.uniform(*self.scale_range)))
         if size is not None:
             image, label = resize_image(image, size, self.antialias), resize_label(label, size)
+            valid = None if valid is None else resize_label(valid.astype(np.uint8), size)
         if self.flip and rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
+            valid = None if valid is None else valid[:, ::-1]
         crop_h, crop_w = self.crop_size
         pad_h, pad_w = max(crop_h - image.shape[0], 0), max(crop_w - image.shape[1], 0)
         if pad_h or pad_w:
             image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=0)
             label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
+            valid = None if valid is None else np.pad(valid, ((0, pad_h), (0, pad_w)), constant_values=0)
         top, left = self._window(label, rng)
         image = image[top:top + crop_h, left:left + crop_w]
         label = label[top:top + crop_h, left:left + crop_w]
-        return to_tensors(image, label)
+        if valid is None:
+            return to_tensors(image, label)
+        valid = valid[top:top + crop_h, left:left + crop_w]
+        return (*to_tensors(image, label), torch.from_numpy(np.ascontiguousarray(valid)).bool())
 
     def _window(self, label: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
         """Top-left corner of the crop window in the padded ``(H, W)`` label."""

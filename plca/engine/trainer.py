@@ -230,7 +230,8 @@ class _Session:
     def _datasets(self) -> RunDatasets:
         config, info = self.config, self.info
         datasets = build_run_datasets(config.data, config.train, config.eval.size, self.method.uses_target,
-                                      info.world_size, cache_dir=Path(config.output_dir) / ".cache")
+                                      info.world_size, cache_dir=Path(config.output_dir) / ".cache",
+                                      target_border_margins=self.method.target_border_margins())
         self.logger.info("run dir %s | %s on %d process(es), %s | source %d images%s%s", self.run_dir, config.method,
                          info.world_size, info.device, len(datasets.source),
                          f", target {len(datasets.target)}" if datasets.target is not None else "",

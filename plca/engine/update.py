@@ -19,13 +19,17 @@ class UpdateOutcome(enum.Enum):
 
 
 def to_device(batch: dict | None, device: torch.device, channels_last: bool = False) -> dict | None:
-    """Images as float ``(B, 3, H, W)`` and labels on ``device`` (None stays None)."""
+    """Images as float ``(B, 3, H, W)``, labels (and a target's ``border_valid`` masks) on ``device``
+    (None stays None)."""
     if batch is None:
         return None
     images = batch["image"].to(device, non_blocking=True).float()
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return {"image": images, "label": batch["label"].to(device, non_blocking=True)}
+    moved = {"image": images, "label": batch["label"].to(device, non_blocking=True)}
+    if "border_valid" in batch:
+        moved["border_valid"] = batch["border_valid"].to(device, non_blocking=True)
+    return moved
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:

@@ -131,6 +131,11 @@ class Method(nn.Module):
     def after_update(self, step: int) -> None:
         """Called after every optimiser update (``step`` = updates done so far)."""
 
+    def target_border_margins(self) -> tuple[int, int, int, int] | None:
+        """``(top, bottom, left, right)`` pixels of every target image (as stored) that the method wants
+        marked in its batches' ``border_valid`` masks ``(B, H, W) bool``; None: no mask."""
+        return None
+
     def training_step(self, source: dict, target: dict | None, step: int) -> StepOutput:
         """Loss and logs of one forward; ``source`` / ``target``: ``{'image': (B, 3, H, W), 'label': (B, H, W)}``."""
         raise NotImplementedError

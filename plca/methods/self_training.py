@@ -67,8 +67,11 @@ class TeacherOptions:
 @dataclass
 class PseudoLabelOptions:
     threshold: float = 0.968  # confidence for a pixel to count in the pseudo-label weight
-    ignore_top: int = 0  # rows of the target image with weight 0 (DAFormer's Cityscapes configs: 15)
+    ignore_top: int = 0  # rows of the target crop with weight 0 (DAFormer's Cityscapes configs: 15)
     ignore_bottom: int = 0  # (DAFormer's Cityscapes configs: 120; the ego-car)
+    # [top, bottom, left, right] pixels at the borders of each target image as stored, weight 0 wherever a
+    # crop reaches them (HRDA's pseudo-label cropping v2 on Cityscapes: [30, 240, 30, 30]); null = none
+    image_margins: list[int] | None = None
 
 
 @dataclass
@@ -116,6 +119,15 @@ class SelfTrainingOptions:
             raise ValueError("self_training.pseudo_label.threshold must be in [0, 1]")
         if self.pseudo_label.ignore_top < 0 or self.pseudo_label.ignore_bottom < 0:
             raise ValueError("self_training.pseudo_label.ignore_top / ignore_bottom must be >= 0")
+        margins = self.pseudo_label.image_margins
+        if margins is not None:
+            if len(margins) != 4 or any(int(m) < 0 for m in margins):
+                raise ValueError("self_training.pseudo_label.image_margins must be [top, bottom, left, right], "
+                                 f"each >= 0, got {list(margins)}")
+            if self.pseudo_label.ignore_top or self.pseudo_label.ignore_bottom:
+                raise ValueError("self_training.pseudo_label.image_margins and ignore_top / ignore_bottom are two "
+                                 "ways to mask the borders (the image's or the crop's): set one of them (the "
+                                 "others null / 0), as HRDA does")
         if self.augment.mix not in ("class", "none"):
             raise ValueError("self_training.augment.mix must be class or none")
         for key in ("jitter_probability", "blur_probability"):
@@ -180,6 +192,10 @@ class SelfTraining(Method):
 
     def after_update(self, step: int) -> None:
         self.teacher.update(self.student, step)
+
+    def target_border_margins(self) -> tuple[int, int, int, int] | None:
+        margins = self.options.pseudo_label.image_margins
+        return None if margins is None else tuple(int(m) for m in margins)  # type: ignore[return-value]
 
     def inference_model(self) -> nn.Module:
         return self.teacher.model if self.eval_model == "teacher" else self.student
@@ -266,6 +282,11 @@ class SelfTraining(Method):
         teacher_logits = self.teacher(target["image"])["logits"].float()
         labels, weights = pseudo_labels(teacher_logits, target["image"].shape[-2:], opts.threshold,
                                         opts.ignore_top, opts.ignore_bottom)
+        if opts.image_margins is not None:
+            if "border_valid" not in target:
+                raise ValueError("self_training.pseudo_label.image_margins is set but the target batch has no "
+                                 "'border_valid' masks (build the target with target_border_margins())")
+            weights = weights * target["border_valid"].to(weights.dtype)  # after the confidence share, as HRDA
         logs["pseudo/weight"] = weights.mean()
         logs["pseudo/alpha"] = torch.tensor(self.teacher.alpha(int(self.teacher.step) + 1))
         target_labels = target.get("label")
