@@ -69,7 +69,7 @@ def update(method: nn.Module, optimizer: torch.optim.Optimizer, batches: Sequenc
                 (loss / len(batches)).backward()
 
             with no_sync:
-                with autocast, method.early_backward(backward_part):
+                with autocast, method.early_backward(backward_part), method.micro_batch(micro):
                     output = method.training_step(source, target, step)
                 finite = finite and bool(torch.stack([torch.isfinite(output.loss.detach()), *parts_finite]).all())
                 (output.loss / len(batches)).backward()

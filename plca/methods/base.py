@@ -99,6 +99,7 @@ class Method(nn.Module):
         self.seed = context.seed
         self.__dict__["_student_forward"] = None  # not a submodule: the engine's DDP wrapper of the student
         self.__dict__["_backward_part"] = None  # the engine's early backward, during its updates only
+        self.__dict__["_micro_batch"] = 0  # which micro-batch of the step the engine is forwarding
 
     # ------------------------------------------------------------------ the engine's side
 
@@ -119,6 +120,17 @@ class Method(nn.Module):
             yield
         finally:
             self.__dict__["_backward_part"] = None
+
+    @contextlib.contextmanager
+    def micro_batch(self, index: int) -> Iterator[None]:
+        """While active, :meth:`step_generator` draws the numbers of micro-batch ``index`` of the step:
+        under gradient accumulation each micro-batch gets its own ClassMix classes, masks and detail
+        boxes, as separate steps would; micro-batch 0 draws what a step without accumulation draws."""
+        self.__dict__["_micro_batch"] = int(index)
+        try:
+            yield
+        finally:
+            self.__dict__["_micro_batch"] = 0
 
     def inference_model(self) -> nn.Module:
         """The segmentor to evaluate, export and predict with."""
@@ -162,9 +174,11 @@ class Method(nn.Module):
 
     def step_generator(self, step: int) -> torch.Generator:
         """The step's random numbers (ClassMix, masks, HRDA's detail boxes): a function of (method, seed,
-        step, process), so a resumed run draws the same."""
+        step, process, micro-batch; see :meth:`micro_batch`), so a resumed run draws the same."""
         rank = dist.get_rank() if dist.is_initialized() else 0
-        return torch.Generator().manual_seed(zlib.crc32(f"{self.name}/{self.seed}/{step}/{rank}".encode()))
+        micro = self.__dict__["_micro_batch"]
+        key = f"{self.name}/{self.seed}/{step}/{rank}" + (f"/{micro}" if micro else "")
+        return torch.Generator().manual_seed(zlib.crc32(key.encode()))
 
     def segment(self, images: Tensor, **options) -> dict[str, Tensor]:
         """The student's training forward ``{'features', 'logits'}`` (through DDP when the engine wraps it)."""
