@@ -152,3 +152,15 @@ def test_initialisation_and_outputs_are_pinned(case):
     assert logits.sum().item() == pytest.approx(pinned.logit_sum, abs=1e-6)
     assert logits.flatten()[LOGIT_INDICES].tolist() == pytest.approx(pinned.logits_at, abs=1e-6)
 
+
+
+def test_the_attention_head_is_the_daformer_head_with_the_1x1_fusion():
+    from plca.models.daformer_head import DAFormerHead
+
+    attention = build("attention-small")
+    torch.manual_seed(0)
+    plain = DAFormerHead((8, 16), 3, embed_dim=16, channels=16, fusion="conv1x1")
+    assert isinstance(attention, DAFormerHead)
+    assert all(torch.equal(a, b) for a, b in zip(attention.state_dict().values(), plain.state_dict().values()))
+    with pytest.raises(ValueError, match="fusion must be one of aspp, conv1x1, got 'sep'"):
+        DAFormerHead((8, 16), 3, fusion="sep")
