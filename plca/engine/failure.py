@@ -10,7 +10,8 @@ Between steps, :class:`FailurePolicy` decides:
   in a row raise :class:`TrainingError`; an update that made the weights non-finite raises at
   once (the checkpointer never writes non-finite weights);
 - SIGTERM / SIGINT on any process: every process stops at the same step boundary, saves, and
-  raises :class:`TrainingInterrupted`;
+  raises :class:`TrainingInterrupted`; during the set-up (:class:`StopAtOnce`) the process stops at
+  once with it, saving nothing (a resumed run's checkpoint is left as it was);
 - any other failure during an update or between updates (e.g. out of memory in a validation):
   :class:`TrainingError` in one line, after saving the last finished step when that is safe
   (one process, the model not inside a run of skipped updates).
@@ -82,6 +83,34 @@ class StopSignal:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class _SignalArrived(KeyboardInterrupt):
+    """Raised by :class:`StopAtOnce`'s handler: a BaseException, so that no ``except Exception`` of the
+    set-up (a data check, a logging handler) takes it for a failure of its own."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopAtOnce(StopSignal):
+    """Set-up, before the loop: SIGTERM / SIGINT stop the run at once, as :class:`TrainingInterrupted`
+    with the message ``describe(signal name)`` (the loop's :class:`StopSignal`, entered inside, takes over
+    until the loop ends). Without it SIGTERM would end the process silently and SIGINT with a traceback,
+    and neither would reach ``train.log``."""
+
+    def __init__(self, describe: Callable[[str], str]) -> None:
+        super().__init__()
+        self.describe = describe
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        raise _SignalArrived(signum)
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        super().__exit__()
+        if isinstance(exc, _SignalArrived):
+            raise TrainingInterrupted(self.describe(signal.Signals(exc.signum).name), exc.signum) from None
 
 
 class FailurePolicy:

@@ -43,7 +43,9 @@ the data checks: :mod:`plca.data.checks`; checkpoint writes: :mod:`plca.engine.c
   counted; ``train.max_nonfinite_steps`` in a row stop the run; an update that makes the
   weights non-finite stops it at once, and no checkpoint with non-finite values is written;
 - SIGTERM / SIGINT (on any process): every process stops at the same step boundary and the
-  run is saved; any other failure between steps (e.g. out of memory in a validation) saves too;
+  run is saved; during the set-up the run stops at once and saves nothing (a resumed run's
+  checkpoint stays as it was); either way ``train.log`` ends with the stop line stderr gets;
+  any other failure between steps (e.g. out of memory in a validation) saves too;
 - a failed checkpoint write (full disk): the previous checkpoint is intact, the run stops saying so.
 """
 
@@ -69,7 +71,7 @@ from plca.engine.checkpoint import load_checkpoint
 from plca.engine.checkpointer import Checkpointer
 from plca.engine.distributed import (DistInfo, all_true, available_cpus, barrier, broadcast_object, init_distributed,
                                      summed_count)
-from plca.engine.failure import FailurePolicy, TrainingError, TrainingInterrupted
+from plca.engine.failure import FailurePolicy, StopAtOnce, TrainingError, TrainingInterrupted
 from plca.engine.loader import batch_stream
 from plca.engine.logger import TensorBoard, close_run_log, setup_logger
 from plca.engine.optim import effective_warmup, optimizer_from_config, scheduled_lr, set_lr
@@ -167,6 +169,23 @@ class _Session:
     # ------------------------------------------------------------------ set-up
 
     def run(self, max_steps: int | None) -> RunResult:
+        with StopAtOnce(self._stopped_in_set_up):  # until the loop catches the signals itself
+            finished = self._set_up()
+            if finished is not None:
+                return finished
+            paused = self._loop(max_steps)
+        return paused if paused is not None else self._finish()
+
+    def _stopped_in_set_up(self, signal_name: str) -> str:
+        """The stop line of a signal that arrived before the loop."""
+        text = f"stopped by {signal_name} during the set-up, before the first update; "
+        if self.place.resume_from is None:
+            return text + "nothing was saved: run the same command again"
+        return (text + f"the checkpoint of step {self.state.step} is unchanged. Resume with: "
+                f"{resume_command(self.run_dir)}")
+
+    def _set_up(self) -> RunResult | None:
+        """Everything before the loop; the result of a run that had already finished, else None."""
         config, info, state = self.config, self.info, self.state
         seed_everything(config.train.seed + info.rank)
         self.method = method = build_training_method(config, info.device)
@@ -191,7 +210,7 @@ class _Session:
                                       self.logger, on_error=config.data.on_error)
         self.validation = Validation(config, self.datasets.val, method, state, self.checkpointer, self.header,
                                      self.board, info, self.run_dir, self.logger, self.progress)
-        return self._loop(max_steps)
+        return None
 
     def _open_run_dir(self, resume_notes: list[str]) -> None:
         """From here on the run writes to its directory: ``train.log`` (first, how the run starts),
@@ -276,8 +295,9 @@ class _Session:
 
     # ------------------------------------------------------------------ the loop
 
-    def _loop(self, max_steps: int | None) -> RunResult:
-        """Each step: load its batches, update, run the hooks, stop where a signal or ``max_steps`` says."""
+    def _loop(self, max_steps: int | None) -> RunResult | None:
+        """Each step: load its batches, update, run the hooks, stop where a signal or ``max_steps`` says.
+        The result of a run paused by ``max_steps``; None when it reached ``train.iters``."""
         config, train, state, failures = self.config, self.config.train, self.state, self.failures
         source_stream, target_stream = self._streams()
         use_amp = train.amp and self.info.device.type == "cuda"
@@ -306,7 +326,7 @@ class _Session:
                 failures.stop_if_signalled(saved=stopping)
                 if pausing:
                     return RunResult(self.run_dir, state.step, None, self.method.inference_model())
-        return self._finish()
+        return None
 
     def _next_batches(self, source_stream, target_stream) -> list[tuple[dict, dict | None]]:
         """Every micro-batch of the step, loaded before any computation: a sample that fails to load

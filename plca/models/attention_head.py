@@ -10,29 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-from torch import Tensor, nn
-
-from plca.models.head_base import ConvBNReLU, FusedLevelsHead, check_levels, embed_levels
+from plca.models.daformer_head import DAFormerHead
 from plca.models.registry import register_head
 
 
-class LightDAFormerHead(FusedLevelsHead):
-    """Levels ``[(B, C_k, h_k, w_k)]`` (finest first) -> ``(B, K, h_0, w_0)``, fused by a 1x1 conv."""
+class LightDAFormerHead(DAFormerHead):
+    """Levels ``[(B, C_k, h_k, w_k)]`` (finest first) -> ``(B, K, h_0, w_0)``: :class:`DAFormerHead` with
+    ``fusion="conv1x1"`` (state-dict keys ``embeddings.*``, ``fuse.0`` conv, ``fuse.1`` BN, ``classifier``)."""
 
     head_name = "DAFormer attention"
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, channels: int = 256,
                  dropout: float = 0.1) -> None:
         super().__init__(in_channels, num_classes, embed_dim=embed_dim, channels=channels, dropout=dropout,
-                         fuse=lambda width: ConvBNReLU(width, channels, 1))
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
-
-    def embed(self, levels: Sequence[Tensor]) -> Tensor:
-        """The fused map ``(B, channels, h_0, w_0)`` before dropout."""
-        check_levels(levels, self.in_channels, self.head_name)
-        return self.fuse(torch.cat(embed_levels(self.embeddings, levels), dim=1))
+                         fusion="conv1x1")
 
 
 @register_head("daformer_attention")

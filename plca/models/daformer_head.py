@@ -14,12 +14,15 @@ As DAFormer builds it (``lhoyer/DAFormer/mmseg/models/decode_heads/daformer_head
    this is the head's embedding;
 4. channel dropout (``Dropout2d``, 0.1) and a 1x1 classifier (weights normal, std 0.01, bias 0).
 
+``fusion="conv1x1"`` replaces step 2-3 by one 1x1 conv + BN + ReLU to ``channels``: HRDA's lighter
+scale-attention head (:mod:`plca.models.attention_head`).
+
 Convolutions before a BatchNorm have no bias and are He-initialised (mmcv ``ConvModule``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -71,26 +74,40 @@ class SeparableASPP(nn.Module):
         return self.bottleneck(torch.cat([branch(x) for branch in self.branches], dim=1))
 
 
+FUSIONS = ("aspp", "conv1x1")
+
+
+def fusion_builder(fusion: str, channels: int, dilations: Sequence[int]) -> Callable[[int], nn.Module]:
+    """The ``fuse`` factory of :class:`~plca.models.head_base.FusedLevelsHead` for ``fusion``: width -> module
+    ``(B, width, H, W) -> (B, channels, H, W)``; ``dilations`` matter for ``"aspp"`` only."""
+    if fusion == "aspp":
+        return lambda width: SeparableASPP(width, channels, dilations)
+    if fusion == "conv1x1":
+        return lambda width: ConvBNReLU(width, channels, 1)
+    raise ValueError(f"the DAFormer head's fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+
+
 class DAFormerHead(FusedLevelsHead):
     """DAFormer's decoder: levels ``[(B, C_k, h_k, w_k)]`` (finest first) -> logits ``(B, K, h_0, w_0)``.
 
     With a MiT backbone ``h_0, w_0`` is 1/4 of the image; with any other backbone it is the size
     of its first level. Works with any number of levels >= 1 and any channel counts. The fusion
-    (``fuse``) is a :class:`SeparableASPP` to ``channels``; dropout and classifier as
-    :class:`~plca.models.head_base.FusedLevelsHead`, the classifier initialised Normal(0, 0.01).
+    (``fuse``) is a :class:`SeparableASPP` to ``channels`` (``fusion="aspp"``) or a 1x1 conv + BN + ReLU
+    (``fusion="conv1x1"``); dropout and classifier as :class:`~plca.models.head_base.FusedLevelsHead`,
+    the classifier initialised Normal(0, 0.01).
     """
 
     head_name = "DAFormer"
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, channels: int = 256,
-                 dilations: Sequence[int] = (1, 6, 12, 18), dropout: float = 0.1) -> None:
+                 dilations: Sequence[int] = (1, 6, 12, 18), dropout: float = 0.1, fusion: str = "aspp") -> None:
         super().__init__(in_channels, num_classes, embed_dim=embed_dim, channels=channels, dropout=dropout,
-                         fuse=lambda width: SeparableASPP(width, channels, dilations))
+                         fuse=fusion_builder(fusion, channels, dilations))
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
 
     def embed(self, levels: Sequence[Tensor]) -> Tensor:
-        """The fused map after the ASPP bottleneck ``(B, channels, h_0, w_0)``, before dropout."""
+        """The fused map (after the ASPP bottleneck or the 1x1 fusion) ``(B, channels, h_0, w_0)``, before dropout."""
         check_levels(levels, self.in_channels, self.head_name)
         return self.fuse(torch.cat(embed_levels(self.embeddings, levels), dim=1))
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from dataset_writers import write_folder
+from run_checks import assert_resume_is_exact
 from plca.config import ConfigError, build_config
-from plca.engine.checkpoint import load_checkpoint
 from plca.engine.trainer import train
 from plca.methods import MethodContext, build_method
 from plca.methods.addons import detail_view, multi_resolution_loss
@@ -132,15 +132,8 @@ def test_source_only_and_plca_train_two_updates_with_hrda(data, tmp_path, method
 
 @pytest.mark.slow
 def test_resumed_hrda_self_training_with_mic_and_plca_equals_an_uninterrupted_run_teacher_included(data, tmp_path):
-    full = train(_config(data, tmp_path, "full", iters=4, model=RESUME_MODEL), progress=False)
-    part = train(_config(data, tmp_path, "part", iters=4, model=RESUME_MODEL), max_steps=2, progress=False)
-    resumed = train(_config(data, tmp_path, "part", iters=4, model=RESUME_MODEL), resume=part.run_dir, progress=False)
-    assert resumed.step == 4
-    a = load_checkpoint(full.run_dir / "checkpoints" / "last.pt")["method"]
-    b = load_checkpoint(resumed.run_dir / "checkpoints" / "last.pt")["method"]
-    assert a.keys() == b.keys() and any(k.startswith("teacher.model.multi_resolution.") for k in a)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    full, _ = assert_resume_is_exact(lambda name: _config(data, tmp_path, name, iters=4, model=RESUME_MODEL),
+                                     teacher_prefix="teacher.model.multi_resolution.")
     lines = [json.loads(line) for line in (full.run_dir / "scalars.jsonl").read_text().splitlines()]
     assert all(line["loss/masked_ce"] > 0 and line["loss/assoc_feature"] >= 0 for line in lines)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dataset_writers import write_folder
+from run_checks import assert_resume_is_exact
 from tiny_runs import TINY_BACKBONE  # registers the tiny backbone
 from plca.config import build_config, load_config
-from plca.engine.checkpoint import load_checkpoint
 from plca.engine.trainer import train
 from plca.methods import MethodContext, build_method
 from plca.methods.self_training import weighted_cross_entropy
@@ -131,16 +131,9 @@ def tiny_config(data, out, run_name, iters=4, **extra):
     {"model.backbone": "mit_b0", "model.head": "daformer", "model.features": "head_embedding"},
 ], ids=["resnet18", "mit_b0-dropout"])
 def test_resumed_self_training_equals_an_uninterrupted_run_teacher_included(data, tmp_path, model):
-    full = train(tiny_config(data, tmp_path, "full", **model), progress=False)
-    part = train(tiny_config(data, tmp_path, "part", **model), max_steps=2, progress=False)
-    resumed = train(tiny_config(data, tmp_path, "part", **model), resume=part.run_dir, progress=False)
-    assert resumed.step == 4
-    a = load_checkpoint(full.run_dir / "checkpoints" / "last.pt")["method"]
-    b = load_checkpoint(resumed.run_dir / "checkpoints" / "last.pt")["method"]
-    assert a.keys() == b.keys() and any(k.startswith("teacher.") for k in a)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert int(a["teacher.step"]) == 4
+    full, state = assert_resume_is_exact(lambda name: tiny_config(data, tmp_path, name, **model),
+                                         teacher_prefix="teacher.")
+    assert int(state["teacher.step"]) == 4
     lines = [json.loads(line) for line in (full.run_dir / "scalars.jsonl").read_text().splitlines()]
     assert all(line["loss/mix_ce"] > 0 and torch.isfinite(torch.tensor(line["loss/total"])) for line in lines)
 

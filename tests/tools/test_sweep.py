@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
-from dataset_writers import write_folder
+from run_checks import tiny_sweep_config
 from plca.cli import main
 from plca.tools.sweep import (SweepError, TrainJob, check_same_sweep, parse_grid, parse_seeds, plan_runs, run_name,
                               run_sweep, split_values)
@@ -194,19 +193,7 @@ def test_aggregate_of_a_directory_without_manifest(tmp_path):
 
 
 def tiny_config(root: Path) -> Path:
-    write_folder(root / "data", classes_count=3, splits={"train": 4, "val": 2}, size=(32, 48), seed=0)
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump({
-        "method": "source_only",
-        "data": {"classes": CLASSES, "num_workers": 0,
-                 "source": {"format": "folder", "root": str(root / "data"), "split": "train"},
-                 "val": {"format": "folder", "root": str(root / "data"), "split": "val"}},
-        "model": {"backbone": "resnet18", "style": "pytorch"},
-        "train": {"iters": 4, "batch_size": 2, "crop_size": [32, 32], "lr": 0.01, "eval_every": 0,
-                  "checkpoint_every": 4, "log_every": 1, "image_every": 0},
-        "device": "cpu",
-    }))
-    return path
+    return tiny_sweep_config(root, iters=4)
 
 
 def test_cli_dry_run_lists_the_plan(tmp_path, capsys):

@@ -3,13 +3,10 @@
 import re
 
 import pytest
-import yaml
 
-from dataset_writers import write_folder
+from run_checks import tiny_sweep_config
 from plca.cli import main
 from plca.tools.sweep_progress import duration, last_logged_step, progress_line
-
-CLASSES = ["road", "car", "sky"]
 
 
 def test_last_logged_step_reads_the_last_step_line(tmp_path):
@@ -32,18 +29,7 @@ def test_progress_line_extrapolates_this_attempts_pace():
 
 @pytest.mark.slow
 def test_a_local_sweep_says_the_runs_step_eta_and_the_runs_done(tmp_path, capsys):
-    write_folder(tmp_path / "data", classes_count=3, splits={"train": 4, "val": 2}, size=(32, 48), seed=0)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "method": "source_only",
-        "data": {"classes": CLASSES, "num_workers": 0,
-                 "source": {"format": "folder", "root": str(tmp_path / "data"), "split": "train"},
-                 "val": {"format": "folder", "root": str(tmp_path / "data"), "split": "val"}},
-        "model": {"backbone": "resnet18", "style": "pytorch"},
-        "train": {"iters": 8, "batch_size": 2, "crop_size": [32, 32], "lr": 0.01, "eval_every": 0,
-                  "checkpoint_every": 8, "log_every": 1, "image_every": 0},
-        "device": "cpu",
-    }))
+    config = tiny_sweep_config(tmp_path, iters=8)
     assert main(["sweep", str(config), f"output_dir={tmp_path / 's'}", "--seeds", "0", "1",
                  "--progress-every", "0.05"]) == 0
     out = capsys.readouterr().out
