@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from plca.config import Config
-    from plca.tools.predict import InferenceOptions
+    from plca.prediction import InferenceOptions
 
 _EXTRA_HINT = "plca.load_model and plca.segment need the [train] extra: pip install 'plca[train]'"
 
@@ -71,7 +71,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Segme
     """
     try:
         from plca.inference import load_for_inference
-        from plca.tools.predict import options_from_config
+        from plca.prediction import options_from_config
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError(f"{_EXTRA_HINT} (module '{error.name}' is missing)", name=error.name) from None
     network, config, file = load_for_inference(path)
@@ -153,7 +153,7 @@ def segment(model: SegmentationModel, image: Any, *, probabilities: bool = False
     from dataclasses import replace
 
     try:
-        from plca.tools.predict import predict_full
+        from plca.prediction import predict_full
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError(f"{_EXTRA_HINT} (module '{error.name}' is missing)", name=error.name) from None
     batch, kind = _as_batch(image)
