@@ -42,7 +42,7 @@ def read_dataclass(schema: type, data: Any, prefix: str = "") -> Any:
     """
     where = f"'{prefix[:-1]}'" if prefix else "the top level"
     if not isinstance(data, dict):
-        raise DataclassReadError(f"config key {where} must be a mapping, got {data!r}")
+        raise DataclassReadError(f"{'config key ' + where if prefix else 'the config'} must be a mapping, got {data!r}")
     fields = {field.name: field for field in dataclasses.fields(schema) if field.init}
     hints = typing.get_type_hints(schema)
     unknown = [key for key in data if key not in fields]
