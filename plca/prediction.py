@@ -1,5 +1,5 @@
-"""Class probabilities of whole images from a trained segmentor: what ``plca predict``, ``plca evaluate
---checkpoint``'s tools and :func:`plca.segment` compute.
+"""Class probabilities of whole images from a trained segmentor: what ``plca predict`` and
+:func:`plca.segment` compute, with the test-time settings of a config (:func:`options_from_config`).
 
 Inference is either on the whole (optionally resized) image or with a sliding
 window whose logits are averaged where windows overlap; the logits are upsampled to
