@@ -8,10 +8,16 @@
     labels = plca.segment(model, image)           # (H, W) class ids, model.classes[i] names id i
     labels, probs = plca.segment(model, [a, b], probabilities=True)   # lists give lists
 
-Both are the commands' own code (:mod:`plca.inference` loads, :func:`plca.tools.predict.predict_full`
+Both are the commands' own code (:mod:`plca.inference` loads, :func:`plca.prediction.predict_full`
 segments), so a model segments here exactly as ``plca predict`` segments it. Importing this module
-loads nothing beyond torch and numpy; calling these functions needs the ``[train]`` extra (the config
-reader; pillow only for PIL images).
+loads nothing beyond torch and numpy.
+
+The core install (torch, numpy, safetensors) loads model folders and ``.safetensors`` exports, and run
+directories and ``.pt`` checkpoints too: their stored config is read without OmegaConf
+(:mod:`plca.dataclass_reader`, the same dataclasses) and segmenting needs neither pillow nor tqdm. The
+``[train]`` extra is needed for exports written before their config was stored as JSON as well (the YAML
+reader), and pillow for PIL images (installed anyway when one is given). A missing package of the extra
+is a one-line ``ModuleNotFoundError`` naming it and the extra.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from plca.config import Config
-    from plca.tools.predict import InferenceOptions
+    from plca.prediction import InferenceOptions
 
-_EXTRA_HINT = "plca.load_model and plca.segment need the [train] extra: pip install 'plca[train]'"
+#: The packages of the [train] extra (plca.console.EXTRA_OF_MODULE's; a test checks they agree).
+TRAIN_EXTRA_MODULES = ("yaml", "omegaconf", "tqdm", "tensorboard", "PIL")
 
 
 @dataclass
@@ -67,13 +74,22 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Segme
     single-file export (``.safetensors``) or a model folder (``config.json`` + ``model.safetensors``).
 
     Raises :class:`~plca.models.weights.WeightsError` or :class:`~plca.config.ConfigError` naming the
-    file and the problem.
+    file and the problem, ``ModuleNotFoundError`` naming the ``[train]`` extra for a file that needs it.
     """
     try:
-        from plca.inference import load_for_inference
-        from plca.tools.predict import options_from_config
+        return _load_model(path, device)
     except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(f"{_EXTRA_HINT} (module '{error.name}' is missing)", name=error.name) from None
+        if (error.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise  # no extra installs it: a bug
+        raise ModuleNotFoundError(f"plca.load_model('{path}'): this file needs the [train] extra (module "
+                                  f"'{error.name}' is not installed): pip install 'plca[train]'",
+                                  name=error.name) from None
+
+
+def _load_model(path: str | Path, device: str | torch.device) -> SegmentationModel:
+    from plca.inference import load_for_inference
+    from plca.prediction import options_from_config
+
     network, config, file = load_for_inference(path)
     options = options_from_config(config)
     window = tuple(config.train.crop_size)
@@ -152,10 +168,8 @@ def segment(model: SegmentationModel, image: Any, *, probabilities: bool = False
         return [segment(model, item, probabilities=probabilities, sliding_window=sliding_window) for item in image]
     from dataclasses import replace
 
-    try:
-        from plca.tools.predict import predict_full
-    except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(f"{_EXTRA_HINT} (module '{error.name}' is missing)", name=error.name) from None
+    from plca.prediction import predict_full
+
     batch, kind = _as_batch(image)
     options = replace(model.options, window=_window(model, sliding_window), stride=None)
     probs = predict_full(model.network.eval(), batch.to(model.device), options).float()

@@ -33,10 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
-
+from plca.dataclass_reader import DataclassReadError, read_dataclass
+from plca.dataclass_reader import describe_type as _describe_type
 from plca.models.hrda import HRDAOptions
 
 
@@ -205,6 +203,8 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"config file '{path}' is not a text file (not UTF-8 at byte {error.start})") from None
     except OSError as error:
         raise ConfigError(f"config file '{path}' cannot be read: {error.strerror or error}") from None
+    import yaml
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -261,6 +261,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key")
+    import yaml
+
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as error:
@@ -406,18 +408,6 @@ def _option_sections() -> dict[str, type]:
     return {name: get_method(name).Options for name in method_names() if get_method(name).Options is not None}
 
 
-def _describe_type(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = [_describe_type(t) for t in typing.get_args(tp) if t is not type(None)]
-        return " or ".join(options) + (" or null" if type(None) in typing.get_args(tp) else "")
-    if origin is list:
-        return f"a list of {_describe_type(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
 def _field_type(schema: type, path: list[str]) -> Any:
     tp: Any = schema
     for part in path:
@@ -452,8 +442,19 @@ def _check_booleans(schema: type, data: Any, prefix: str) -> None:
 
 
 def _typed(schema: type, data: dict, prefix: str = "") -> Any:
-    """An instance of ``schema`` from ``data`` via OmegaConf, errors turned into one named line."""
+    """An instance of ``schema`` from ``data`` via OmegaConf, errors turned into one named line.
+
+    Without OmegaConf (the core install: ``plca.load_model`` of a stored config) the plain reader of
+    :mod:`plca.dataclass_reader` builds the same dataclasses."""
     _check_booleans(schema, data, prefix)
+    try:
+        from omegaconf import OmegaConf
+        from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+    except ModuleNotFoundError:
+        try:
+            return read_dataclass(schema, data, prefix)
+        except DataclassReadError as error:
+            raise ConfigError(str(error)) from None
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data))
         return OmegaConf.to_object(merged)
@@ -573,6 +574,8 @@ def to_dict(config: Config) -> dict:
 
 
 def save_config(config: Config, path: str | Path) -> None:
+    import yaml
+
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
@@ -685,6 +688,8 @@ def key_comments(config: Config) -> dict[str, str]:
 
 def annotated_yaml(config: Config) -> str:
     """The resolved config as YAML, each key followed by the comment that documents it."""
+    import yaml
+
     comments = key_comments(config)
     lines = []
 

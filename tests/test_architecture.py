@@ -131,8 +131,9 @@ def test_networks_are_assembled_in_one_place():
 #: its modules; ``plca`` is the root ``__init__`` alone. Every module must fall in a layer, so a new
 #: top-level module is placed here on purpose.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # file helpers (atomic writes, flatten) and the one reader of pickles: they import nothing of plca
-    ("plca.files", "plca.serialization", "plca.version"),
+    # file helpers (atomic writes, flatten), the one reader of pickles, plain data -> dataclasses: they
+    # import nothing of plca
+    ("plca.files", "plca.serialization", "plca.version", "plca.dataclass_reader"),
     # dataset formats, label maps, transforms, checks of the files
     ("plca.data",),
     # networks (backbones, heads, weights); pure loss functions; the root re-exports the loss API
@@ -144,8 +145,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("plca.methods",),
     # the loop, devices, checkpoints, logging; the config (checked against the registries of data,
     # models, methods and engine.optim; run_dir and the trainer read it); loading a trained model
-    # for inference (the config and models)
-    ("plca.engine", "plca.config", "plca.inference"),
+    # for inference (the config and models) and segmenting whole images with it
+    ("plca.engine", "plca.config", "plca.inference", "plca.prediction"),
     # the commands' implementations: evaluate, predict, export, prepare, report, sweep, weights, demo
     ("plca.tools", "plca.demo"),
     # the Python inference API (plca.load_model, plca.segment): the tools' loading and inference, as functions

@@ -58,4 +58,4 @@ def test_the_core_imports_no_optional_package(case):
 def test_the_probe_sees_an_optional_import():
     pytest.importorskip("yaml")  # an install with the [train] extra
     pytest.importorskip("omegaconf")
-    assert "yaml" in loaded_by("import plca.config")
+    assert "yaml" in loaded_by("import plca.config; plca.config.parse_override('a=1')")

@@ -31,9 +31,12 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = [
     "DatasetError", "Finding", "IMAGE_SUFFIXES", "ImageModeError", "duplicate_names", "image_mode_problem",
@@ -49,8 +52,17 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOUR_TYPES = {0: ("L", 1), 2: ("RGB", 3), 6: ("RGBA", 4)}
 #: Pillow mode -> raw modes unpacking the (high, low) byte of big-endian 16-bit samples.
 _RAW_16BIT = {"L": ("L;16B", "L;16"), "RGB": ("RGB;16B", "RGB;16L"), "RGBA": ("RGBA;16B", "RGBA;16L")}
-# What Pillow raises for files it cannot decode (truncated, corrupt, not an image, too large).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises for files it cannot decode (truncated, corrupt, not an image, too large).
+
+    Pillow is imported by the readers, not with the module: the dataset formats (and the config checks
+    that list them) load on the core install too, where ``plca.load_model`` checks a stored config."""
+    from PIL import Image
+
+    return OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError
+
 
 #: Image modes :func:`read_image` converts, and how (the others are refused by name).
 _IMAGE_MODES = {
@@ -110,6 +122,8 @@ def read_image(path: str | Path) -> np.ndarray:
     :class:`DatasetError` now rather than yielding a partly grey image. EXIF orientation is
     not applied: labels are stored in the pixel order of the file.
     """
+    from PIL import Image
+
     path = Path(path)
     try:
         with Image.open(path) as image:
@@ -121,7 +135,7 @@ def read_image(path: str | Path) -> np.ndarray:
             return rgb if rgb.flags.writeable else rgb.copy()  # torch wants writable arrays
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file not found") from None
-    except _DECODE_ERRORS as error:
+    except _decode_errors() as error:
         if isinstance(error, DatasetError):
             raise
         raise DatasetError(
@@ -162,6 +176,8 @@ def read_label(path: str | Path) -> np.ndarray:
     indices, not its colours); a 1-bit image as ids 0 and 1. A 16-bit grey PNG is accepted
     when every id is below 256. Colour (RGB / RGBA) labels raise :class:`DatasetError`.
     """
+    from PIL import Image
+
     path = Path(path)
     try:
         with Image.open(path) as image:
@@ -170,7 +186,7 @@ def read_label(path: str | Path) -> np.ndarray:
             ids = np.array(image)
     except FileNotFoundError:
         raise DatasetError(f"{path}: label file not found") from None
-    except _DECODE_ERRORS as error:
+    except _decode_errors() as error:
         raise DatasetError(
             f"{path}: cannot decode the label ({error}); the file is truncated or corrupt, "
             f"re-extract or re-download it (or remove it from the split)"
@@ -264,6 +280,8 @@ def read_synthia_label(path: str | Path) -> np.ndarray:
         raise DatasetError(f"{path}: cannot read the label file ({error})") from None
     width, height, depth, colour_type, stream = _parse_png(path, data)
     mode, channels = _COLOUR_TYPES[colour_type]
+    from PIL import Image
+
     try:
         if depth == 8:
             samples = np.array(Image.frombytes(mode, (width, height), stream, "zip", mode), dtype=np.uint16)
@@ -272,7 +290,7 @@ def read_synthia_label(path: str | Path) -> np.ndarray:
             high = np.array(Image.frombytes(mode, (width, height), stream, "zip", high_raw), dtype=np.uint16)
             low = np.array(Image.frombytes(mode, (width, height), stream, "zip", low_raw), dtype=np.uint16)
             samples = (high << 8) | low
-    except _DECODE_ERRORS as error:
+    except _decode_errors() as error:
         raise DatasetError(
             f"{path}: cannot decode the PNG image data ({error}); the file is truncated or corrupt, "
             f"re-extract or re-download it"

@@ -14,7 +14,6 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from plca.data.labels import IGNORE_INDEX
 
@@ -44,6 +43,8 @@ def resize_image(image: np.ndarray, size: tuple[int, int], antialias: bool = Fal
     if image.shape[:2] == (height, width):
         return image
     if antialias:
+        from PIL import Image
+
         return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
     pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
     resized = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
@@ -55,6 +56,8 @@ def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     if label.shape[:2] == (height, width):
         return label
+    from PIL import Image
+
     return np.asarray(Image.fromarray(label).resize((width, height), Image.Resampling.NEAREST))
 
 

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from plca.losses.association import spatial_aggregate
 from plca.losses.association_efficient import DEFAULT_BLOCK_ELEMENTS
@@ -139,8 +138,12 @@ def bounded_spatial_aggregate(x: Tensor, metric: str, alpha: float = 0.5,
     if plan.exact:
         return spatial_aggregate(x, metric, alpha)
     out = torch.empty_like(x)
-    for window in tqdm(plan.windows, desc=f"aggregate {metric} (windows)", disable=not progress, leave=False,
-                       dynamic_ncols=True):
+    windows = plan.windows
+    if progress:  # tqdm only when asked: plca.segment runs on the core install, which has none
+        from tqdm import tqdm
+
+        windows = tqdm(windows, desc=f"aggregate {metric} (windows)", leave=False, dynamic_ncols=True)
+    for window in windows:
         crop = x[:, :, window.top:window.top + window.height, window.left:window.left + window.width]
         aggregated = spatial_aggregate(crop, metric, alpha)
         (r0, r1), (c0, c1) = window.rows, window.cols
@@ -225,11 +228,11 @@ def check_budget(plan: AggregationPlan, like: Tensor, free: int | None) -> None:
 
 
 def announce(plan: AggregationPlan, features: Tensor, classes: int,
-             write: Callable[[str], None] = tqdm.write) -> str | None:
+             write: Callable[[str], None] | None = None) -> str | None:
     """Print (once per plan and channels in this process) the plan and the estimated seconds of the
     test-time aggregation of ``features`` ``(B, E, h, w)`` then of ``classes`` probabilities; None when
     the plan is exact within the default bound (nothing to say), and on every process but the first
-    under DDP."""
+    under DDP. ``write``: None = ``tqdm.write`` (``print`` where tqdm is not installed)."""
     if plan.exact and plan.pixels <= DEFAULT_MAX_PIXELS:
         return None
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
@@ -250,8 +253,18 @@ def announce(plan: AggregationPlan, features: Tensor, classes: int,
                f"{window.height} x {window.width}")
     line = (f"test-time aggregation: {how}; about {seconds:,.1f} s per {batch} image(s) at the rate measured "
             f"on {features.device} ({features.shape[1]} feature channels, {classes} classes)")
-    write(line)
+    (write or _write_line)(line)
     return line
+
+
+def _write_line(line: str) -> None:
+    """``tqdm.write`` (which keeps open progress bars intact), or ``print`` on an install without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:
+        print(line)
+        return
+    tqdm.write(line)
 
 
 def aggregated_probabilities(model, images: Tensor, alpha: float = 0.5, max_pixels: int | None = DEFAULT_MAX_PIXELS,

@@ -29,7 +29,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from plca.evaluation.aggregation import DEFAULT_MAX_PIXELS, aggregated_probabilities
 from plca.evaluation.metrics import ConfusionMatrix, confusion_matrix, iou_per_class, pixel_accuracy
@@ -204,6 +203,8 @@ def evaluate(model: nn.Module, dataset, num_classes: int, device: torch.device, 
     indices = list(range(rank, len(dataset), world_size))
     loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=num_workers)
     confusion = ConfusionMatrix(num_classes, device=device)
+    from tqdm import tqdm  # here: this module's inference functions serve plca.segment on the core install
+
     for position, batch in enumerate(tqdm(loader, desc="evaluate", disable=not progress or rank != 0, leave=False,
                                           dynamic_ncols=True)):
         images = batch["image"].to(device, non_blocking=True).float()

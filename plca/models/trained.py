@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from plca.models.deeplab import is_authors_checkpoint, load_authors_checkpoint
 from plca.models.registry import resolved_style
 from plca.models.segmentor import Segmentor, SegmentorSpec, build_segmentor
@@ -116,6 +114,21 @@ def _description_from_config(config: dict) -> tuple[dict, list[str]]:
             "head_width": model.get("head_width")}, classes
 
 
+def _export_config(metadata: dict[str, str], path: Path) -> dict | None:
+    """The run's config stored in an export's metadata: ``config_json`` (read by the core install) or, in
+    exports written before it, the ``config`` YAML text (pyyaml: the ``[train]`` extra)."""
+    if "config_json" in metadata:
+        try:
+            return json.loads(metadata["config_json"])
+        except ValueError as error:
+            raise WeightsError(f"'{path}': its metadata 'config_json' is not valid JSON ({error})") from None
+    if "config" not in metadata:
+        return None
+    import yaml
+
+    return yaml.safe_load(metadata["config"])
+
+
 def inspect_model_file(path: str | Path) -> ModelFile:
     """Read a model file's self-description (the weights are memory-mapped, not copied)."""
     path = Path(path)
@@ -125,7 +138,7 @@ def inspect_model_file(path: str | Path) -> ModelFile:
             if metadata.get("format") not in _EXPORT_FORMATS:
                 raise WeightsError(f"'{path}' is not a plca export (metadata format is {metadata.get('format')!r}, "
                                    f"expected '{EXPORT_FORMAT}')")
-            config = yaml.safe_load(metadata["config"]) if "config" in metadata else None
+            config = _export_config(metadata, path)
             if "segmentor" in metadata:
                 description, classes = json.loads(metadata["segmentor"]), json.loads(metadata["classes"])
             elif config is not None:

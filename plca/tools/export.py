@@ -3,14 +3,15 @@
 The file holds the model's weights and, as string metadata, everything needed to
 rebuild it and to use it::
 
-    format     "plca-segmentor"
-    segmentor  the network: backbone, head, style, class count, feature map, input normalisation (JSON)
-    classes    the class names in output-channel order (JSON list)
-    config     the run's resolved config (YAML text)
-    step       the training step the weights come from (when known)
-    final      "true" when that step is the run's last, "false" for a model of an unfinished run
-               (exported only with ``--allow-unfinished``), absent when unknown
-    run_id     the run the weights come from (when known)
+    format       "plca-segmentor"
+    segmentor    the network: backbone, head, style, class count, feature map, input normalisation (JSON)
+    classes      the class names in output-channel order (JSON list)
+    config       the run's resolved config (YAML text; what exports before ``config_json`` hold)
+    config_json  the same config as JSON, what readers use (the core install reads it without pyyaml)
+    step         the training step the weights come from (when known)
+    final        "true" when that step is the run's last, "false" for a model of an unfinished run
+                 (exported only with ``--allow-unfinished``), absent when unknown
+    run_id       the run the weights come from (when known)
 
 :func:`load_exported` rebuilds the model from the file alone, so ``plca evaluate`` and
 ``plca predict --checkpoint model.safetensors`` need no config file. Unlike a training
@@ -23,7 +24,6 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from plca.config import Config, ConfigError, build_config, to_dict
@@ -65,6 +65,8 @@ def export_model(source: str | Path, output: str | Path, config: Config | None =
         config = _stored(file.config, file.path)
     else:
         raise ConfigError(f"'{file.path}' carries no config; pass the run's config with --config CONFIG.yaml")
+    import yaml
+
     description = file.description or description_from_config(config)
     model = load_model_file(file, description, config.data.classes)
     metadata = {
@@ -72,6 +74,7 @@ def export_model(source: str | Path, output: str | Path, config: Config | None =
         "segmentor": json.dumps(model.describe()),
         "classes": json.dumps(list(config.data.classes)),
         "config": yaml.safe_dump(to_dict(config), sort_keys=False),
+        "config_json": json.dumps(to_dict(config)),
     }
     if file.step is not None:
         metadata["step"] = str(int(file.step))

@@ -51,7 +51,7 @@ def _final_metrics(run_dir: Path | None, which: str) -> dict | None:
 def inference_settings(config: Config) -> dict:
     """The test-time settings of ``config`` as plain data: ``size`` (None = each image's own),
     ``test_time_aggregation``, ``alpha`` and the sliding ``window`` (the training crop)."""
-    from plca.tools.predict import options_from_config
+    from plca.prediction import options_from_config
 
     options = options_from_config(config)
     return {"size": list(options.size) if options.size else None,
