@@ -88,8 +88,10 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Segme
 
 def _load_model(path: str | Path, device: str | torch.device) -> SegmentationModel:
     from plca.inference import load_for_inference
+    from plca.plugins import load_plugins
     from plca.prediction import options_from_config
 
+    load_plugins()  # the user's own backbones and heads, which the file may name
     network, config, file = load_for_inference(path)
     options = options_from_config(config)
     window = tuple(config.train.crop_size)

@@ -589,6 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from plca.plugins import PluginError, load_plugins
+
+    try:
+        load_plugins()  # before the parser: a plugin's formats, backbones and methods are choices there
+    except PluginError as error:
+        print(f"plca: error: {error}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (plca train C.yaml --no-progress train.iters=5)

@@ -131,9 +131,9 @@ def test_networks_are_assembled_in_one_place():
 #: its modules; ``plca`` is the root ``__init__`` alone. Every module must fall in a layer, so a new
 #: top-level module is placed here on purpose.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # file helpers (atomic writes, flatten), the one reader of pickles, plain data -> dataclasses: they
-    # import nothing of plca
-    ("plca.files", "plca.serialization", "plca.version", "plca.dataclass_reader"),
+    # file helpers (atomic writes, flatten), the one reader of pickles, plain data -> dataclasses, the plugin
+    # loader: they import nothing of plca
+    ("plca.files", "plca.serialization", "plca.version", "plca.dataclass_reader", "plca.plugins"),
     # dataset formats, label maps, transforms, checks of the files
     ("plca.data",),
     # networks (backbones, heads, weights); pure loss functions; the root re-exports the loss API

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from plca.engine.run_dir import LockHeldError, acquire_lock, release_lock
 from plca.files import atomic_write_json, flatten
+from plca.plugins import ENV_VAR
 from plca.tools.sweep_progress import RunProgress
 from plca.tools.sweep_table import (DEFAULT_FLAG_RANGE, MANIFEST, SweepError, aggregate, format_summary,
                                     read_manifest, write_results)
@@ -259,6 +260,12 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(self)
 
 
+def plugin_env() -> dict[str, str]:
+    """``{PLCA_PLUGINS: ...}`` when it is set here: a job carries it to a Slurm node whatever the job's
+    environment there (the plugin modules must be importable on the node)."""
+    return {ENV_VAR: os.environ[ENV_VAR]} if os.environ.get(ENV_VAR) else {}
+
+
 def stderr_tail(path: str | Path, lines: int = _STDERR_TAIL) -> list[str]:
     """The last ``lines`` lines of the latest attempt in a run's stderr log."""
     try:
@@ -422,7 +429,7 @@ class _Sweep:
                         run_dir=str((self.dir / entry["run_dir"]).absolute()),
                         stdout=str((self.dir / entry["log"]["stdout"]).absolute()),
                         stderr=str((self.dir / entry["log"]["stderr"]).absolute()),
-                        cwd=os.getcwd(), nproc_per_node=nproc_per_node, nnodes=nnodes)
+                        cwd=os.getcwd(), nproc_per_node=nproc_per_node, nnodes=nnodes, env=plugin_env())
 
     def finished_before(self, entry: dict) -> bool:
         if (self.dir / entry["run_dir"] / "metrics.json").is_file():
