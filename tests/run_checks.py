@@ -34,9 +34,11 @@ def assert_resume_is_exact(config: Callable[[str], Config], teacher_prefix: str,
     return full, a
 
 
-def tiny_sweep_config(root: Path, iters: int = 4) -> Path:
-    """``root/tiny.yaml``: source-only ResNet-18 on a 3-class folder dataset written to ``root/data``
-    (4 train, 2 val images of 32 x 48), ``iters`` updates of batch 2, a checkpoint at the end, no validation."""
+def tiny_sweep_config(root: Path, iters: int = 4, backbone: str = "resnet18") -> Path:
+    """``root/tiny.yaml``: source-only ``backbone`` (a ResNet in its ``pytorch`` style) on a 3-class folder
+    dataset written to ``root/data`` (4 train, 2 val images of 32 x 48), ``iters`` updates of batch 2, a
+    checkpoint at the end, no validation. A run of the tiny test backbone needs ``tiny_runs`` as a plugin
+    in its ``plca`` processes (``tiny_runs.plugin_env``)."""
     write_folder(root / "data", classes_count=3, splits={"train": 4, "val": 2}, size=(32, 48), seed=0)
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump({
@@ -44,7 +46,7 @@ def tiny_sweep_config(root: Path, iters: int = 4) -> Path:
         "data": {"classes": CLASSES, "num_workers": 0,
                  "source": {"format": "folder", "root": str(root / "data"), "split": "train"},
                  "val": {"format": "folder", "root": str(root / "data"), "split": "val"}},
-        "model": {"backbone": "resnet18", "style": "pytorch"},
+        "model": {"backbone": backbone, **({"style": "pytorch"} if backbone.startswith("resnet") else {})},
         "train": {"iters": iters, "batch_size": 2, "crop_size": [32, 32], "lr": 0.01, "eval_every": 0,
                   "checkpoint_every": iters, "log_every": 1, "image_every": 0},
         "device": "cpu",

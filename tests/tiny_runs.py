@@ -2,11 +2,13 @@
 the runs that a test trains in its own process.
 
 Importing this module registers the backbone ``tiny_test_net``. A process that trains or loads such a
-run must import it first: ``python -m plca.cli`` does not, so a run that a fresh ``plca`` process
-trains or resumes keeps ``tiny_source_only_config``'s ResNet-18."""
+run must import it first: a child ``plca`` process does when its environment names this module as a
+plugin (:func:`plugin_env`); without that it keeps ``tiny_source_only_config``'s ResNet-18."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from torch import nn
 
 from plca.config import Config, build_config
 from plca.models.registry import IMAGENET_RGB, BackboneContract, is_known_backbone, register_backbone
+from plca.plugins import ENV_VAR
 
 CLASSES = ["road", "car", "sky"]
 #: two convolutions: a checkpoint of a tiny run is kilobytes where ResNet-18's is 90 MB
@@ -68,3 +71,13 @@ def tiny_in_process_config(root: Path, out: Path, run_name: str = "run", **train
     """:func:`tiny_source_only_config` with the tiny test backbone: for a run that only this process
     trains and loads (kilobyte checkpoints instead of ResNet-18's 90 MB)."""
     return tiny_source_only_config(root, out, run_name, TINY_BACKBONE, **train_options)
+
+
+def plugin_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with this module as a plugin: ``PLCA_PLUGINS`` names
+    it and ``tests/`` and the repository lead ``PYTHONPATH``, so a child ``plca`` process (and its own
+    children) can train and load runs of :data:`TINY_BACKBONE`."""
+    env = dict(os.environ if base is None else base)
+    tests = Path(__file__).resolve().parent
+    paths = [str(tests), str(tests.parent), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**env, ENV_VAR: __name__, "PYTHONPATH": os.pathsep.join(paths)}

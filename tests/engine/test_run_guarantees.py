@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dataset_writers import write_folder
-from tiny_runs import tiny_in_process_config, tiny_source_only_config
+from tiny_runs import TINY_BACKBONE, plugin_env, tiny_in_process_config, tiny_source_only_config
 from plca.config import ConfigError, save_config
 from plca.engine.checkpoint import load_checkpoint
 from plca.engine.run_dir import RunDirError, RunLock, create_unique, default_run_name
@@ -31,13 +31,15 @@ def data(tmp_path_factory):
 
 
 def run_cli(*args, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "plca.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    """``plca ARGS`` in a new process, which imports ``tiny_runs`` as a plugin (it may train the tiny backbone)."""
+    env = plugin_env({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs}
+    return subprocess.Popen([sys.executable, "-m", "plca.cli", *args], env=env, text=True, **kwargs)
 
 
-def config_file(tmp_path: Path, data: Path, **train_options) -> Path:
-    config = tiny_source_only_config(data, tmp_path / "runs", "run", **train_options)
+def config_file(tmp_path: Path, data: Path, backbone: str = TINY_BACKBONE, **train_options) -> Path:
+    """A tiny source-only run's config: the tiny test backbone unless ``backbone`` names another."""
+    config = tiny_source_only_config(data, tmp_path / "runs", "run", backbone, **train_options)
     path = tmp_path / "config.yaml"
     save_config(config, path)
     return path
@@ -94,20 +96,29 @@ def test_a_held_lock_names_its_holder(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_train_on_a_running_directory_stops_at_once_and_harms_nothing(data, tmp_path):
-    config = config_file(tmp_path, data, iters=40, checkpoint_every=1)
-    first = run_cli("train", str(config), "--no-progress")
-    run_dir = tmp_path / "runs" / "run"
-    wait_until(lambda: (run_dir / "checkpoints" / "last.pt").is_file(), first)
-    config_before = (run_dir / "config.yaml").read_bytes()
-    started = time.time()
-    second = run_cli("train", str(config), "train.lr=0.5", "--no-progress")
-    _, err = second.communicate(timeout=120)
-    assert second.returncode == 2 and time.time() - started < 60
-    assert f"on host {socket.gethostname()}" in err and "in use by PID" in err and "Traceback" not in err
-    assert (run_dir / "config.yaml").read_bytes() == config_before
-    _, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err  # the running one was not disturbed
-    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 40
+    # far more updates than any machine makes before it is stopped: the first run is still training when
+    # the second starts; its output goes to a file (a full pipe would stall it)
+    config = config_file(tmp_path, data, iters=10**6, checkpoint_every=1, log_every=10**6)
+    with open(tmp_path / "first.err", "w") as first_err:
+        first = run_cli("train", str(config), "--no-progress", stdout=subprocess.DEVNULL, stderr=first_err)
+    run_dir, last = tmp_path / "runs" / "run", tmp_path / "runs" / "run" / "checkpoints" / "last.pt"
+    try:
+        wait_until(last.is_file, first)
+        config_before = (run_dir / "config.yaml").read_bytes()
+        started = time.time()
+        second = run_cli("train", str(config), "train.lr=0.5", "--no-progress")
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 2 and time.time() - started < 60
+        assert f"on host {socket.gethostname()}" in err and "in use by PID" in err and "Traceback" not in err
+        assert (run_dir / "config.yaml").read_bytes() == config_before
+        # the running one was not disturbed: it goes on saving, and stops cleanly when asked
+        step = load_checkpoint(last)["step"]
+        wait_until(lambda: load_checkpoint(last)["step"] > step, first)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    assert first.returncode == 143, (tmp_path / "first.err").read_text()[-3000:]
+    assert load_checkpoint(last)["step"] > step and (run_dir / "config.yaml").read_bytes() == config_before
 
 
 # ------------------------------------------------------------------ signals and failures save what they say
@@ -115,7 +126,8 @@ def test_a_second_train_on_a_running_directory_stops_at_once_and_harms_nothing(d
 
 @pytest.mark.slow
 def test_sigterm_during_a_validation_off_the_checkpoint_steps_saves_and_resumes(data, tmp_path):
-    config = config_file(tmp_path, data, iters=6, eval_every=2, checkpoint_every=1000)
+    # ResNet-18: its validation lasts long enough for the signal to land in it
+    config = config_file(tmp_path, data, "resnet18", iters=6, eval_every=2, checkpoint_every=1000)
     proc = run_cli("train", str(config), "--no-progress")
     run_dir = tmp_path / "runs" / "run"
     log = run_dir / "train.log"

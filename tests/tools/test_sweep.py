@@ -12,12 +12,24 @@ import pytest
 from PIL import Image
 
 from run_checks import tiny_sweep_config
+from tiny_runs import TINY_BACKBONE, plugin_env
 from plca.cli import main
+from plca.plugins import ENV_VAR
 from plca.tools.sweep import (SweepError, TrainJob, check_same_sweep, parse_grid, parse_seeds, plan_runs, run_name,
                               run_sweep, split_values)
 from plca.tools.sweep_table import aggregate, read_manifest, write_results
 
 CLASSES = ["road", "car", "sky"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_backbone_in_the_runs():
+    """The sweep's runs are ``plca`` processes: they import ``tests/tiny_runs.py`` as a plugin and train
+    the tiny test backbone (kilobyte checkpoints instead of ResNet-18's 90 MB)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key in (ENV_VAR, "PYTHONPATH"):
+            patch.setenv(key, plugin_env()[key])
+        yield
 
 
 # --------------------------------------------------------------------------- the plan
@@ -193,7 +205,7 @@ def test_aggregate_of_a_directory_without_manifest(tmp_path):
 
 
 def tiny_config(root: Path) -> Path:
-    return tiny_sweep_config(root, iters=4)
+    return tiny_sweep_config(root, iters=4, backbone=TINY_BACKBONE)
 
 
 def test_cli_dry_run_lists_the_plan(tmp_path, capsys):
@@ -424,6 +436,7 @@ def test_slurm_jobs_get_the_resources_and_are_not_submitted_twice(tmp_path, monk
                                    "gpus_per_node": 4, "cpus_per_task": 16, "mem_gb": 64, "slurm_partition": "gpu",
                                    "slurm_additional_parameters": {"account": "lab"}}
     assert all(isinstance(job, TrainJob) and job.nnodes == 2 and job.nproc_per_node == 4 for job in executor.submitted)
+    assert all(job.env == {ENV_VAR: "tiny_runs"} for job in executor.submitted)  # the plugins reach the nodes
     runs = manifest_runs(sweep_dir)
     assert {name: entry["job_id"] for name, entry in runs.items()} == {"s0": "101", "s1": "102"}
     assert {entry["status"] for entry in runs.values()} == {"pending"} and sorted(outcome.waiting) == ["s0", "s1"]
