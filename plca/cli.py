@@ -388,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pixel-Level Cycle Association (NeurIPS 2020) and self-training for domain adaptive semantic "
                     "segmentation.\nEach command has its own help: plca COMMAND --help.",
         epilog="examples:\n  plca demo\n  plca train configs/folder_plca.yaml data.source.root=/data/src "
-               "data.target.root=/data/tgt\n  plca evaluate --checkpoint runs/<run_name>")
+               "data.target.root=/data/tgt\n  plca evaluate --checkpoint runs/<run_name>\n\n"
+               "Your own backbones, heads, methods and formats: PLCA_PLUGINS=module[,module...] (or entry points "
+               "of the group plca.plugins) names modules imported first.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _subcommand(sub, "train")
