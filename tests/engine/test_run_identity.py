@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dataset_writers import write_folder
-from tiny_runs import tiny_source_only_config
+from tiny_runs import TINY_BACKBONE, plugin_env, tiny_in_process_config
 from plca.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from plca.engine.run_identity import resume_identity
 from plca.engine.run_record import read_run_record, write_run_record
@@ -33,14 +33,15 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """``plca ARGS`` in a new process, which imports ``tiny_runs`` as a plugin (to resume tiny-backbone runs)."""
+    env = plugin_env({**os.environ, "OMP_NUM_THREADS": "1"})
     return subprocess.run([sys.executable, "-m", "plca.cli", *args], env=env, capture_output=True, text=True,
                           timeout=300)
 
 
 def interrupted_run(data: Path, out: Path, name: str):
     """A source-only run of 4 updates stopped after 2 (checkpoints/last.pt at step 2)."""
-    config = tiny_source_only_config(data, out, name, iters=4)
+    config = tiny_in_process_config(data, out, name, iters=4)
     return train(config, max_steps=2, progress=False)
 
 
@@ -51,8 +52,8 @@ def test_every_checkpoint_and_run_json_carry_the_same_run_id(data, tmp_path):
     last = load_checkpoint(part.run_dir / "checkpoints" / "last.pt")
     assert last["run"]["id"] == run_id and last["run"]["method"] == "source_only" and last["final"] is False
     assert last["run"]["data"]["source"] == {"format": "folder", "root": str(data), "split": "train"}
-    assert last["segmentor"]["backbone"] == "resnet18"
-    done = train(tiny_source_only_config(data, tmp_path, "a", iters=4), resume=part.run_dir, progress=False)
+    assert last["segmentor"]["backbone"] == TINY_BACKBONE
+    done = train(tiny_in_process_config(data, tmp_path, "a", iters=4), resume=part.run_dir, progress=False)
     assert done.step == 4 and read_run_record(part.run_dir)["run_id"] == run_id  # a resume keeps the id
     for name in ("last.pt", "final.pt"):
         checkpoint = load_checkpoint(part.run_dir / "checkpoints" / name)
