@@ -92,6 +92,11 @@ def import_plugins(modules: Iterable[str], entries: Iterable[Any]) -> tuple[str,
     return tuple(loaded)
 
 
+def loaded_plugins() -> tuple[str, ...]:
+    """What :func:`load_plugins` imported in this process (empty if it has not run): a run records it."""
+    return _LOADED or ()
+
+
 def load_plugins() -> tuple[str, ...]:
     """Import the plugins of ``$PLCA_PLUGINS`` and of the ``plca.plugins`` entry points, once per process.
 

@@ -4,6 +4,7 @@ one line and exit status 2."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -139,6 +140,8 @@ def test_a_plugin_backbone_trains_in_a_plca_process(world, trained):
     checkpoint = load_checkpoint(world["root"] / "runs" / "toy" / "checkpoints" / "last.pt")
     assert checkpoint["step"] == 2 and checkpoint["segmentor"]["backbone"] == TOY
     assert "fine.weight" in "".join(checkpoint["model"])  # the plugin's own layers were trained and saved
+    record = json.loads((world["root"] / "runs" / "toy" / "run.json").read_text())
+    assert record["sessions"][-1]["environment"]["plugins"] == ["toy_plugin"]  # the run says what it loaded
 
 
 @pytest.mark.slow

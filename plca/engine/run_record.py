@@ -64,9 +64,11 @@ def git_state(package_dir: str | Path | None = None) -> tuple[str | None, bool |
 def environment() -> dict:
     """Versions and hardware of this process: ``plca_version``, ``git_commit``, ``git_dirty``,
     ``python``, ``torch``, ``cuda``, ``cudnn``, ``gpu_count``, ``gpus`` (model names),
-    ``hostname``, ``platform``. A value that cannot be known is None."""
+    ``hostname``, ``platform``, ``plugins`` (what :mod:`plca.plugins` loaded). A value that cannot be
+    known is None."""
     import torch
 
+    from plca.plugins import loaded_plugins
     from plca.version import __version__
 
     commit, dirty = git_state()
@@ -92,6 +94,7 @@ def environment() -> dict:
         "gpus": gpus,
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
+        "plugins": list(loaded_plugins()),
     }
 
 
