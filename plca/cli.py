@@ -7,7 +7,6 @@ one clear line and exit with status 2; they never end in a stack trace.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -89,7 +88,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print("\n".join(describe_scored(metrics)))
     print(format_table({Path(args.checkpoint).name: metrics}, classes))
     output = Path(args.output) if args.output else default_metrics_path(metrics)
-    output.write_text(json.dumps(metrics, indent=2))
+    from plca.files import atomic_write_json
+
+    atomic_write_json(output, metrics)
     print(f"metrics written to {output}")
     if "gallery" in metrics:
         print(f"gallery (lowest and highest per-image mIoU) written to {metrics['gallery']['dir']} (index.md)")

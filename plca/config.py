@@ -36,6 +36,7 @@ from typing import Any
 from plca.dataclass_reader import DataclassReadError, read_dataclass
 from plca.dataclass_reader import describe_type as _describe_type
 from plca.models.hrda import HRDAOptions
+from plca.files import atomic_write_text
 
 
 _LOG = logging.getLogger(__name__)
@@ -576,7 +577,7 @@ def to_dict(config: Config) -> dict:
 def save_config(config: Config, path: str | Path) -> None:
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def replace_model(config: Config, **changes: Any) -> Config:

@@ -23,13 +23,13 @@ tuning split (``--tuning``: scenes of another generator seed) is where any setti
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from plca.config import Config, build_config
+from plca.files import atomic_write_json
 
 #: Updates per model at the demo's budget.
 DEMO_ITERS = 150
@@ -170,7 +170,7 @@ def run_demo(output_dir: Path = Path("runs/demo"), data_root: Path = Path("data/
         print(f"{label:>24}: {statistics.mean(m['wall_time_s'] for m in per_seed):.0f} s per run")
     print(f"demo finished in {time.time() - started:.0f} s; runs in {output_dir}")
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "demo_results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(output_dir / "demo_results.json", results)
     return results
 
 

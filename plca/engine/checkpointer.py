@@ -102,8 +102,10 @@ class Checkpointer:
         if not all_true(failure is None, self.info.device):
             raise failure or CheckpointError("the main process could not link a model file")
 
-    def restore(self, path: Path, method: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
-        """Load ``path`` (a ``last.pt``) into the method, optimiser, loop state and this process's RNG."""
+    def restore(self, path: Path, method: nn.Module, optimizer: torch.optim.Optimizer,
+                state: TrainState) -> list[str]:
+        """Load ``path`` (a ``last.pt``) into the method, optimiser, loop state and this process's RNG; the
+        notes on what cannot continue exactly (another number of processes than the one that saved it)."""
         checkpoint = load_checkpoint(path)
         if "method" not in checkpoint or "optimizer" not in checkpoint:
             raise CheckpointError(f"'{path}' holds model weights only (a final or best model file), not a training "
@@ -118,6 +120,11 @@ class Checkpointer:
         if self.info.rank < len(rngs) and rngs[self.info.rank] is not None:
             set_rng_state(rngs[self.info.rank])
         self.saved_step = state.step
+        if len(rngs) == self.info.world_size:
+            return []
+        return [f"'{path}' was saved by {len(rngs)} process(es), this run has {self.info.world_size}: the weights, "
+                f"optimiser and step continue, but from here on the data order and random draws differ from a run "
+                f"that kept {len(rngs)} (the global batch is now {self.info.world_size} x train.batch_size)"]
 
 
 def _first_line(error: Exception) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from plca.config import Config, save_config, to_dict
 from plca.engine.run_dir import RunDirError
+from plca.files import atomic_write_text
 
 JSONL_LOGS = ("scalars.jsonl", "eval_history.jsonl")
 
@@ -71,7 +72,7 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
     lines = path.read_text().splitlines()
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= after_step]
     if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept))
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _free_space(folder: Path) -> str:

@@ -84,6 +84,7 @@ from plca.engine.state import TrainState
 from plca.engine.stop_report import record_stop
 from plca.engine.update import update
 from plca.engine.validation import Validation, test_time_aggregation_enabled
+from plca.files import atomic_write_json
 
 __all__ = ["RunResult", "TrainingError", "TrainingInterrupted", "absolute_roots", "build_training_method",
            "checkpoint_header", "resume_command", "seed_everything", "test_time_aggregation_enabled", "train"]
@@ -111,6 +112,8 @@ def train(config: Config, resume: str | Path | None = None, max_steps: int | Non
     ``data_check``: how the dataset files are checked before training (``none``, ``headers``,
     ``labels``; see :mod:`plca.data.checks`). ``argv``: the command line, for the run record.
     """
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1 (updates in this call), got {max_steps}")
     config = absolute_roots(config)
     if config.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before its first call
@@ -174,7 +177,10 @@ class _Session:
             if finished is not None:
                 return finished
             paused = self._loop(max_steps)
-        return paused if paused is not None else self._finish()
+        if paused is not None:
+            return paused
+        with StopAtOnce(self._stopped_in_finish):  # the final validation and saves
+            return self._finish()
 
     def _stopped_in_set_up(self, signal_name: str) -> str:
         """The stop line of a signal that arrived before the loop."""
@@ -183,6 +189,11 @@ class _Session:
             return text + "nothing was saved: run the same command again"
         return (text + f"the checkpoint of step {self.state.step} is unchanged. Resume with: "
                 f"{resume_command(self.run_dir)}")
+
+    def _stopped_in_finish(self, signal_name: str) -> str:
+        """The stop line of a signal that arrived after the last update, before the run was finished."""
+        return (f"stopped by {signal_name} after the last update (step {self.state.step}), during the final "
+                f"validation or save; checkpoints/last.pt holds that step. Finish with: {resume_command(self.run_dir)}")
 
     def _set_up(self) -> RunResult | None:
         """Everything before the loop; the result of a run that had already finished, else None."""
@@ -194,7 +205,10 @@ class _Session:
         if self.place.resume_from is not None:
             resume_notes = self._resume(self.place.resume_from)
             if state.step >= config.train.iters:
-                return self._already_finished()
+                if self._final_written():
+                    return self._already_finished()
+                resume_notes.append(f"step {state.step} is the run's last, but the run stopped before its final "
+                                    f"validation and save: doing them now")
         else:
             self.run_id = broadcast_object(directory_run(self.run_dir)[0] or new_run_id())
         self.header = checkpoint_header(config, method, self.run_id)
@@ -235,8 +249,14 @@ class _Session:
         self.run_id, notes = resume_identity(self.run_dir, checkpoint, path)
         notes += check_resume_config(self.config, checkpoint.get("config"), path)
         del checkpoint
-        self.checkpointer.restore(path, self.method, self.optimizer, self.state)
+        notes += self.checkpointer.restore(path, self.method, self.optimizer, self.state)
         return notes
+
+    def _final_written(self) -> bool:
+        """Whether the run's end was written: ``final.pt`` and, with a validation set, ``metrics.json``."""
+        written = (self.run_dir / "checkpoints" / "final.pt").is_file() and (
+            self.config.data.val is None or (self.run_dir / "metrics.json").is_file())
+        return bool(broadcast_object(written))
 
     def _already_finished(self) -> RunResult:
         self.logger = setup_logger(self.run_dir, self.info.is_main)
@@ -362,7 +382,7 @@ class _Session:
                 metrics["best_on_val"] = best
         if info.is_main:
             if metrics is not None:
-                (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+                atomic_write_json(self.run_dir / "metrics.json", metrics)
             record_run(self.run_dir, config, self.argv, self.started, time.time(), self.logger, self.run_id)
             self.logger.info("finished at step %d. Run dir %s: metrics.json (final model), checkpoints/final.pt "
                              "(final model), checkpoints/last.pt (to resume)%s", state.step, self.run_dir,

@@ -33,9 +33,10 @@ def to_device(batch: dict | None, device: torch.device, channels_last: bool = Fa
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every value of every floating-point tensor is finite (one reduction, one sync)."""
-    sums = [t.detach().float().sum() for t in tensors if t.is_floating_point()]
-    return bool(torch.isfinite(torch.stack(sums).sum()).item()) if sums else True
+    """Whether every value of every floating-point tensor is finite (one sync). Each tensor is tested
+    value by value: a sum would overflow to inf for large finite values and skip a sound update."""
+    checks = [torch.isfinite(t.detach()).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(checks).all().item()) if checks else True
 
 
 def update(method: nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence[tuple[dict, dict | None]],

@@ -15,7 +15,6 @@ label resolution, then resized like the label maps.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from PIL import Image
 from plca.data.labels import IGNORE_INDEX, palette
 from plca.engine.image_grids import colour_legend, titled_panels
 from plca.evaluation.evaluator import ImageScore, KeptImage, PerImageScores
+from plca.files import atomic_write_json, atomic_write_text
 
 CORRECT_COLOUR = (128, 128, 128)
 WRONG_COLOUR = (255, 0, 0)
@@ -182,8 +182,8 @@ def write_gallery(output_dir: str | Path, image_scores: PerImageScores, dataset,
                                  _caption(kind, rank, score), panel_width)
             Image.fromarray(grid).save(output / file)
             index[kind].append({"rank": rank, **score.as_dict(), "file": file})
-    (output / "index.json").write_text(json.dumps(index, indent=2))
-    (output / "index.md").write_text("\n".join(gallery_markdown(index)))
+    atomic_write_json(output / "index.json", index)
+    atomic_write_text(output / "index.md", "\n".join(gallery_markdown(index)))
     _write_scores_csv(image_scores.scores, output / "scores.csv")
     return index
 

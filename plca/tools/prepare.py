@@ -25,7 +25,6 @@ Optionally writes each label as a PNG of class indices of ``--classes`` (``--wri
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from plca.data.formats import format_names, get_format
 from plca.data.io import png_header
 from plca.data.labels import IGNORE_INDEX
 from plca.data.transforms import TrainTransform, resize_warnings
+from plca.files import atomic_write_json, atomic_write_text
 
 __all__ = ["Finding", "PrepareReport", "check_dataset", "class_statistics", "default_classes", "format_findings",
            "png_header"]
@@ -232,13 +232,13 @@ def check_dataset(fmt: str, root: str | Path, classes: Sequence[str] | None = No
     if files.labelled:
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
-            (cache / "classes.txt").write_text("\n".join(classes) + "\n")
+            atomic_write_text(cache / "classes.txt", "\n".join(classes) + "\n")
             report.cache_dir = cache
         report.stats = class_statistics(fmt, root, classes, files.class_pixels, files.class_images, files.labelled)
         if stats_path is not None:
             report.stats_path = Path(stats_path)
             report.stats_path.parent.mkdir(parents=True, exist_ok=True)
-            report.stats_path.write_text(json.dumps(report.stats, indent=2))
+            atomic_write_json(report.stats_path, report.stats)
         if rcs_stats_path is not None:
             names = [sample.name for sample in dataset.samples if sample.name in per_image]
             ClassStatistics(classes, np.stack([per_image[n][0] for n in names]), names,

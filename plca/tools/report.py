@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 
 from plca.engine.run_record import read_run_record
-from plca.files import flatten
+from plca.files import atomic_write_text, flatten
 from plca.tools.sweep_table import (DEFAULT_FLAG_RANGE, MANIFEST, aggregate, combine, read_manifest, results_markdown,
                                     short_keys, write_results)
 
@@ -530,9 +530,9 @@ def markdown_to_html(text: str, title: str = "plca report") -> str:
 def _write_report_files(output: Path, text: str) -> Path:
     """report.md and report.html (the same content) in ``output``; the path of report.md."""
     report = output / "report.md"
-    report.write_text(text)
+    atomic_write_text(report, text)
     first = next((line for line in text.split("\n") if line.startswith("# ")), "# plca report")
-    (output / "report.html").write_text(markdown_to_html(text, title=first[2:].replace("`", "")), encoding="utf-8")
+    atomic_write_text(output / "report.html", markdown_to_html(text, title=first[2:].replace("`", "")))
     return report
 
 

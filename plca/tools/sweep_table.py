@@ -11,6 +11,7 @@ on one seed).
 from __future__ import annotations
 
 import csv
+from plca.files import atomic_write_text
 import json
 import math
 import statistics
@@ -431,6 +432,6 @@ def write_results(table: SweepTable, output_dir: str | Path) -> dict[str, Path]:
         text += "\n![results](results.png)\n"
     else:
         (output_dir / "results.png").unlink(missing_ok=True)  # of an earlier state of the sweep
-    paths["results.md"].write_text(text)
+    atomic_write_text(paths["results.md"], text)
     write_results_csv(table, paths["results.csv"])
     return paths

@@ -1,4 +1,4 @@
-"""Gradient accumulation: each micro-batch of an update draws its own random numbers (ClassMix classes,
+"""The engine's update: each micro-batch of an update draws its own random numbers (ClassMix classes,
 MIC masks, HRDA's detail boxes), as separate steps would; micro-batch 0 draws what a step without
 accumulation draws, so runs without accumulation are unchanged."""
 
@@ -60,3 +60,14 @@ def test_the_draws_are_a_function_of_step_and_micro_batch_only():
     with first.micro_batch(1):
         assert float(torch.rand((), generator=first.step_generator(3))) == first.draws[1]
     assert first.__dict__["_micro_batch"] == 0  # the context is left
+
+
+def test_large_finite_values_are_finite_and_one_nan_or_inf_is_not():
+    from plca.engine.update import all_finite
+
+    huge = torch.full((1000,), 3e38)  # finite, but their float32 sum overflows to inf
+    assert all_finite([huge, torch.ones(3)])
+    assert all_finite([torch.ones(2, dtype=torch.int64)])  # integer tensors are not checked
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        assert not all_finite([torch.ones(3), torch.tensor([1.0, bad])])
+    assert all_finite([])
