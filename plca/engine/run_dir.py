@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from plca.config import ConfigError, to_dict, upgrade_config_dict
+from plca.engine.optim import effective_warmup
 from plca.files import flatten
 
 #: Keys that may differ between a run and its resume (schedule bookkeeping, logging, where things are).
@@ -158,5 +159,10 @@ def check_resume_config(config, stored: dict | None, checkpoint: Path) -> list[s
         note = ""
         if key == "train.iters" and config.train.poly_iters is None:
             note = " (the poly LR schedule now decays over the new length, so the LR changes from here on)"
+        if key == "train.iters" and isinstance(old, int) and isinstance(new, int):
+            before, after = (effective_warmup(config.train.warmup_iters, n) for n in (old, new))
+            if before != after:  # the warmup is capped at a quarter of the run
+                note += (f" (the warmup, at most a quarter of the run, now lasts {after} updates instead of "
+                         f"{before}: a resume inside it goes back to a warmup LR)")
         notes.append(f"resuming with {key} changed from {old!r} to {new!r}{note}")
     return notes

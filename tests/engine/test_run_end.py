@@ -105,3 +105,17 @@ def test_resuming_with_another_number_of_processes_says_what_no_longer_continues
         assert state.step == 1
     assert notes[1] == []
     assert len(notes[2]) == 1 and "saved by 1 process(es), this run has 2" in notes[2][0]
+
+
+def test_a_longer_run_on_resume_says_when_the_warmup_changes_length(data, tmp_path):
+    from plca.engine.run_dir import check_resume_config
+    from plca.config import to_dict
+
+    stored = to_dict(config(data, tmp_path))
+    stored["train"].update(iters=8, warmup_iters=4)  # the warmup is capped at 8 // 4 = 2 updates
+    longer = build_config({**stored, "train": {**stored["train"], "iters": 40}})  # warmup 4
+    notes = check_resume_config(longer, stored, tmp_path / "last.pt")
+    assert len(notes) == 1 and "now lasts 4 updates instead of 2" in notes[0] and "poly LR" in notes[0]
+    same_warmup = build_config({**stored, "train": {**stored["train"], "iters": 9, "warmup_iters": 1}})
+    stored["train"]["warmup_iters"] = 1
+    assert "warmup" not in check_resume_config(same_warmup, stored, tmp_path / "last.pt")[0]
