@@ -152,16 +152,20 @@ def predict_full(model: nn.Module, images: Tensor, options: InferenceOptions = I
     return total / variants
 
 
+def test_time_aggregation_enabled(config: Config) -> bool:
+    """``eval.test_time_aggregation``, where null means the method's default (on for plca)."""
+    from plca.methods import get_method
+
+    tta = config.eval.test_time_aggregation
+    return get_method(config.method).test_time_aggregation if tta is None else tta
+
+
 def options_from_config(config: Config, **given) -> InferenceOptions:
     """Inference options, with ``size``, ``test_time_aggregation``, ``alpha``, ``amp`` and
     ``aggregation_max_pixels`` defaulting to the config."""
-    from plca.methods import get_method
-
-    # eval.test_time_aggregation null = the method's default (plca.engine.validation reads it alike)
-    tta = config.eval.test_time_aggregation
     defaults = InferenceOptions(
         size=tuple(config.eval.size) if config.eval.size else None,
-        test_time_aggregation=get_method(config.method).test_time_aggregation if tta is None else tta,
+        test_time_aggregation=test_time_aggregation_enabled(config),
         alpha=config.eval.alpha,
         amp=config.train.amp,
         aggregation_max_pixels=config.eval.aggregation_max_pixels,

@@ -29,20 +29,13 @@ from plca.engine.run_files import append_jsonl, read_jsonl
 from plca.engine.state import TrainState
 from plca.evaluation.evaluator import evaluate
 from plca.evaluation.metrics import summarize
+from plca.prediction import test_time_aggregation_enabled
 
 if TYPE_CHECKING:
     from plca.methods import Method
 
 _ORACLE_NOTE = ("the best of the validations during training, selected on the validation set: "
                 "oracle model selection, not a result to report")
-
-
-def test_time_aggregation_enabled(config: Config) -> bool:
-    """``eval.test_time_aggregation``, where null means the method's default (on for plca)."""
-    from plca.methods import get_method
-
-    tta = config.eval.test_time_aggregation
-    return get_method(config.method).test_time_aggregation if tta is None else tta
 
 
 class Validation:
