@@ -227,8 +227,11 @@ def import_timm():
     try:
         import timm
     except ImportError as error:
-        raise ImportError(f"'timm:' backbones need the timm package, which could not be imported ({error}); "
-                          f"install timm (and a torchvision that matches the installed torch)") from error
+        import torch
+
+        raise ImportError(f"'timm:' backbones need the [timm] extra, which could not be imported ({error}): "
+                          f"pip install 'plca[timm]' torch=={torch.__version__.split('+')[0]} torchvision==<the "
+                          f"release made for it> (one command, so pip keeps this torch)") from error
     return timm
 
 
