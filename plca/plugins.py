@@ -42,7 +42,14 @@ def plugin_modules(value: str | None) -> list[str]:
     return list(dict.fromkeys(name for name in names if name))
 
 
+#: What a plugin may raise that stops the command as :class:`PluginError`: ``SystemExit`` too, since a
+#: module that calls ``sys.exit`` on import would otherwise end the command, status 0 included, unexplained.
+_PLUGIN_FAILURES = (Exception, SystemExit)
+
+
 def _one_line(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return f"it called sys.exit({error.code!r})"
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
@@ -50,7 +57,7 @@ def _one_line(error: BaseException) -> str:
 def _import_named(name: str) -> None:
     try:
         importlib.import_module(name)
-    except Exception as error:  # noqa: BLE001 - any failure of a user's module is reported as one line
+    except _PLUGIN_FAILURES as error:  # any failure of a user's module is reported as one line
         raise PluginError(f"plugin '{name}' (named in ${ENV_VAR}) failed to import: {_one_line(error)}") from None
 
 
@@ -65,7 +72,7 @@ def _load_entry(entry: Any) -> None:
         loaded = entry.load()
         if isinstance(loaded, types.FunctionType):
             loaded()
-    except Exception as error:  # noqa: BLE001 - any failure of a user's module is reported as one line
+    except _PLUGIN_FAILURES as error:  # any failure of a user's module is reported as one line
         raise PluginError(f"plugin {_origin(entry)} failed to load: {_one_line(error)}") from None
 
 

@@ -126,4 +126,33 @@ def read_folder_config(folder: str | Path) -> dict:
                            f"{data.get('format') if isinstance(data, dict) else None!r}, expected '{FOLDER_FORMAT}')")
     if not isinstance(data.get("inference"), dict) or not isinstance(data.get("classes"), list):
         raise WeightsError(f"'{path}': 'inference' must be a mapping and 'classes' a list")
+    _check_inference_settings(data["inference"], path)
     return data
+
+
+def _is_size(value) -> bool:
+    return (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+
+
+def _check_inference_settings(settings: dict, path: Path) -> None:
+    """The ``inference`` keys a user may edit by hand, checked so that a wrong type is one named line
+    (a string ``"false"`` would otherwise turn the aggregation on, an integer size fail deep inside)."""
+    problems = {
+        "size": "null or two positive integers [height, width]",
+        "window": "null or two positive integers [height, width]",
+        "test_time_aggregation": "true or false",
+        "alpha": "a number in [0, 1]",
+    }
+    for key, expected in problems.items():
+        if key not in settings:
+            continue
+        value = settings[key]
+        if key in ("size", "window"):
+            ok = value is None or _is_size(value)
+        elif key == "test_time_aggregation":
+            ok = isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+        if not ok:
+            raise WeightsError(f"'{path}': inference.{key} must be {expected}, got {json.dumps(value)}")

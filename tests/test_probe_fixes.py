@@ -1,0 +1,92 @@
+"""Fixes found by probing the day's features with odd inputs: a plugin that calls ``sys.exit`` on import,
+and a model folder whose ``config.json`` inference settings were edited by hand with a wrong type."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import EntryPoint
+from pathlib import Path
+
+import pytest
+
+from plca.models.weights import WeightsError
+from plca.plugins import PluginError, import_plugins
+from plca.tools.model_folder import FOLDER_FORMAT, MODEL_FOLDER_CONFIG, read_folder_config
+
+# ------------------------------------------------------------------ a plugin that exits
+
+
+@pytest.fixture
+def exiting_plugins(tmp_path, monkeypatch) -> Path:
+    (tmp_path / "exits_quietly.py").write_text("import sys\nsys.exit(0)\n")
+    (tmp_path / "exits_with_text.py").write_text("raise SystemExit('no GPU here')\n")
+    (tmp_path / "exits_in_register.py").write_text("import sys\n\ndef register():\n    sys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("module", "said"), [("exits_quietly", "it called sys.exit(0)"),
+                                              ("exits_with_text", "it called sys.exit('no GPU here')")])
+def test_a_plugin_that_calls_sys_exit_is_a_plugin_error(exiting_plugins, module, said):
+    # before: SystemExit went through, and `plca train` ended with status 0 having done nothing
+    with pytest.raises(PluginError) as caught:
+        import_plugins([module], [])
+    assert str(caught.value) == f"plugin '{module}' (named in $PLCA_PLUGINS) failed to import: {said}"
+
+
+def test_an_entry_point_function_that_calls_sys_exit_is_a_plugin_error(exiting_plugins):
+    entry = EntryPoint("mine", "exits_in_register:register", "plca.plugins")
+    with pytest.raises(PluginError, match=r"entry point 'mine = exits_in_register:register'.* failed to load: "
+                                          r"it called sys.exit\(3\)$"):
+        import_plugins([], [entry])
+
+
+def test_the_plca_command_stops_with_status_2_on_a_plugin_that_exits(exiting_plugins, monkeypatch, capsys):
+    import plca.plugins as plugins
+    from plca.cli import main
+
+    monkeypatch.setattr(plugins, "_LOADED", None)  # load again in this process, with the exiting plugin
+    monkeypatch.setenv(plugins.ENV_VAR, "exits_quietly")
+    assert main(["config", "--help"]) == 2
+    assert "plugin 'exits_quietly' (named in $PLCA_PLUGINS) failed to import: it called sys.exit(0)" in \
+        capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a model folder's config.json edited by hand
+
+
+def folder_with(tmp_path: Path, **inference) -> Path:
+    settings = {"size": None, "test_time_aggregation": False, "alpha": 0.5, "window": [32, 32], **inference}
+    (tmp_path / MODEL_FOLDER_CONFIG).write_text(json.dumps({"format": FOLDER_FORMAT, "classes": ["a", "b"],
+                                                            "inference": settings}))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("test_time_aggregation", "false", "true or false"),  # before: bool("false") turned the aggregation on
+    ("test_time_aggregation", 1, "true or false"),
+    ("size", 512, "null or two positive integers"),  # before: TypeError 'int' object is not iterable
+    ("size", "512", "null or two positive integers"),
+    ("size", [0, 10], "null or two positive integers"),
+    ("window", 32, "null or two positive integers"),
+    ("window", [32, 32, 32], "null or two positive integers"),
+    ("window", [True, 32], "null or two positive integers"),
+    ("alpha", "x", "a number in \\[0, 1\\]"),  # before: ValueError naming neither the file nor the key
+    ("alpha", None, "a number in \\[0, 1\\]"),
+    ("alpha", 1.5, "a number in \\[0, 1\\]"),
+])
+def test_a_wrong_inference_setting_names_the_file_and_the_key(tmp_path, key, value, expected):
+    folder = folder_with(tmp_path, **{key: value})
+    with pytest.raises(WeightsError, match=f"config.json': inference.{key} must be {expected}.*, got "):
+        read_folder_config(folder)
+
+
+def test_the_settings_an_export_writes_are_accepted(tmp_path):
+    assert read_folder_config(folder_with(tmp_path))["inference"]["window"] == [32, 32]
+    edited = read_folder_config(folder_with(tmp_path, size=[512, 1024], window=None, alpha=0, test_time_aggregation=True))
+    assert edited["inference"] == {"size": [512, 1024], "test_time_aggregation": True, "alpha": 0, "window": None}
+    del_keys = folder_with(tmp_path)
+    data = json.loads((del_keys / MODEL_FOLDER_CONFIG).read_text())
+    data["inference"] = {}  # absent keys keep the stored config's settings (plca.api)
+    (del_keys / MODEL_FOLDER_CONFIG).write_text(json.dumps(data))
+    assert read_folder_config(del_keys)["inference"] == {}
