@@ -90,3 +90,34 @@ def test_the_settings_an_export_writes_are_accepted(tmp_path):
     data["inference"] = {}  # absent keys keep the stored config's settings (plca.api)
     (del_keys / MODEL_FOLDER_CONFIG).write_text(json.dumps(data))
     assert read_folder_config(del_keys)["inference"] == {}
+
+
+# ------------------------------------------------------------------ the border mask of a rescaled crop
+
+BORDER_MASK_WARNINGS = """
+import warnings
+import numpy as np
+from plca.data.datasets import border_mask
+from plca.data.transforms import TrainTransform
+
+warnings.simplefilter("error")  # torch warns once per process: a fresh one sees the first
+transform = TrainTransform(crop_size=(16, 16), scale_range=(0.5, 0.5), flip=False)
+# 20 x 16 after the rescale: the window spans whole rows, so the crop is a contiguous view, not a copy
+image, label = np.zeros((40, 32, 3), np.uint8), np.zeros((40, 32), np.uint8)
+_, _, valid = transform(image, label, np.random.default_rng(0), border_mask((40, 32), (2, 2, 2, 2)))
+print(int(valid.sum()))
+"""
+
+
+def test_a_rescaled_border_mask_becomes_a_tensor_without_a_warning():
+    import subprocess
+    import sys
+
+    # before: torch.from_numpy of a view of PIL's read-only array warned "The given NumPy array is not
+    # writable" in the DataLoader workers of a run with image_margins whose crop spans a rescaled image's width
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", BORDER_MASK_WARNINGS], cwd=root, capture_output=True, text=True,
+                            timeout=120, env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    # margins of 1 pixel after the rescale: 14 valid columns, 14 to 16 valid rows of the window's 16
+    assert 14 * 14 <= int(result.stdout) <= 16 * 14

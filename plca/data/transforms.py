@@ -181,7 +181,9 @@ class TrainTransform:
         if valid is None:
             return to_tensors(image, label)
         valid = valid[top:top + crop_h, left:left + crop_w]
-        return (*to_tensors(image, label), torch.from_numpy(np.ascontiguousarray(valid)).bool())
+        # a copy: after a rescale without a flip, a window as wide as the image is a contiguous view of
+        # PIL's read-only array, which torch.from_numpy would warn about (once per worker)
+        return (*to_tensors(image, label), torch.from_numpy(valid.astype(bool)))
 
     def _window(self, label: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
         """Top-left corner of the crop window in the padded ``(H, W)`` label."""
