@@ -94,6 +94,10 @@ class _SignalArrived(KeyboardInterrupt):
         self.signum = signum
 
 
+def _ignore_repeat(signum, frame) -> None:  # noqa: ARG001
+    """StopAtOnce's handler once a signal is being acted on: further ones change nothing."""
+
+
 class StopAtOnce(StopSignal):
     """Set-up, before the loop: SIGTERM / SIGINT stop the run at once, as :class:`TrainingInterrupted`
     with the message ``describe(signal name)`` (the loop's :class:`StopSignal`, entered inside, takes over
@@ -105,6 +109,10 @@ class StopAtOnce(StopSignal):
         self.describe = describe
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        # a second signal (Ctrl-C twice, SIGTERM then SIGINT) must not interrupt the first one's clean-up
+        # nor this class's __exit__: it would end in a traceback with a temporary file left behind
+        for sig in self.previous:
+            signal.signal(sig, _ignore_repeat)
         raise _SignalArrived(signum)
 
     def __exit__(self, exc_type, exc, traceback) -> None:
