@@ -79,6 +79,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config_path, overrides = _split_config_and_overrides(args.args)
     if args.gallery_dir and not args.gallery:
         raise ConfigError("--gallery-dir needs --gallery N (how many images with the lowest and highest score)")
+    if args.output and Path(args.output).is_dir():  # found now, not after the evaluation
+        raise ConfigError(f"--output '{args.output}' is a folder; give the metrics file's name, e.g. "
+                          f"{Path(args.output) / 'metrics.json'}")
     gallery_dir = args.gallery_dir or (default_gallery_dir(args.output) if args.output else None)
     metrics, classes = evaluate_checkpoint(args.checkpoint, config_path, overrides,
                                            test_time_aggregation=args.aggregate, progress=not args.no_progress,
@@ -90,6 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else default_metrics_path(metrics)
     from plca.files import atomic_write_json
 
+    output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(output, metrics)
     print(f"metrics written to {output}")
     if "gallery" in metrics:

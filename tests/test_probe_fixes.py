@@ -148,3 +148,51 @@ def test_a_second_signal_does_not_interrupt_the_first_ones_clean_up():
     assert cleaned == ["done"]
     assert str(caught.value) == "stopped by SIGTERM" and caught.value.exit_code == 143  # the first signal's
     assert {sig: signal.getsignal(sig) for sig in before} == before  # the handlers are back as they were
+
+
+# ------------------------------------------------------------------ plca evaluate --output
+
+
+@pytest.fixture(scope="module")
+def run_with_val(tmp_path_factory) -> Path:
+    from dataset_writers import write_folder
+    from plca.config import build_config
+    from plca.engine.trainer import train
+    from tiny_runs import CLASSES, TINY_BACKBONE
+
+    root = tmp_path_factory.mktemp("evaluate_output")
+    write_folder(root / "data", classes_count=3, splits={"train": 2, "val": 1}, size=(32, 40), seed=3)
+    folder = {"format": "folder", "root": str(root / "data")}
+    config = build_config({
+        "method": "source_only",
+        "data": {"classes": CLASSES, "num_workers": 0, "source": {**folder, "split": "train"},
+                 "val": {**folder, "split": "val"}},
+        "model": {"backbone": TINY_BACKBONE},
+        "train": {"iters": 1, "batch_size": 2, "crop_size": [32, 32], "eval_every": 0, "checkpoint_every": 1,
+                  "log_every": 1, "image_every": 0},
+        "output_dir": str(root / "runs"), "run_name": "run", "device": "cpu"})
+    return train(config, progress=False).run_dir
+
+
+def test_evaluate_output_in_a_new_folder_is_written(run_with_val, tmp_path, capsys):
+    from plca.cli import main
+
+    output = tmp_path / "new" / "folder" / "metrics.json"
+    # before: the evaluation ran, then a FileNotFoundError traceback naming a hidden temporary file
+    assert main(["evaluate", "--checkpoint", str(run_with_val), "--output", str(output), "--no-progress"]) == 0
+    assert json.loads(output.read_text())["mIoU"] == pytest.approx(
+        json.loads((run_with_val / "metrics.json").read_text())["mIoU"])
+
+
+def test_evaluate_output_naming_a_folder_is_refused_before_evaluating(run_with_val, tmp_path, capsys, monkeypatch):
+    import plca.tools.evaluate as evaluate_tool
+    from plca.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated although the output cannot be written")
+
+    monkeypatch.setattr(evaluate_tool, "evaluate_checkpoint", never)
+    # before: an IsADirectoryError traceback, after the whole evaluation
+    assert main(["evaluate", "--checkpoint", str(run_with_val), "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"plca evaluate: error: --output '{tmp_path}' is a folder; give the "
+                                               f"metrics file's name, e.g. {tmp_path / 'metrics.json'}")
