@@ -83,7 +83,8 @@ def test_a_wrong_inference_setting_names_the_file_and_the_key(tmp_path, key, val
 
 def test_the_settings_an_export_writes_are_accepted(tmp_path):
     assert read_folder_config(folder_with(tmp_path))["inference"]["window"] == [32, 32]
-    edited = read_folder_config(folder_with(tmp_path, size=[512, 1024], window=None, alpha=0, test_time_aggregation=True))
+    edited = read_folder_config(folder_with(tmp_path, size=[512, 1024], window=None, alpha=0,
+                                            test_time_aggregation=True))
     assert edited["inference"] == {"size": [512, 1024], "test_time_aggregation": True, "alpha": 0, "window": None}
     del_keys = folder_with(tmp_path)
     data = json.loads((del_keys / MODEL_FOLDER_CONFIG).read_text())
