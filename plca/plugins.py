@@ -30,6 +30,7 @@ ENV_VAR = "PLCA_PLUGINS"
 ENTRY_POINT_GROUP = "plca.plugins"
 
 _LOADED: tuple[str, ...] | None = None  # what load_plugins imported in this process, once it has run
+_FAILURE: PluginError | None = None  # the error of a load_plugins that failed in this process
 
 
 class PluginError(Exception):
@@ -108,9 +109,17 @@ def load_plugins() -> tuple[str, ...]:
     """Import the plugins of ``$PLCA_PLUGINS`` and of the ``plca.plugins`` entry points, once per process.
 
     Returns what was loaded; a later call returns the same without importing again. After a
-    :class:`PluginError` nothing is marked loaded, so a later call fails the same way.
+    :class:`PluginError` a later call raises the same error: importing again would run the
+    registrations the failed plugin made before failing a second time ("registered twice"), hiding
+    the real error; a fixed plugin needs a new process.
     """
-    global _LOADED
+    global _LOADED, _FAILURE
+    if _FAILURE is not None:
+        raise _FAILURE
     if _LOADED is None:
-        _LOADED = import_plugins(plugin_modules(os.environ.get(ENV_VAR)), installed_entry_points())
+        try:
+            _LOADED = import_plugins(plugin_modules(os.environ.get(ENV_VAR)), installed_entry_points())
+        except PluginError as error:
+            _FAILURE = error
+            raise
     return _LOADED

@@ -46,6 +46,7 @@ def test_the_plca_command_stops_with_status_2_on_a_plugin_that_exits(exiting_plu
     from plca.cli import main
 
     monkeypatch.setattr(plugins, "_LOADED", None)  # load again in this process, with the exiting plugin
+    monkeypatch.setattr(plugins, "_FAILURE", None)
     monkeypatch.setenv(plugins.ENV_VAR, "exits_quietly")
     assert main(["config", "--help"]) == 2
     assert "plugin 'exits_quietly' (named in $PLCA_PLUGINS) failed to import: it called sys.exit(0)" in \
