@@ -18,8 +18,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from plca.config import Config
 from plca.engine.checkpointer import Checkpointer
 from plca.engine.distributed import DistInfo, average_buffers
@@ -62,18 +60,9 @@ class Validation:
     def run(self, final: bool = False) -> dict | None:
         """Metrics of the method's evaluation models on the validation set; the first model's are the
         run's (top level), the others' go under their names (e.g. ``teacher``). ``final``: this is the
-        final model's validation (a best one is then not saved here; the trainer links it).
-
-        torch's random generators (CPU and this process's GPU) are left as they were: the evaluation's
-        DataLoader draws from them, and a run resumed from the checkpoint saved just before a validation
-        (or stopped at its step) never makes that draw, so its later dropout masks would differ."""
-        device = self.info.device
-        gpus = [device.index if device.index is not None else torch.cuda.current_device()] \
-            if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=gpus):
-            return self._validate(final)
-
-    def _validate(self, final: bool) -> dict | None:
+        final model's validation (a best one is then not saved here; the trainer links it). It draws
+        nothing from torch's global generators (the evaluation's DataLoader has its own), so a run resumed
+        from the checkpoint saved just before a validation continues exactly."""
         config, info, state = self.config, self.info, self.state
         if self.val is None:
             return None

@@ -201,7 +201,10 @@ def evaluate(model: nn.Module, dataset, num_classes: int, device: torch.device, 
     was_training = model.training
     model.eval()
     indices = list(range(rank, len(dataset), world_size))
-    loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=num_workers)
+    # its own generator: a DataLoader draws its workers' base seed from torch's global one otherwise, and a
+    # validation during training would shift the dropout masks of every later step (a resume would differ)
+    loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))
     confusion = ConfusionMatrix(num_classes, device=device)
     from tqdm import tqdm  # here: this module's inference functions serve plca.segment on the core install
 
